@@ -1,0 +1,63 @@
+"""Shared fixtures: small image datasets written in the official layouts."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def write_image(path: Path, rng: np.random.Generator, size: int = 32) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path.name
+
+
+def _rows(n_per_split=(8, 4, 4)):
+    """(split, y, a) rows with every group present in every split."""
+    out = []
+    for split, n in enumerate(n_per_split):
+        out += [(split, i % 2, (i // 2) % 2) for i in range(n)]
+    return out
+
+
+@pytest.fixture
+def waterbirds_dir(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["img_id,img_filename,y,split,place,place_filename"]
+    for i, (split, y, a) in enumerate(_rows()):
+        rel = f"{'001.Black_footed_Albatross' if y else '002.Laysan_Albatross'}/img_{i}.jpg"
+        write_image(tmp_path / rel, rng)
+        lines.append(f"{i + 1},{rel},{y},{split},{a},/x/place_{i}.jpg")
+    (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def celeba_dir(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    names = ["5_o_Clock_Shadow", "Blond_Hair", "Male", "Young"]
+    rows = _rows()
+    attr = [str(len(rows)), " ".join(names)]
+    part = []
+    for i, (split, y, a) in enumerate(rows):
+        fname = f"{i + 1:06d}.jpg"
+        write_image(tmp_path / "img_align_celeba" / fname, rng)
+        vals = [-1, 1 if y else -1, 1 if a else -1, 1]
+        attr.append(f"{fname} " + " ".join(f"{v:2d}" for v in vals))
+        part.append(f"{fname} {split}")
+    (tmp_path / "list_attr_celeba.txt").write_text("\n".join(attr) + "\n")
+    (tmp_path / "list_eval_partition.txt").write_text("\n".join(part) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def folder_dir(tmp_path) -> Path:
+    rng = np.random.default_rng(0)
+    lines = ["filename,y,a,split"]
+    for i, (split, y, a) in enumerate(_rows()):
+        write_image(tmp_path / "images" / f"{i}.png", rng)
+        lines.append(f"images/{i}.png,{y},{a},{['train', 'val', 'test'][split]}")
+    (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path

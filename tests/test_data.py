@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from trainer.data import DataError, load_splits, make_loader
+
+
+@pytest.mark.parametrize("name", ["waterbirds", "celeba", "folder"])
+def test_image_layouts_load(name, request):
+    root = request.getfixturevalue(f"{name}_dir")
+    s = load_splits(name, data_dir=str(root), image_size=24)
+    assert (len(s.train), len(s.val), len(s.test)) == (8, 4, 4)
+    assert s.n_groups == 4 and s.train.group_counts().tolist() == [2, 2, 2, 2]
+    x, y, a, idx = s.val[1]
+    assert x.shape == (3, 24, 24) and (int(y), int(a), idx) == (1, 0, 1)
+    xb, yb, ab, ib = next(iter(make_loader(s.train, 4, shuffle=False)))
+    assert xb.shape == (4, 3, 24, 24) and torch.equal(yb * 2 + ab, s.train.g[:4])
+    assert len(s.checksum) == 16
+
+
+def test_celeba_labels_are_blond_and_male(celeba_dir):
+    s = load_splits("celeba", data_dir=str(celeba_dir), image_size=16)
+    assert s.train.y.tolist() == [0, 1, 0, 1, 0, 1, 0, 1]
+    assert s.train.a.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+
+
+def test_checksum_changes_with_data(waterbirds_dir):
+    before = load_splits("waterbirds", data_dir=str(waterbirds_dir)).checksum
+    meta = waterbirds_dir / "metadata.csv"
+    meta.write_text(meta.read_text().replace(",1,0,0,", ",1,0,1,", 1))
+    assert load_splits("waterbirds", data_dir=str(waterbirds_dir)).checksum != before
+
+
+def _edit(path, old, new):
+    path.write_text(path.read_text().replace(old, new, 1))
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda d: _edit(d / "metadata.csv", "place,", "location,"), "missing column(s) place"),
+    (lambda d: _edit(d / "metadata.csv", ",1,0,", ",1,7,"), "unknown split code '7'"),
+    (lambda d: (d / "metadata.csv").unlink(), "metadata.csv: file not found"),
+    (lambda d: next(d.glob("*/img_3.jpg")).unlink(), "img_3.jpg: image file not found"),
+])
+def test_waterbirds_malformed(waterbirds_dir, breakage, message):
+    breakage(waterbirds_dir)
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        load_splits("waterbirds", data_dir=str(waterbirds_dir))
+    assert "\n" not in str(e.value)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(DataError, match="nowhere: data directory not found"):
+        load_splits("waterbirds", data_dir=str(tmp_path / "nowhere"))
+
+
+def test_corrupt_image_names_file(folder_dir):
+    (folder_dir / "images" / "2.png").write_bytes(b"not an image at all")
+    s = load_splits("folder", data_dir=str(folder_dir), image_size=16)
+    with pytest.raises(DataError, match=r"2\.png: unreadable image"):
+        s.train[2]
+
+
+def test_celeba_bad_attribute_value(celeba_dir):
+    _edit(celeba_dir / "list_attr_celeba.txt", "000002.jpg -1  1", "000002.jpg -1  5")
+    with pytest.raises(DataError, match="column Blond_Hair has value 5"):
+        load_splits("celeba", data_dir=str(celeba_dir))
+
+
+def test_folder_rejects_non_integer_label(folder_dir):
+    _edit(folder_dir / "metadata.csv", "images/0.png,0", "images/0.png,cat")
+    with pytest.raises(DataError, match="column y has non-integer or negative value 'cat'"):
+        load_splits("folder", data_dir=str(folder_dir))
+
+
+def test_cmnist_is_a_spurious_benchmark():
+    s = load_splits("cmnist", data_seed=0)
+    assert (len(s.train), len(s.val), len(s.test)) == (3000, 1000, 1000)
+    agree = lambda d: float((d.y == d.a).float().mean())  # noqa: E731
+    assert 0.93 < agree(s.train) < 0.97 and 0.45 < agree(s.val) < 0.55
+    assert s.train.x.shape[1:] == (3, 28, 28) and s.train.group_counts().min() > 50
+    # the digit sits in exactly the channel named by the attribute
+    x, a = s.test.x, s.test.a
+    assert torch.all(x[torch.arange(len(a)), 1 - a].sum((1, 2)) == 0)
+    again, other = load_splits("cmnist", data_seed=0), load_splits("cmnist", data_seed=1)
+    assert again.checksum == s.checksum != other.checksum
+
+
+def test_unknown_dataset():
+    with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
+        load_splits("imagenet")

@@ -1,0 +1,56 @@
+"""The typed configuration of one training run."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from .data import get_dataset
+from .methods import get_method
+from .models import MODELS
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "cmnist"          # registry name: cmnist, waterbirds, celeba, folder, synthetic
+    method: str = "erm"              # registry name: erm, groupdro, fim
+    data_dir: str | None = None      # root of an on-disk dataset (official layout)
+    model: str | None = None         # cnn, resnet18, resnet50; None = the dataset's default
+    pretrained: bool | None = None   # ImageNet weights for ResNets; None = the dataset's default
+    weights: str | None = None       # explicit pretrained weights file (overrides torchvision's cache)
+    image_size: int | None = None    # crop size of image datasets; None = the dataset's default
+    epochs: int | None = None        # maximum epochs; None = the dataset's default
+    batch_size: int | None = None
+    lr: float | None = None          # SGD learning rate
+    weight_decay: float | None = None
+    momentum: float = 0.9            # SGD momentum (published recipes use 0.9)
+    patience: int = 10               # stop after this many epochs without a better val WGA; 0 = never
+    seed: int = 0                    # model init, sampling order, augmentation
+    data_seed: int = 0               # splits and colours of generated datasets; fixed across training seeds
+    train_agreement: float = 0.95    # cmnist: fraction of training samples whose colour agrees with the label
+    device: str = "auto"             # auto = cuda when available, else cpu
+    num_workers: int = 4             # DataLoader processes for on-disk images
+    method_params: dict = field(default_factory=dict)  # the method's own hyperparameters (see its Params)
+
+    def resolved(self) -> "TrainConfig":
+        """Fill unset fields from the dataset's defaults, validate, and expand method params to all fields."""
+        _, defaults = get_dataset(self.dataset)
+        method_cls = get_method(self.method)
+        filled = {f.name: getattr(defaults, f.name) for f in fields(defaults) if getattr(self, f.name) is None}
+        cfg = replace(self, **filled)
+        if cfg.model not in MODELS:
+            raise ValueError(f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.patience < 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, patience >= 0; got {cfg.lr}, "
+                             f"{cfg.weight_decay}, {cfg.patience}")
+        known = {f.name for f in method_cls.param_fields()}
+        unknown = set(cfg.method_params) - known
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(sorted(unknown))} for method {cfg.method!r} "
+                             f"(has: {', '.join(sorted(known)) or 'none'})")
+        cfg.method_params = asdict(method_cls.Params(**cfg.method_params))
+        return cfg
+
+    def to_dict(self) -> dict:
+        return asdict(self)

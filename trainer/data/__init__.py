@@ -1,0 +1,46 @@
+"""Dataset registry: name -> (loader, training defaults)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import DataError, GroupDataset, Splits, TensorGroupDataset, make_loader
+from .cmnist import load_cmnist
+from .images import load_celeba, load_folder, load_waterbirds
+from .synthetic import load_synthetic
+
+
+@dataclass(frozen=True)
+class DatasetDefaults:
+    """Per-dataset recipe used where the user sets nothing."""
+    model: str
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    image_size: int
+    pretrained: bool
+
+
+DATASETS = {
+    # name: (loader, defaults)
+    "cmnist": (load_cmnist, DatasetDefaults("cnn", 20, 0.01, 1e-4, 64, 28, False)),
+    "synthetic": (load_synthetic, DatasetDefaults("cnn", 3, 0.05, 1e-4, 32, 16, False)),
+    # Sagawa et al. 2020 (GroupDRO) recipe: ResNet-50, SGD momentum 0.9, batch 128.
+    "waterbirds": (load_waterbirds, DatasetDefaults("resnet50", 300, 1e-3, 1e-4, 128, 224, True)),
+    "celeba": (load_celeba, DatasetDefaults("resnet50", 50, 1e-4, 1e-4, 128, 224, True)),
+    "folder": (load_folder, DatasetDefaults("resnet50", 50, 1e-3, 1e-4, 64, 224, True)),
+}
+
+
+def get_dataset(name: str):
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r} (choose from {', '.join(DATASETS)})")
+    return DATASETS[name]
+
+
+def load_splits(name: str, **kwargs) -> Splits:
+    return get_dataset(name)[0](**kwargs)
+
+
+__all__ = ["DATASETS", "DataError", "DatasetDefaults", "GroupDataset", "Splits", "TensorGroupDataset",
+           "get_dataset", "load_splits", "make_loader"]

@@ -1,0 +1,147 @@
+"""Image datasets on disk: Waterbirds and CelebA in their official layouts, and a generic folder layout."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms
+
+from .base import DataError, GroupDataset, Splits
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def image_transform(train: bool, image_size: int):
+    """ImageNet-style: random resized crop + flip for training, resize + centre crop for evaluation."""
+    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if train:
+        return transforms.Compose([
+            transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.75, 4 / 3)),
+            transforms.RandomHorizontalFlip(), *norm])
+    return transforms.Compose([
+        transforms.Resize(int(round(image_size * 256 / 224))), transforms.CenterCrop(image_size), *norm])
+
+
+class ImageGroupDataset(GroupDataset):
+    def __init__(self, paths: list[Path], y, a, n_classes: int, n_attr: int, transform):
+        self.paths, self.transform = paths, transform
+        self.y, self.a = torch.tensor(y, dtype=torch.long), torch.tensor(a, dtype=torch.long)
+        self.n_classes, self.n_attr = n_classes, n_attr
+
+    def load(self, idx: int) -> torch.Tensor:
+        path = self.paths[idx]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as e:
+            raise DataError(f"{path}: unreadable image ({e})") from None
+        return self.transform(img)
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{path}: data directory not found")
+    return path
+
+
+def _read_csv(path: Path, required: list[str], **kw) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, **kw)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (has: {', '.join(map(str, df.columns))})")
+    return df
+
+
+def _int_column(df: pd.DataFrame, col: str, source: Path) -> pd.Series:
+    values = pd.to_numeric(df[col], errors="coerce")
+    bad = df[col][values.isna() | (values < 0) | (values != values.round())]
+    if len(bad):
+        raise DataError(f"{source}: column {col} has non-integer or negative value {str(bad.iloc[0])!r}")
+    return values.astype(int)
+
+
+def _split_codes(series: pd.Series, source: Path) -> pd.Series:
+    """Split column as 0/1/2 or train/val/test."""
+    names = {"0": 0, "1": 1, "2": 2, "train": 0, "val": 1, "valid": 1, "test": 2}
+    codes = series.astype(str).str.strip().str.lower().map(names)
+    if codes.isna().any():
+        bad = str(series[codes.isna()].iloc[0])
+        raise DataError(f"{source}: unknown split code {bad!r} (expected 0/1/2 or train/val/test)")
+    return codes.astype(int)
+
+
+def _checksum(meta_files: list[Path], paths: list[Path]) -> str:
+    """Metadata bytes plus every image's name and size: cheap, and changes when the data does."""
+    h = hashlib.sha256()
+    for f in meta_files:
+        h.update(f.read_bytes())
+    for p in paths:
+        h.update(f"{p.name}:{os.stat(p).st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _build(root: Path, meta_files: list[Path], files: pd.Series, y: pd.Series, a: pd.Series, split: pd.Series,
+           name: str, image_size: int) -> Splits:
+    paths = [root / f for f in files]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: image file not found ({len(missing)} of {len(paths)} listed images missing)")
+    n_classes, n_attr = int(y.max()) + 1, int(a.max()) + 1
+    out = {}
+    for code, split_name in enumerate(SPLIT_NAMES):
+        rows = (split == code).to_numpy()
+        if not rows.any():
+            raise DataError(f"{meta_files[0]}: split {split_name} ({code}) has no rows")
+        out[split_name] = ImageGroupDataset([p for p, r in zip(paths, rows) if r], y[rows].to_numpy(),
+                                            a[rows].to_numpy(), n_classes, n_attr,
+                                            image_transform(split_name == "train", image_size))
+    return Splits(**out, name=name, checksum=_checksum(meta_files, paths))
+
+
+def load_waterbirds(data_dir: str | None = None, image_size: int = 224, **_) -> Splits:
+    """metadata.csv: img_id,img_filename,y,split,place,place_filename; group = 2*y + place."""
+    root = _require_dir(Path(data_dir or "data/waterbirds"))
+    meta = root / "metadata.csv"
+    df = _read_csv(meta, ["img_id", "img_filename", "y", "split", "place", "place_filename"])
+    return _build(root, [meta], df["img_filename"], _int_column(df, "y", meta), _int_column(df, "place", meta),
+                  _split_codes(df["split"], meta), "waterbirds", image_size)
+
+
+def load_celeba(data_dir: str | None = None, image_size: int = 224, **_) -> Splits:
+    """list_attr_celeba.txt + list_eval_partition.txt + img_align_celeba/; y = Blond_Hair, a = Male."""
+    root = _require_dir(Path(data_dir or "data/celeba"))
+    attr_file, part_file = root / "list_attr_celeba.txt", root / "list_eval_partition.txt"
+    # list_attr_celeba.txt: a count line, a header line of 40 names, then "file v1 ... v40" with v in {-1, 1}.
+    attrs = _read_csv(attr_file, ["Blond_Hair", "Male"], sep=r"\s+", skiprows=1)
+    parts = _read_csv(part_file, ["image_id", "partition"], sep=r"\s+", header=None, names=["image_id", "partition"])
+    if len(parts) != len(attrs) or not (parts["image_id"].to_numpy() == attrs.index.to_numpy()).all():
+        raise DataError(f"{part_file}: image list does not match {attr_file.name} ({len(parts)} vs {len(attrs)} rows)")
+    for col in ("Blond_Hair", "Male"):
+        bad = attrs[col][~attrs[col].isin([-1, 1])]
+        if len(bad):
+            raise DataError(f"{attr_file}: column {col} has value {str(bad.iloc[0])} (expected -1 or 1)")
+    y, a = (attrs["Blond_Hair"] == 1).astype(int).reset_index(drop=True), (attrs["Male"] == 1).astype(int).reset_index(drop=True)
+    files = "img_align_celeba/" + parts["image_id"].astype(str)
+    return _build(root, [attr_file, part_file], files, y, a, _split_codes(parts["partition"], part_file),
+                  "celeba", image_size)
+
+
+def load_folder(data_dir: str | None = None, image_size: int = 224, **_) -> Splits:
+    """Users' own data: metadata.csv with filename,y,a,split (split train|val|test or 0/1/2)."""
+    if not data_dir:
+        raise DataError("dataset 'folder' needs --data-dir pointing at a folder with metadata.csv")
+    root = _require_dir(Path(data_dir))
+    meta = root / "metadata.csv"
+    df = _read_csv(meta, ["filename", "y", "a", "split"])
+    return _build(root, [meta], df["filename"], _int_column(df, "y", meta), _int_column(df, "a", meta),
+                  _split_codes(df["split"], meta), "folder", image_size)

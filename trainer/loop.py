@@ -1,0 +1,169 @@
+"""fit(): one training run of one method — epochs, evaluation on val, early stopping on val WGA, test at best."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import random
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import Splits, load_splits, make_loader
+from .methods import get_method
+from .metrics import group_metrics
+from .models import build_model
+
+EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run is a failure, not a result."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _to(device, x, *rest, channels_last=False):
+    x = x.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, *(t.to(device, non_blocking=True) for t in rest))
+
+
+@torch.no_grad()
+def predict(model, loader, device, autocast, channels_last=False):
+    """Yields (logits, features, y, a) batch by batch in eval mode."""
+    model.eval()
+    for x, y, a, _ in loader:
+        x, y, a = _to(device, x, y, a, channels_last=channels_last)
+        with autocast():
+            logits, h = model(x, return_features=True)
+        yield logits.float(), h.float(), y, a
+
+
+def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
+    loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
+    correct, groups = [], []
+    for logits, _, y, a in predict(model, loader, device, autocast, channels_last):
+        correct.append(logits.argmax(1) == y)
+        groups.append(y * n_attr + a)
+    return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts)
+
+
+def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
+        progress: bool = False, log: Callable[[str], None] | None = print) -> dict:
+    """Train one model with one method; return the result record (see README for its keys)."""
+    t_start = time.time()
+    cfg = cfg.resolved()
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    if splits is None:
+        splits = load_splits(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
+                             data_seed=cfg.data_seed, train_agreement=cfg.train_agreement)
+    train, n_attr = splits.train, splits.train.n_attr
+    train_counts = train.group_counts()
+    cuda = device.type == "cuda"
+    autocast = _autocast(device)
+
+    model = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    method_cls = get_method(cfg.method)
+    method = method_cls(method_cls.Params(**cfg.method_params), n_train=len(train), n_groups=splits.n_groups,
+                        train_groups=train.g).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    weights = method.sampling_weights()
+    workers = 0 if not hasattr(train, "paths") else cfg.num_workers
+    loader_kw = dict(num_workers=workers, pin_memory=cuda)
+    train_loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen,
+                               weights=None if weights is None else weights.cpu(), **loader_kw)
+    evaluate_split = functools.partial(evaluate, model, n_attr=n_attr, train_counts=train_counts, device=device,
+                                       batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
+                                       num_workers=workers)
+
+    def train_batches():  # deterministic pass over the training set, for methods that calibrate on it
+        for logits, h, y, _ in predict(model, make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw),
+                                       device, autocast, cuda):
+            yield logits, h, y
+
+    history, best, best_state, stale = [], None, None, 0
+    for epoch in range(1, cfg.epochs + 1):
+        t_epoch = time.time()
+        method.start_epoch(epoch - 1, model, train_batches)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        n_steps = 0
+        for x, y, a, idx in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
+            x, y, a, idx = _to(device, x, y, a, idx, channels_last=cuda)
+            logs = method.training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
+            finite &= torch.isfinite(logs["loss"])  # checked once per epoch: no per-step host sync
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+        if not bool(finite):
+            raise NonFiniteLossError(f"training loss became non-finite in epoch {epoch} "
+                                     f"(method {cfg.method}, lr {cfg.lr}, {cfg.method_params})")
+        val = evaluate_split(splits.val)
+        record = {"epoch": epoch, **{f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()},
+                  "val_wga": val["wga"], "val_avg_plain": val["avg_plain"],
+                  "val_avg_train_weighted": val["avg_train_weighted"], **method.epoch_stats(),
+                  "seconds": round(time.time() - t_epoch, 3)}
+        history.append(record)
+        improved = best is None or (val["wga"], val["avg_plain"]) > (best[1]["wga"], best[1]["avg_plain"])
+        if improved:
+            best, stale = (epoch, val), 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            stale += 1
+        if log:
+            log(_epoch_line(record, cfg.epochs, improved))
+        if callback:
+            callback(epoch, record)
+        if cfg.patience and stale >= cfg.patience:
+            if log:
+                log(f"early stop: no val WGA improvement for {cfg.patience} epochs")
+            break
+
+    model.load_state_dict(best_state)
+    test = evaluate_split(splits.test)
+    return {
+        "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "hparams": cfg.to_dict(),
+        "uses_group_labels": method_cls.uses_group_labels, "best_epoch": best[0], "epochs_run": len(history),
+        "seconds": round(time.time() - t_start, 2), "device": str(device) if not cuda else torch.cuda.get_device_name(device),
+        "data_checksum": splits.checksum, "val": best[1], "test": test, "history": history,
+    }
+
+
+def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
+    extra = ""
+    if "violated_frac" in r:
+        extra = f"  violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f}"
+    elif "q" in r:
+        extra = f"  q {r['q']}"
+    return (f"epoch {r['epoch']:3d}/{epochs}  loss {r['train_loss']:.4f}  val wga {r['val_wga']:.4f} "
+            f"avg {r['val_avg_plain']:.4f}{' *' if improved else '  '}{extra}  {r['seconds']:.1f}s")

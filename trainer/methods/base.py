@@ -1,0 +1,66 @@
+"""The method interface: a method defines its loss; the base class owns the optimisation step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+def param(default, help: str, **kw):
+    """A method hyperparameter with its default and help text (becomes a kebab-case CLI flag)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class Method(nn.Module):
+    """Subclasses set `Params` and implement `loss`. State (GroupDRO weights, multipliers) lives in buffers.
+
+    `train_groups` (group id per training sample) is given to every method for logging; only methods
+    with `uses_group_labels = True` receive group ids in `loss`.
+    """
+
+    Params: ClassVar[type] = NoParams
+    uses_group_labels: ClassVar[bool] = False
+    grad_clip: float = 0.0  # max gradient norm; 0 = off
+
+    def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor):
+        super().__init__()
+        self.params, self.n_train, self.n_groups = params, n_train, n_groups
+        self.register_buffer("train_groups", train_groups.long().clone(), persistent=False)
+
+    def loss(self, logits, h, y, g, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def sampling_weights(self) -> torch.Tensor | None:
+        """Per-training-sample sampling weights, or None for uniform shuffling."""
+        return None
+
+    def start_epoch(self, epoch: int, model: nn.Module, train_batches) -> None:
+        """Called before each training epoch (with a deterministic iterator over the training set)."""
+
+    def epoch_stats(self) -> dict[str, float | list]:
+        """Diagnostics for the epoch just finished (read once per epoch: one host-device sync)."""
+        return {}
+
+    def training_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, x, y, a, idx, n_attr: int,
+                      autocast) -> dict[str, torch.Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast():
+            logits, h = model(x, return_features=True)
+        g = y * n_attr + a if self.uses_group_labels else None
+        loss, logs = self.loss(logits.float(), h.float(), y, g, idx)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        optimizer.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in logs.items()}}
+
+    @classmethod
+    def param_fields(cls):
+        return fields(cls.Params)

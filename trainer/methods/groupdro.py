@@ -1,0 +1,46 @@
+"""GroupDRO (Sagawa et al., 2020): exponentiated-gradient ascent on group weights q, loss = sum_g q_g L_g."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .base import Method, param
+
+
+@dataclass
+class GroupDROParams:
+    eta_q: float = param(0.01, "step size of the exponentiated-gradient update of the group weights q")
+    adjustment: float = param(0.0, "group size adjustment C: the q update sees L_g + C / sqrt(n_g)")
+    balanced: bool = param(True, "sample training batches group-balanced (weight 1/n_g per sample)")
+
+
+class GroupDRO(Method):
+    Params = GroupDROParams
+    uses_group_labels = True
+
+    def __init__(self, params: GroupDROParams, **kw):
+        super().__init__(params, **kw)
+        if params.eta_q <= 0:
+            raise ValueError(f"eta_q must be > 0, got {params.eta_q}")
+        if params.adjustment < 0:
+            raise ValueError(f"adjustment must be >= 0, got {params.adjustment}")
+        counts = torch.bincount(self.train_groups, minlength=self.n_groups).float()
+        self.register_buffer("group_counts", counts)
+        self.register_buffer("q", torch.full((self.n_groups,), 1.0 / self.n_groups))
+
+    def sampling_weights(self):
+        return 1.0 / self.group_counts.clamp(min=1)[self.train_groups] if self.params.balanced else None
+
+    def loss(self, logits, h, y, g, idx):
+        ce = F.cross_entropy(logits, y, reduction="none")
+        n = torch.bincount(g, minlength=self.n_groups).float()
+        group_loss = torch.zeros(self.n_groups, device=ce.device).scatter_add(0, g, ce) / n.clamp(min=1)
+        adjusted = group_loss.detach() + self.params.adjustment / self.group_counts.clamp(min=1).sqrt()
+        with torch.no_grad():  # only groups present in the batch move
+            self.q.mul_(torch.exp(self.params.eta_q * adjusted * (n > 0)))
+            self.q.div_(self.q.sum())
+        loss = (self.q * group_loss).sum()
+        return loss, {"nll": ce.mean(), "worst_group_loss": group_loss.max()}
+
+    def epoch_stats(self):
+        return {"q": [round(v, 4) for v in self.q.tolist()]}

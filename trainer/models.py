@@ -1,0 +1,74 @@
+"""Classifiers split into a feature backbone and a linear head (the Fisher trace needs the features)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+MODELS = ("cnn", "resnet18", "resnet50")
+
+
+class Classifier(nn.Module):
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(n_features, n_classes)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False):
+        h = self.backbone(x)
+        logits = self.head(h)
+        return (logits, h) if return_features else logits
+
+
+def small_cnn() -> tuple[nn.Module, int]:
+    """A small CNN for 28x28 inputs (any size works thanks to the global pooling)."""
+    def block(cin, cout):
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    body = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    return body, 128
+
+
+def _pretrained_state(arch: str, weights_path: str | None) -> dict:
+    """Weights from --weights, else torchvision's local cache; never a silent random init."""
+    if weights_path:
+        path = Path(weights_path)
+        if not path.is_file():
+            raise ValueError(f"--weights {weights_path}: file not found")
+    else:
+        enum = torchvision.models.get_model_weights(arch)
+        names = [Path(w.url).name for w in (enum.IMAGENET1K_V1, getattr(enum, "IMAGENET1K_V2", None)) if w]
+        cache = Path(torch.hub.get_dir()) / "checkpoints"
+        found = [cache / n for n in names if (cache / n).is_file()]
+        if not found:
+            raise ValueError(f"pretrained {arch} weights not found: copy {names[0]} into {cache}/ or pass "
+                             f"--weights PATH (or --no-pretrained to train from random init)")
+        path = found[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise ValueError(f"--weights {path}: cannot load ({e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    return {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def build_model(name: str, n_classes: int, pretrained: bool = False, weights_path: str | None = None) -> Classifier:
+    if name == "cnn":
+        backbone, dim = small_cnn()
+    elif name in ("resnet18", "resnet50"):
+        backbone = getattr(torchvision.models, name)(weights=None)
+        if pretrained or weights_path:
+            try:
+                missing, unexpected = backbone.load_state_dict(_pretrained_state(name, weights_path), strict=False)
+            except RuntimeError as e:  # shape mismatches
+                raise ValueError(f"weights for {name} do not match the architecture "
+                                 f"({str(e).splitlines()[1].strip()})") from None
+            if unexpected or [k for k in missing if not k.startswith("fc.")]:
+                raise ValueError(f"weights for {name} do not match the architecture "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        dim = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+    else:
+        raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
+    return Classifier(backbone, dim, n_classes)
