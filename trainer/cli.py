@@ -109,3 +109,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         write_json(args.output, result)
     return 0
+
+
+def command_for(cfg: TrainConfig) -> str:
+    """The exact `python -m trainer ...` command that reproduces a run of this (resolved) config."""
+    import shlex
+
+    cfg = cfg.resolved()
+    settings = {k: v for k, v in cfg.to_dict().items() if k not in ("method_params", "device") and v is not None}
+    args = ["python", "-m", "trainer"]
+    for name, value in {**settings, **cfg.method_params}.items():
+        if isinstance(value, bool):
+            args.append(flag(name) if value else "--no-" + name.replace("_", "-"))
+        else:
+            args += [flag(name), str(value)]
+    return shlex.join(args)

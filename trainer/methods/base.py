@@ -13,6 +13,34 @@ class NoParams:
     pass
 
 
+@dataclass(frozen=True)
+class Float:
+    """A searched float in [low, high] (log-uniform if log). Specs are plain data: no Optuna import here."""
+    low: float
+    high: float
+    log: bool = False
+
+    def suggest(self, trial, name):
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+
+@dataclass(frozen=True)
+class Int:
+    low: int
+    high: int
+
+    def suggest(self, trial, name):
+        return trial.suggest_int(name, self.low, self.high)
+
+
+@dataclass(frozen=True)
+class Choice:
+    choices: tuple
+
+    def suggest(self, trial, name):
+        return trial.suggest_categorical(name, list(self.choices))
+
+
 def param(default, help: str, **kw):
     """A method hyperparameter with its default and help text (becomes a kebab-case CLI flag)."""
     return field(default=default, metadata={"help": help, **kw})
@@ -26,6 +54,7 @@ class Method(nn.Module):
     """
 
     Params: ClassVar[type] = NoParams
+    SPACE: ClassVar[dict] = {}  # searched parameters: name -> Float/Int/Choice (defaults live in Params)
     uses_group_labels: ClassVar[bool] = False
     grad_clip: float = 0.0  # max gradient norm; 0 = off
 

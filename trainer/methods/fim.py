@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..fisher import SCOPES, last_layer_trace, logit_trace
-from .base import Method, param
+from .base import Choice, Float, Int, Method, param
 
 
 @dataclass
@@ -34,6 +34,13 @@ class FIMParams:
 
 class FisherConstrained(Method):
     Params = FIMParams
+    SPACE = {
+        "scope": Choice(SCOPES),                # default logits
+        "rho": Float(0.05, 0.5),                # default 0.25
+        "eps_quantile": Float(0.1, 0.9),        # default 0.3
+        "dual_lr": Float(1e-2, 20.0, log=True),  # default 10
+        "warmup_epochs": Int(0, 3),             # default 1
+    }
     uses_group_labels = False
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
 

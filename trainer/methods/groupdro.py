@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Method, param
+from .base import Float, Method, param
 
 
 @dataclass
@@ -16,6 +16,10 @@ class GroupDROParams:
 
 class GroupDRO(Method):
     Params = GroupDROParams
+    SPACE = {
+        "eta_q": Float(1e-3, 1.0, log=True),   # default 0.01
+        "adjustment": Float(0.0, 4.0),         # default 0 (Sagawa et al. search 0..5)
+    }
     uses_group_labels = True
 
     def __init__(self, params: GroupDROParams, **kw):

@@ -1,0 +1,107 @@
+"""`python -m study {init,worker,status,demo}`: the study service's command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+from .storage import DEFAULT_STORAGE, StorageError
+
+
+def _storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help=f"storage URL (default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})")
+    p.add_argument("--heartbeat-interval", type=int, help="seconds between trial heartbeats (default 60)")
+    p.add_argument("--grace-period", type=int, help="seconds of silence before a trial is stale (default 180)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m study", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    init = sub.add_parser("init", help="create an experiment's studies (harmless if they exist)")
+    init.add_argument("--config", help="TOML file with the experiment's settings (flags override it)")
+    init.add_argument("--experiment", help="experiment name")
+    init.add_argument("--datasets", help="comma-separated dataset names, e.g. cmnist")
+    init.add_argument("--methods", help="comma-separated method names, e.g. erm,groupdro,fim")
+    init.add_argument("--trials", type=int, help="trial budget per (dataset, method) study (default 20)")
+    init.add_argument("--epochs", type=int, help="max epochs per trial (default: the dataset's)")
+    init.add_argument("--pruner", help="median, hyperband or none (default median)")
+    init.add_argument("--data-dir", help="root of on-disk datasets")
+    init.add_argument("--model", help="architecture (default: the dataset's)")
+    init.add_argument("--image-size", type=int, help="crop size (default: the dataset's)")
+    init.add_argument("--patience", type=int, help="early stopping patience inside a trial (default 10)")
+    init.add_argument("--seed", type=int, help="training seed of searched trials (default 0)")
+    _storage_args(init)
+
+    worker = sub.add_parser("worker", help="run trials until every study meets its budget")
+    worker.add_argument("--experiment", required=True)
+    worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    worker.add_argument("--sampler-seed", type=int, help="TPE seed (default: different for every worker)")
+    worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    _storage_args(worker)
+
+    status = sub.add_parser("status", help="trial counts and best val WGA per study")
+    status.add_argument("--experiment", required=True)
+    _storage_args(status)
+
+    demo = sub.add_parser("demo", help="the whole comparison on a laptop: SQLite, CPU, cmnist")
+    demo.add_argument("--storage", default="sqlite:///demo.db", help="a fresh SQLite file (recreated)")
+    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--trials", type=int, default=6, help="trials per method")
+    demo.add_argument("--epochs", type=int, default=12)
+    return p
+
+
+def _storage(args):
+    from .storage import make_storage
+    return make_storage(args.storage, args.heartbeat_interval, args.grace_period)
+
+
+def _experiment_from_args(args):
+    from .experiment import Experiment
+    keys = ("datasets", "methods", "trials", "epochs", "pruner", "data_dir", "model", "image_size", "patience",
+            "seed")
+    given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    if args.config:
+        return Experiment.from_toml(args.config, name=args.experiment, **given)
+    missing = [f"--{k}" for k in ("experiment", "datasets", "methods")
+               if getattr(args, k) is None]
+    if missing:
+        raise ValueError(f"init needs {', '.join(missing)} (or --config FILE)")
+    given["datasets"], given["methods"] = given["datasets"].split(","), given["methods"].split(",")
+    return Experiment(name=args.experiment, **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import optuna
+    from optuna.exceptions import ExperimentalWarning
+
+    from trainer.data import DataError
+
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("optuna").setLevel(logging.ERROR)  # trial failures are reported by the worker itself
+    args = get_args_parser().parse_args(argv)
+    try:
+        if args.command == "init":
+            from .experiment import init_experiment
+            exp = _experiment_from_args(args)
+            names = init_experiment(_storage(args), exp)
+            print(f"experiment {exp.name!r}: {len(names)} studies ready ({', '.join(names)})")
+        elif args.command == "worker":
+            from .worker import run_worker
+            if args.threads:
+                import torch
+                torch.set_num_threads(args.threads)
+            return run_worker(_storage(args), args.experiment, device=args.device, sampler_seed=args.sampler_seed)
+        elif args.command == "status":
+            from .status import status_table
+            print(status_table(_storage(args), args.experiment).to_markdown())
+        elif args.command == "demo":
+            from .demo import run_demo
+            return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs)
+    except (ValueError, DataError, StorageError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
