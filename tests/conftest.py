@@ -61,3 +61,53 @@ def folder_dir(tmp_path) -> Path:
         lines.append(f"images/{i}.png,{y},{a},{['train', 'val', 'test'][split]}")
     (tmp_path / "metadata.csv").write_text("\n".join(lines) + "\n")
     return tmp_path
+
+
+# ---- PostgreSQL: the real server on this machine, a fresh database per test session (or per test) ----
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import uuid  # noqa: E402
+
+PG_ADMIN = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _admin(sql: str) -> None:
+    import psycopg2
+    conn = psycopg2.connect(PG_ADMIN.replace("postgresql+psycopg2", "postgresql"))
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(sql)
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_databases():
+    """Factory of fresh databases; all are dropped at the end of the session."""
+    created = []
+
+    def new() -> str:
+        name = f"debias_test_{uuid.uuid4().hex[:10]}"
+        _admin(f"CREATE DATABASE {name}")
+        created.append(name)
+        return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
+
+    yield new
+    for name in created:
+        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def pg_url(pg_databases) -> str:
+    return pg_databases()
+
+
+def study_cli(*args, env=None, timeout=600, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "study", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, **kw)
+
+
+def start_worker(url: str, experiment: str, *extra, env=None, log=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", experiment, "--storage", url,
+                             "--threads", "1", *extra], stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})})

@@ -1,0 +1,210 @@
+"""The study service against the real PostgreSQL: workers, budgets, crashes, retries, the dashboard."""
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import start_worker, study_cli
+from study.experiment import Experiment, init_experiment
+from study.storage import make_storage
+
+FAST_HEARTBEAT = {"STUDY_HEARTBEAT_INTERVAL": "1", "STUDY_GRACE_PERIOD": "3"}
+
+
+def storage_for(url, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_storage(url, **kw)
+
+
+def studies_of(url, experiment):
+    s = storage_for(url)
+    return {n: optuna.load_study(study_name=n, storage=s)
+            for n in optuna.get_all_study_names(s) if n.startswith(experiment + "/")}
+
+
+def init(url, *args):
+    p = study_cli("init", "--storage", url, *args)
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def test_four_workers_started_together_meet_every_budget(pg_url):
+    init(pg_url, "--experiment", "e4", "--datasets", "synthetic", "--methods", "erm,groupdro,fim",
+         "--trials", "4", "--epochs", "2")
+    workers = [start_worker(pg_url, "e4") for _ in range(4)]  # the same moment, right after init
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0, 0, 0], outs
+    for out in outs:
+        assert "Traceback" not in out and "error" not in out.lower(), out
+        assert "all budgets met" in out
+    for name, study in studies_of(pg_url, "e4").items():
+        states = [t.state for t in study.trials]
+        assert TrialState.RUNNING not in states and TrialState.FAIL not in states and TrialState.WAITING not in states
+        assert 4 <= len(states) <= 4 + 3, name  # overshoot at most workers - 1
+        first = min(study.trials, key=lambda t: t.number)
+        assert first.user_attrs.get("reference") is True  # the published recipe runs first
+        done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        t = done[0]
+        assert {"val", "test", "best_epoch", "epochs_run", "train_seconds", "device", "code_version",
+                "data_checksum", "command", "seed"} <= set(t.user_attrs)
+        assert t.user_attrs["command"].startswith("python -m trainer --dataset synthetic")
+        assert t.value == t.user_attrs["val"]["wga"] and sorted(t.intermediate_values) == [1, 2][:len(t.intermediate_values)]
+
+
+def test_command_recorded_in_trial_reproduces_it(pg_url, tmp_path):
+    init(pg_url, "--experiment", "rep", "--datasets", "synthetic", "--methods", "fim", "--trials", "1",
+         "--epochs", "2")
+    w = start_worker(pg_url, "rep")
+    assert w.wait(timeout=300) == 0
+    (trial,) = studies_of(pg_url, "rep")["rep/synthetic/fim"].trials
+    cmd = trial.user_attrs["command"].split()[3:]  # drop "python -m trainer"
+    p = subprocess.run([sys.executable, "-m", "trainer", *cmd, "--output", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["val"]["wga"] == pytest.approx(trial.value, abs=1e-6)
+    assert r["test"]["wga"] == pytest.approx(trial.user_attrs["test"]["wga"], abs=1e-6)
+
+
+def _wait_for(predicate, timeout=120, every=0.3):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not reached in time")
+
+
+def _running_with_progress(url, name):
+    def check():
+        study = studies_of(url, name.split("/")[0])[name]
+        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        return running[0] if running else None
+    return check
+
+
+def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url):
+    init(pg_url, "--experiment", "kill", "--datasets", "cmnist", "--methods", "erm", "--trials", "2",
+         "--epochs", "6", "--patience", "0", "--pruner", "none")
+    victim = start_worker(pg_url, "kill", env=FAST_HEARTBEAT)
+    doomed = _wait_for(_running_with_progress(pg_url, "kill/cmnist/erm"))
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    survivor = start_worker(pg_url, "kill", env=FAST_HEARTBEAT)
+    out = survivor.communicate(timeout=600)[0]
+    assert survivor.returncode == 0, out
+    study = studies_of(pg_url, "kill")["kill/cmnist/erm"]
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[doomed.number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == doomed.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == doomed.params
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 2 and all(t.state != TrialState.RUNNING for t in study.trials)
+
+
+def test_sigterm_fails_trial_with_reason_and_requeues_it(pg_url):
+    init(pg_url, "--experiment", "term", "--datasets", "cmnist", "--methods", "groupdro", "--trials", "1",
+         "--epochs", "8", "--patience", "0", "--pruner", "none")
+    w = start_worker(pg_url, "term")
+    doomed = _wait_for(_running_with_progress(pg_url, "term/cmnist/groupdro"))
+    w.send_signal(signal.SIGTERM)
+    out = w.communicate(timeout=60)[0]
+    assert w.returncode == 0 and "stopped by signal" in out, out
+    study = studies_of(pg_url, "term")["term/cmnist/groupdro"]
+    stopped = next(t for t in study.trials if t.number == doomed.number)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "worker stopped by signal"
+    waiting = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == doomed.number
+    p = study_cli("status", "--experiment", "term", "--storage", pg_url)
+    assert p.returncode == 0 and "| term/cmnist/groupdro |" in p.stdout
+
+
+def test_failing_trial_is_recorded_and_worker_goes_on(pg_url):
+    exp = Experiment(name="nan", datasets=["synthetic"], methods=["erm"], trials=2, epochs=2,
+                     space={"train": {"lr": [1e11, 1e12]}})
+    init_experiment(storage_for(pg_url), exp)
+    w = start_worker(pg_url, "nan")
+    out = w.communicate(timeout=300)[0]
+    assert w.returncode == 0, out
+    trials = studies_of(pg_url, "nan")["nan/synthetic/erm"].trials
+    assert len(trials) == 2 and all(t.state == TrialState.FAIL for t in trials)
+    assert all("NonFiniteLossError: training loss became non-finite" in t.user_attrs["fail_reason"] for t in trials)
+
+
+def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
+    args = ["--experiment", "twice", "--datasets", "synthetic", "--methods", "erm,fim", "--trials", "3"]
+    init(pg_url, *args)
+    init(pg_url, *args)
+    s = storage_for(pg_url)
+    assert len(optuna.get_all_study_names(s)) == 2
+    assert all(len(optuna.load_study(study_name=n, storage=s).trials) == 1 for n in optuna.get_all_study_names(s))
+    p = study_cli("init", "--storage", pg_url, *args[:-1], "5")
+    assert p.returncode != 0
+    assert p.stderr.strip() == "error: experiment 'twice' already exists with different settings: trials: 3 -> 5"
+
+
+def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('name = "toml"\ndatasets = ["synthetic"]\nmethods = ["fim"]\ntrials = 2\n'
+                   '[space.fim]\nrho = [0.3, 0.1]\n')
+    p = study_cli("init", "--storage", pg_url, "--config", str(cfg))
+    assert p.returncode != 0 and p.stderr.strip() == (
+        "error: space override fim.rho: invalid bounds [0.3, 0.1] (need low < high)")
+    p = study_cli("init", "--storage", pg_url, "--experiment", "x", "--datasets", "synthetic",
+                  "--methods", "erm,jtt")
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: unknown method 'jtt'")
+    assert optuna.get_all_study_names(storage_for(pg_url)) == []
+    cfg.write_text(cfg.read_text().replace("[0.3, 0.1]", "[0.1, 0.3]"))
+    init(pg_url, "--config", str(cfg))
+    (study,) = studies_of(pg_url, "toml").values()
+    assert study.user_attrs["experiment"]["space"] == {"fim": {"rho": [0.1, 0.3]}}
+    assert study.trials[0].system_attrs["fixed_params"]["rho"] == 0.25  # the reference recipe lies inside the overridden space
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_experiment(pg_url):
+    init(pg_url, "--experiment", "dash", "--datasets", "synthetic", "--methods", "erm,fim", "--trials", "1",
+         "--epochs", "2")
+    assert start_worker(pg_url, "dash").wait(timeout=300) == 0
+    port = _free_port()
+    dashboard = str(Path(sys.executable).parent / "optuna-dashboard")
+    dash = subprocess.Popen([dashboard, pg_url.replace("postgresql://", "postgresql+psycopg2://"),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def get(path):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return json.loads(r.read())
+
+        def listing():
+            try:
+                return get("/api/studies")
+            except OSError:
+                return None
+
+        studies = _wait_for(listing, timeout=60)["study_summaries"]
+        names = {s["study_name"]: s["study_id"] for s in studies}
+        assert set(names) == {"dash/synthetic/erm", "dash/synthetic/fim"}
+        detail = get(f"/api/studies/{names['dash/synthetic/fim']}")
+        values = detail["trials"][0]["intermediate_values"]
+        assert [v["step"] for v in values] == [1, 2] and all(0 <= v["value"] <= 1 for v in values)
+    finally:
+        dash.terminate()
+        dash.wait(timeout=10)
