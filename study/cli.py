@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     demo.add_argument("--storage", default="sqlite:///demo.db", help="a fresh SQLite file (recreated)")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--trials", type=int, default=6, help="trials per method")
-    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--epochs", type=int, default=16)
     return p
 
 

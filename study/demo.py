@@ -17,7 +17,7 @@ from .worker import trial_counts
 EXPERIMENT = "demo"
 
 
-def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 12) -> int:
+def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 16) -> int:
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         raise ValueError(f"the demo recreates its storage: give a sqlite:///FILE URL, not {storage_url!r}")
@@ -26,7 +26,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
         db.unlink()
     storage = make_storage(storage_url)
     exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=["erm", "groupdro", "fim"], trials=trials,
-                     epochs=epochs, patience=5)
+                     epochs=epochs, patience=8)
     init_experiment(storage, exp)
     print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
           f"{workers} workers, up to {epochs} epochs per trial")
