@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
-from .experiment import Experiment, init_experiment
+from .experiment import Experiment, init_experiment, load_experiment
 from .storage import make_storage
 from .worker import trial_counts
 
@@ -36,17 +36,18 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     procs = [subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", EXPERIMENT,
                                "--storage", storage_url, "--device", "cpu", "--threads", str(threads)],
                               stdout=log, stderr=subprocess.STDOUT) for log in logs]
-    from .experiment import load_experiment
     _, studies = load_experiment(storage, EXPERIMENT)
     total = trials * len(studies)
+
+    def finished() -> int:  # a retried lineage counts once
+        return min(total, sum(c["complete"] + c["pruned"] + c["fail"] - c["retried"]
+                              for c in map(trial_counts, studies)))
+
     with tqdm(total=total, desc="trials", unit="trial") as bar:
         while any(p.poll() is None for p in procs):
-            done = sum(c["complete"] + c["pruned"] + c["fail"] - c["retried"]
-                       for c in map(trial_counts, studies))
-            bar.update(min(done, total) - bar.n)
+            bar.update(finished() - bar.n)
             time.sleep(1)
-        done = sum(c["complete"] + c["pruned"] + c["fail"] - c["retried"] for c in map(trial_counts, studies))
-        bar.update(min(done, total) - bar.n)
+        bar.update(finished() - bar.n)
     for log in logs:
         log.close()
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
