@@ -56,6 +56,11 @@ class Experiment:
     def studies(self) -> list[tuple[str, str, str]]:
         return [(self.study_name(d, m), d, m) for d in self.datasets for m in self.methods]
 
+    def load_splits(self, dataset: str):
+        """The dataset exactly as every trial of this experiment reads it."""
+        return load_splits(dataset, data_dir=self.data_dir, data_seed=self.data_seed,
+                           image_size=self.image_size or get_dataset(dataset)[1].image_size)
+
     def epochs_for(self, dataset: str) -> int:
         return self.epochs or get_dataset(dataset)[1].epochs
 
@@ -144,8 +149,7 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
     """
     if check_data:
         for d in exp.datasets:
-            load_splits(d, data_dir=exp.data_dir, image_size=exp.image_size or get_dataset(d)[1].image_size,
-                        data_seed=exp.data_seed)
+            exp.load_splits(d)
     settings = asdict(exp)
     existing = set(optuna.get_all_study_names(storage))
     for name, _, _ in exp.studies():

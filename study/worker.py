@@ -15,7 +15,6 @@ from optuna.trial import TrialState
 
 from trainer import TrainConfig, fit
 from trainer.cli import command_for
-from trainer.data import get_dataset, load_splits
 
 from .experiment import Experiment, load_experiment, make_pruner, search_space
 from .storage import MAX_RETRY, retried_numbers
@@ -61,10 +60,7 @@ class Objective:
 
     def splits(self):
         if self.dataset not in self.splits_cache:
-            e = self.exp
-            self.splits_cache[self.dataset] = load_splits(
-                self.dataset, data_dir=e.data_dir, data_seed=e.data_seed,
-                image_size=e.image_size or get_dataset(self.dataset)[1].image_size)
+            self.splits_cache[self.dataset] = self.exp.load_splits(self.dataset)
         return self.splits_cache[self.dataset]
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
