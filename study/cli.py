@@ -1,4 +1,4 @@
-"""`python -m study {init,worker,status,demo}`: the study service's command line."""
+"""`python -m study {init,worker,status,replicate,demo}`: the study service's command line."""
 from __future__ import annotations
 
 import argparse
@@ -45,11 +45,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     status.add_argument("--experiment", required=True)
     _storage_args(status)
 
+    rep = sub.add_parser("replicate", help="re-run each study's best configuration with new seeds (enqueued)")
+    rep.add_argument("--experiment", required=True)
+    rep.add_argument("--seeds", type=int, default=5, help="number of new training seeds (default 5)")
+    _storage_args(rep)
+
     demo = sub.add_parser("demo", help="the whole comparison on a laptop: SQLite, CPU, cmnist")
     demo.add_argument("--storage", default="sqlite:///demo.db", help="a fresh SQLite file (recreated)")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--trials", type=int, default=6, help="trials per method")
     demo.add_argument("--epochs", type=int, default=16)
+    demo.add_argument("--seeds", type=int, default=3, help="new seeds of each best configuration (0: none)")
+    demo.add_argument("--html", default="demo-report.html", help="where to write the HTML report")
     return p
 
 
@@ -98,9 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             from .status import status_table
             print(status_table(_storage(args), args.experiment).to_markdown())
+        elif args.command == "replicate":
+            from .replicate import replicate
+            for name, seeds in replicate(_storage(args), args.experiment, args.seeds).items():
+                print(f"{name}: enqueued seeds {seeds or 'none (all present)'}")
+            print("start workers (python -m study worker) to run them, then python -m study.report")
         elif args.command == "demo":
             from .demo import run_demo
-            return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs)
+            return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs, seeds=args.seeds,
+                            html=args.html)
     except (ValueError, DataError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

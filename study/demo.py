@@ -11,49 +11,63 @@ from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
 from .experiment import Experiment, init_experiment, load_experiment
+from .replicate import replicate
+from .report import collect, render_html, render_markdown
 from .storage import make_storage
 from .worker import trial_counts
 
 EXPERIMENT = "demo"
 
 
-def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 16) -> int:
-    url = make_url(storage_url)
-    if url.get_backend_name() != "sqlite" or not url.database:
-        raise ValueError(f"the demo recreates its storage: give a sqlite:///FILE URL, not {storage_url!r}")
-    db = Path(url.database)
-    if db.exists():
-        db.unlink()
-    storage = make_storage(storage_url)
-    exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=["erm", "groupdro", "fim"], trials=trials,
-                     epochs=epochs, patience=8)
-    init_experiment(storage, exp)
-    print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
-          f"{workers} workers, up to {epochs} epochs per trial")
-    t0 = time.time()
-    logs = [open(db.with_name(f"{db.stem}.worker{i}.log"), "w") for i in range(workers)]
+def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, desc: str) -> None:
+    logs = [open(db.with_name(f"{db.stem}.worker{i}.log"), "a") for i in range(workers)]
     threads = max(1, (os.cpu_count() or 2) // workers)
     procs = [subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", EXPERIMENT,
                                "--storage", storage_url, "--device", "cpu", "--threads", str(threads)],
                               stdout=log, stderr=subprocess.STDOUT) for log in logs]
-    _, studies = load_experiment(storage, EXPERIMENT)
-    total = trials * len(studies)
 
     def finished() -> int:  # a retried lineage counts once
         return min(total, sum(c["complete"] + c["pruned"] + c["fail"] - c["retried"]
                               for c in map(trial_counts, studies)))
 
-    with tqdm(total=total, desc="trials", unit="trial") as bar:
+    start = finished()
+    with tqdm(total=total - start, desc=desc, unit="trial") as bar:
         while any(p.poll() is None for p in procs):
-            bar.update(finished() - bar.n)
+            if finished() - start > bar.n:
+                bar.update(finished() - start - bar.n)
             time.sleep(1)
-        bar.update(finished() - bar.n)
+        bar.update(finished() - start - bar.n)
     for log in logs:
         log.close()
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
+
+
+def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 16, seeds: int = 3,
+             html: str | None = "demo-report.html") -> int:
+    url = make_url(storage_url)
+    if url.get_backend_name() != "sqlite" or not url.database:
+        raise ValueError(f"the demo recreates its storage: give a sqlite:///FILE URL, not {storage_url!r}")
+    db = Path(url.database)
+    for old in (db, *db.parent.glob(f"{db.stem}.worker*.log")):
+        old.unlink(missing_ok=True)
+    storage = make_storage(storage_url)
+    exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=["erm", "groupdro", "fim"], trials=trials,
+                     epochs=epochs, patience=8)
+    init_experiment(storage, exp)
+    print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
+          f"{workers} workers, up to {epochs} epochs per trial, then the best of each with {seeds} new seeds")
+    t0 = time.time()
+    _, studies = load_experiment(storage, EXPERIMENT)
+    _run_workers(storage_url, db, workers, studies, trials * len(studies), "search")
+    if seeds:
+        replicate(storage, EXPERIMENT, seeds)
+        _run_workers(storage_url, db, workers, studies, (trials + seeds) * len(studies), "seeds")
     print(f"all trials done in {time.time() - t0:.0f}s\n")
-    from .report import report_markdown
-    print(report_markdown(storage, EXPERIMENT))
+    exp, results = collect(storage, EXPERIMENT)
+    print(render_markdown(exp, results, "train_weighted"))
+    if html:
+        Path(html).write_text(render_html(exp, results, "train_weighted"))
+        print(f"figures and table: {html}")
     return 0

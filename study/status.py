@@ -13,10 +13,10 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
     for s in studies:
         c = trial_counts(s)
         trials = s.get_trials(deepcopy=False)
-        done = [t for t in trials if t.value is not None]
+        done = [t for t in trials if t.value is not None and "replicate_of" not in t.user_attrs]
         rows.append({
             "study": s.study_name, "budget": exp.trials, "complete": c["complete"], "pruned": c["pruned"],
-            "failed": c["fail"], "running": c["running"], "waiting": c["waiting"],
+            "failed": c["fail"], "running": c["running"], "waiting": c["waiting"], "seed replicates": c["replicates"],
             "best val WGA": round(max(t.value for t in done), 4) if done else None,
             "epochs trained": sum(len(t.intermediate_values) for t in trials),
         })

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -63,4 +64,6 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     """Numbers of failed trials that a later trial retries (a lineage counts once)."""
-    return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+    with warnings.catch_warnings():  # retry_history is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}

@@ -82,10 +82,12 @@ class Objective:
             trial.set_user_attr("code_version", code_version())
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
+            replicate = "replicate_of" in trial.user_attrs  # a seed re-run is never pruned
+
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
                 trial.report(record["val_wga"], epoch)
-                if trial.should_prune():
+                if not replicate and trial.should_prune():
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} (val WGA {record['val_wga']:.4f})")
 
             result = fit(cfg, callback=report, splits=self.splits(), log=None)
@@ -108,8 +110,11 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     for t in trials:
         counts[t.state.name.lower()] += 1
     counts["retried"] = sum(1 for t in trials if t.number in retried)
-    # a retried lineage counts once toward the budget
-    counts["used"] = len(trials) - counts["retried"]
+    replicates = [t for t in trials if "replicate_of" in t.user_attrs and t.number not in retried]
+    counts["replicates"] = len(replicates)
+    counts["replicate_waiting"] = sum(t.state == TrialState.WAITING for t in replicates)
+    # a retried lineage counts once toward the budget; seed replicates are outside it
+    counts["used"] = len(trials) - counts["retried"] - counts["replicates"]
     return counts
 
 

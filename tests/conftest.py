@@ -1,11 +1,16 @@
 """Shared fixtures: small image datasets written in the official layouts."""
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+# decoded-image caches of the tests go to a scratch folder, not the user's cache (subprocesses inherit it)
+os.environ.setdefault("DEBIAS_CACHE_DIR", tempfile.mkdtemp(prefix="debias-test-cache-"))
 
 
 def write_image(path: Path, rng: np.random.Generator, size: int = 32) -> str:
@@ -64,7 +69,6 @@ def folder_dir(tmp_path) -> Path:
 
 
 # ---- PostgreSQL: the real server on this machine, a fresh database per test session (or per test) ----
-import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import uuid  # noqa: E402

@@ -4,16 +4,18 @@ import torch
 from trainer.data import DataError, load_splits, make_loader
 
 
+@pytest.mark.parametrize("decoded", [True, False], ids=["decoded", "pil"])
 @pytest.mark.parametrize("name", ["waterbirds", "celeba", "folder"])
-def test_image_layouts_load(name, request):
+def test_image_layouts_load(name, decoded, request):
     root = request.getfixturevalue(f"{name}_dir")
-    s = load_splits(name, data_dir=str(root), image_size=24)
+    s = load_splits(name, data_dir=str(root), image_size=24, decoded=decoded)
     assert (len(s.train), len(s.val), len(s.test)) == (8, 4, 4)
     assert s.n_groups == 4 and s.train.group_counts().tolist() == [2, 2, 2, 2]
     x, y, a, idx = s.val[1]
-    assert x.shape == (3, 24, 24) and (int(y), int(a), idx) == (1, 0, 1)
+    assert x.shape == ((3, 27, 27) if decoded else (3, 24, 24)) and (int(y), int(a), idx) == (1, 0, 1)
     xb, yb, ab, ib = next(iter(make_loader(s.train, 4, shuffle=False)))
-    assert xb.shape == (4, 3, 24, 24) and torch.equal(yb * 2 + ab, s.train.g[:4])
+    xb = s.train.batch_transform(xb, train=True, generator=torch.Generator().manual_seed(0))
+    assert xb.shape == (4, 3, 24, 24) and xb.dtype == torch.float32 and torch.equal(yb * 2 + ab, s.train.g[:4])
     assert len(s.checksum) == 16
 
 
@@ -54,7 +56,9 @@ def test_missing_directory(tmp_path):
 
 def test_corrupt_image_names_file(folder_dir):
     (folder_dir / "images" / "2.png").write_bytes(b"not an image at all")
-    s = load_splits("folder", data_dir=str(folder_dir), image_size=16)
+    with pytest.raises(DataError, match=r"2\.png: unreadable image"):  # decoded: refused before training
+        load_splits("folder", data_dir=str(folder_dir), image_size=16)
+    s = load_splits("folder", data_dir=str(folder_dir), image_size=16, decoded=False)
     with pytest.raises(DataError, match=r"2\.png: unreadable image"):
         s.train[2]
 

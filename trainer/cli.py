@@ -8,7 +8,7 @@ import sys
 from dataclasses import MISSING
 from pathlib import Path
 
-from .config import TrainConfig
+from .config import COMPILE_MIN_STEPS, IMAGE_LOADERS, TrainConfig
 from .data import DATASETS
 from .methods import METHODS
 from .models import MODELS
@@ -49,7 +49,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-agreement", type=float, default=0.95,
                    help="cmnist: fraction of training samples whose colour agrees with the label")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader processes for on-disk images")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader processes of the PIL image loader")
+    p.add_argument("--image-loader", default="decoded", choices=IMAGE_LOADERS,
+                   help="decoded: images decoded once, cached, augmented on the device; pil: per-item PIL")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"torch.compile the model (default: on for CUDA runs of >= {COMPILE_MIN_STEPS} steps)")
     p.add_argument("--output", help="write the result JSON here")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
     owners = method_flags()

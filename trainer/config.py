@@ -8,6 +8,13 @@ from .methods import get_method
 from .models import MODELS
 
 
+IMAGE_LOADERS = ("decoded", "pil")
+# torch.compile (bench/step_cost.py --compile, ResNet-50 batch 128 on an H200): 23.7 ms instead of 29.2 ms per
+# ERM step (0.81x) after a 44 s compile, so it pays back after ~8,000 steps: on by default for CUDA runs of at
+# least that many steps (Waterbirds' 300 epochs x 38 steps: on; a 20-epoch CMNIST run: off).
+COMPILE_MIN_STEPS = 8000
+
+
 @dataclass
 class TrainConfig:
     dataset: str = "cmnist"          # registry name: cmnist, waterbirds, celeba, folder, synthetic
@@ -27,7 +34,9 @@ class TrainConfig:
     data_seed: int = 0               # splits and colours of generated datasets; fixed across training seeds
     train_agreement: float = 0.95    # cmnist: fraction of training samples whose colour agrees with the label
     device: str = "auto"             # auto = cuda when available, else cpu
-    num_workers: int = 4             # DataLoader processes for on-disk images
+    num_workers: int = 4             # DataLoader processes of the PIL image loader
+    image_loader: str = "decoded"    # decoded: cached uint8 tensors, augmented on the device; pil: per-item PIL
+    compile: bool | None = None      # torch.compile the model; None = on for CUDA runs of >= COMPILE_MIN_STEPS
     method_params: dict = field(default_factory=dict)  # the method's own hyperparameters (see its Params)
 
     def resolved(self) -> "TrainConfig":
@@ -41,6 +50,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+        if cfg.image_loader not in IMAGE_LOADERS:
+            raise ValueError(f"unknown image loader {cfg.image_loader!r} (choose from {', '.join(IMAGE_LOADERS)})")
         if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.patience < 0:
             raise ValueError(f"need lr > 0, weight_decay >= 0, patience >= 0; got {cfg.lr}, "
                              f"{cfg.weight_decay}, {cfg.patience}")

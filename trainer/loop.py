@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
-from .data import Splits, load_splits, make_loader
+from .config import COMPILE_MIN_STEPS, TrainConfig
+from .data import Splits, TensorGroupDataset, load_splits, make_loader
 from .methods import get_method
 from .metrics import group_metrics
 from .models import build_model
@@ -45,28 +45,37 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext
 
 
-def _to(device, x, *rest, channels_last=False):
+def _batch(device, x, *rest, transform=None, channels_last=False):
+    """Moves a batch to the device (a no-op for device-resident data) and makes the model input there."""
     x = x.to(device, non_blocking=True)
+    if transform is not None:
+        x = transform(x)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return (x, *(t.to(device, non_blocking=True) for t in rest))
 
 
+def _place(ds, device):
+    return ds.on(device) if isinstance(ds, TensorGroupDataset) else ds
+
+
 @torch.no_grad()
-def predict(model, loader, device, autocast, channels_last=False):
+def predict(model, loader, device, autocast, channels_last=False, transform=None):
     """Yields (logits, features, y, a) batch by batch in eval mode."""
     model.eval()
     for x, y, a, _ in loader:
-        x, y, a = _to(device, x, y, a, channels_last=channels_last)
+        x, y, a = _batch(device, x, y, a, transform=transform, channels_last=channels_last)
         with autocast():
             logits, h = model(x, return_features=True)
         yield logits.float(), h.float(), y, a
 
 
 def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
+    ds = _place(ds, device)
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     correct, groups = [], []
-    for logits, _, y, a in predict(model, loader, device, autocast, channels_last):
+    transform = functools.partial(ds.batch_transform, train=False)
+    for logits, _, y, a in predict(model, loader, device, autocast, channels_last, transform):
         correct.append(logits.argmax(1) == y)
         groups.append(y * n_attr + a)
     return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts)
@@ -81,8 +90,9 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     seed_everything(cfg.seed)
     if splits is None:
         splits = load_splits(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                             data_seed=cfg.data_seed, train_agreement=cfg.train_agreement)
-    train, n_attr = splits.train, splits.train.n_attr
+                             data_seed=cfg.data_seed, train_agreement=cfg.train_agreement,
+                             decoded=cfg.image_loader == "decoded")
+    train, n_attr = _place(splits.train, device), splits.train.n_attr
     train_counts = train.group_counts()
     cuda = device.type == "cuda"
     autocast = _autocast(device)
@@ -97,30 +107,36 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
                                 weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = method.sampling_weights()
-    workers = 0 if not hasattr(train, "paths") else cfg.num_workers
+    workers = 0 if isinstance(train, TensorGroupDataset) else cfg.num_workers
     loader_kw = dict(num_workers=workers, pin_memory=cuda)
     train_loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen,
                                weights=None if weights is None else weights.cpu(), **loader_kw)
-    evaluate_split = functools.partial(evaluate, model, n_attr=n_attr, train_counts=train_counts, device=device,
+    steps = cfg.epochs * len(train_loader)
+    compiled = cfg.compile if cfg.compile is not None else cuda and steps >= COMPILE_MIN_STEPS
+    net = torch.compile(model) if compiled else model  # `model` keeps the plain state_dict keys
+    augment_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # crops and flips, drawn on the device
+    augment = functools.partial(train.batch_transform, train=True, generator=augment_gen)
+    evaluate_split = functools.partial(evaluate, net, n_attr=n_attr, train_counts=train_counts, device=device,
                                        batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
                                        num_workers=workers)
 
     def train_batches():  # deterministic pass over the training set, for methods that calibrate on it
-        for logits, h, y, _ in predict(model, make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw),
-                                       device, autocast, cuda):
+        loader = make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw)
+        for logits, h, y, _ in predict(net, loader, device, autocast, cuda,
+                                       functools.partial(train.batch_transform, train=False)):
             yield logits, h, y
 
     history, best, best_state, stale = [], None, None, 0
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.time()
-        method.start_epoch(epoch - 1, model, train_batches)
-        model.train()
+        method.start_epoch(epoch - 1, net, train_batches)
+        net.train()
         sums: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=device)
         n_steps = 0
         for x, y, a, idx in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            x, y, a, idx = _to(device, x, y, a, idx, channels_last=cuda)
-            logs = method.training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
+            x, y, a, idx = _batch(device, x, y, a, idx, transform=augment, channels_last=cuda)
+            logs = method.training_step(net, optimizer, x, y, a, idx, n_attr, autocast)
             finite &= torch.isfinite(logs["loss"])  # checked once per epoch: no per-step host sync
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
@@ -154,7 +170,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     return {
         "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "hparams": cfg.to_dict(),
         "uses_group_labels": method_cls.uses_group_labels, "best_epoch": best[0], "epochs_run": len(history),
-        "seconds": round(time.time() - t_start, 2), "device": str(device) if not cuda else torch.cuda.get_device_name(device),
+        "seconds": round(time.time() - t_start, 2), "compiled": compiled, "device": str(device) if not cuda else torch.cuda.get_device_name(device),
         "data_checksum": splits.checksum, "val": best[1], "test": test, "history": history,
     }
 

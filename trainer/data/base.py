@@ -1,6 +1,7 @@
 """Group-annotated datasets: every item is (x, y, a, idx), group id g = y * n_attr + a."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,10 @@ class GroupDataset(Dataset):
     def load(self, idx: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def batch_transform(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None):
+        """Batch -> model input, on the batch's device (decoded images augment here; others are ready)."""
+        return x
+
     def __getitem__(self, idx: int):
         return self.load(idx), self.y[idx], self.a[idx], idx
 
@@ -46,9 +51,25 @@ class TensorGroupDataset(GroupDataset):
     def __init__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, n_classes: int, n_attr: int):
         self.x, self.y, self.a = x, y.long(), a.long()
         self.n_classes, self.n_attr = n_classes, n_attr
+        self._placed: dict[str, torch.Tensor] = {}
 
     def load(self, idx: int) -> torch.Tensor:
         return self.x[idx]
+
+    def on(self, device: torch.device, max_fraction: float = 0.25) -> "TensorGroupDataset":
+        """A view of this split with x on `device` when it fits in `max_fraction` of the free GPU memory,
+        else in pinned host memory (batches then travel asynchronously). Placed once, reused by later runs."""
+        if device.type != "cuda":
+            return self
+        key = str(device)
+        if key not in self._placed:
+            free, _ = torch.cuda.mem_get_info(device)
+            fits = self.x.numel() * self.x.element_size() <= max_fraction * free
+            self._placed[key] = self.x.to(device) if fits else self.x.pin_memory()
+        view = copy.copy(self)
+        view.x = self._placed[key]
+        view.y, view.a = (self.y, self.a) if view.x.device.type == "cpu" else (self.y.to(device), self.a.to(device))
+        return view
 
 
 @dataclass
@@ -78,9 +99,11 @@ class _TensorBatches:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
-        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        x, y, a = self.ds.x, self.ds.y, self.ds.a
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(x.device, non_blocking=True)
         for idx in order.split(self.batch_size):
-            yield self.ds.x[idx], self.ds.y[idx], self.ds.a[idx], idx
+            xb = x[idx]
+            yield (xb.pin_memory() if x.is_pinned() else xb), y[idx], a[idx], idx
 
 
 def make_loader(ds: GroupDataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

@@ -1,4 +1,8 @@
-"""Image datasets on disk: Waterbirds and CelebA in their official layouts, and a generic folder layout."""
+"""Image datasets on disk: Waterbirds and CelebA in their official layouts, and a generic folder layout.
+
+decoded=True (default): decoded once into cached uint8 tensors, augmented on the device (see decoded.py).
+decoded=False: the reference PIL path, decoding and augmenting per item in DataLoader workers.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
 from .base import DataError, GroupDataset, Splits
+from .decoded import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, DecodedImageDataset, cache_key,
+                      decode_images, stored_size)
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -21,10 +26,10 @@ def image_transform(train: bool, image_size: int):
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return transforms.Compose([
-            transforms.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.75, 4 / 3)),
+            transforms.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO),
             transforms.RandomHorizontalFlip(), *norm])
     return transforms.Compose([
-        transforms.Resize(int(round(image_size * 256 / 224))), transforms.CenterCrop(image_size), *norm])
+        transforms.Resize(stored_size(image_size)), transforms.CenterCrop(image_size), *norm])
 
 
 class ImageGroupDataset(GroupDataset):
@@ -91,33 +96,39 @@ def _checksum(meta_files: list[Path], paths: list[Path]) -> str:
 
 
 def _build(root: Path, meta_files: list[Path], files: pd.Series, y: pd.Series, a: pd.Series, split: pd.Series,
-           name: str, image_size: int) -> Splits:
+           name: str, image_size: int, decoded: bool) -> Splits:
     paths = [root / f for f in files]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: image file not found ({len(missing)} of {len(paths)} listed images missing)")
     n_classes, n_attr = int(y.max()) + 1, int(a.max()) + 1
+    checksum = _checksum(meta_files, paths)
     out = {}
     for code, split_name in enumerate(SPLIT_NAMES):
         rows = (split == code).to_numpy()
         if not rows.any():
             raise DataError(f"{meta_files[0]}: split {split_name} ({code}) has no rows")
-        out[split_name] = ImageGroupDataset([p for p, r in zip(paths, rows) if r], y[rows].to_numpy(),
-                                            a[rows].to_numpy(), n_classes, n_attr,
-                                            image_transform(split_name == "train", image_size))
-    return Splits(**out, name=name, checksum=_checksum(meta_files, paths))
+        split_paths, ys, as_ = [p for p, r in zip(paths, rows) if r], y[rows].to_numpy(), a[rows].to_numpy()
+        if decoded:
+            size = stored_size(image_size)
+            x = decode_images(split_paths, size, cache_key(split_paths, size), f"decoding {name} {split_name}")
+            out[split_name] = DecodedImageDataset(x, ys, as_, n_classes, n_attr, image_size)
+        else:
+            out[split_name] = ImageGroupDataset(split_paths, ys, as_, n_classes, n_attr,
+                                                image_transform(split_name == "train", image_size))
+    return Splits(**out, name=name, checksum=checksum)
 
 
-def load_waterbirds(data_dir: str | None = None, image_size: int = 224, **_) -> Splits:
+def load_waterbirds(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, **_) -> Splits:
     """metadata.csv: img_id,img_filename,y,split,place,place_filename; group = 2*y + place."""
     root = _require_dir(Path(data_dir or "data/waterbirds"))
     meta = root / "metadata.csv"
     df = _read_csv(meta, ["img_id", "img_filename", "y", "split", "place", "place_filename"])
     return _build(root, [meta], df["img_filename"], _int_column(df, "y", meta), _int_column(df, "place", meta),
-                  _split_codes(df["split"], meta), "waterbirds", image_size)
+                  _split_codes(df["split"], meta), "waterbirds", image_size, decoded)
 
 
-def load_celeba(data_dir: str | None = None, image_size: int = 224, **_) -> Splits:
+def load_celeba(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, **_) -> Splits:
     """list_attr_celeba.txt + list_eval_partition.txt + img_align_celeba/; y = Blond_Hair, a = Male."""
     root = _require_dir(Path(data_dir or "data/celeba"))
     attr_file, part_file = root / "list_attr_celeba.txt", root / "list_eval_partition.txt"
@@ -133,10 +144,10 @@ def load_celeba(data_dir: str | None = None, image_size: int = 224, **_) -> Spli
     y, a = (attrs["Blond_Hair"] == 1).astype(int).reset_index(drop=True), (attrs["Male"] == 1).astype(int).reset_index(drop=True)
     files = "img_align_celeba/" + parts["image_id"].astype(str)
     return _build(root, [attr_file, part_file], files, y, a, _split_codes(parts["partition"], part_file),
-                  "celeba", image_size)
+                  "celeba", image_size, decoded)
 
 
-def load_folder(data_dir: str | None = None, image_size: int = 224, **_) -> Splits:
+def load_folder(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, **_) -> Splits:
     """Users' own data: metadata.csv with filename,y,a,split (split train|val|test or 0/1/2)."""
     if not data_dir:
         raise DataError("dataset 'folder' needs --data-dir pointing at a folder with metadata.csv")
@@ -144,4 +155,4 @@ def load_folder(data_dir: str | None = None, image_size: int = 224, **_) -> Spli
     meta = root / "metadata.csv"
     df = _read_csv(meta, ["filename", "y", "a", "split"])
     return _build(root, [meta], df["filename"], _int_column(df, "y", meta), _int_column(df, "a", meta),
-                  _split_codes(df["split"], meta), "folder", image_size)
+                  _split_codes(df["split"], meta), "folder", image_size, decoded)

@@ -37,8 +37,9 @@ class GroupDRO(Method):
 
     def loss(self, logits, h, y, g, idx):
         ce = F.cross_entropy(logits, y, reduction="none")
-        n = torch.bincount(g, minlength=self.n_groups).float()
-        group_loss = torch.zeros(self.n_groups, device=ce.device).scatter_add(0, g, ce) / n.clamp(min=1)
+        zeros = torch.zeros(self.n_groups, device=ce.device)
+        n = zeros.scatter_add(0, g, torch.ones_like(ce))  # not bincount: it syncs with the host on CUDA
+        group_loss = zeros.scatter_add(0, g, ce) / n.clamp(min=1)
         adjusted = group_loss.detach() + self.params.adjustment / self.group_counts.clamp(min=1).sqrt()
         with torch.no_grad():  # only groups present in the batch move
             self.q.mul_(torch.exp(self.params.eta_q * adjusted * (n > 0)))

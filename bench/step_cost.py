@@ -1,0 +1,108 @@
+"""Time per training step of ERM, GroupDRO and fim (each trace scope), as ratios to ERM, in one run.
+
+    python bench/step_cost.py [--device auto] [--steps 50] [--compile]
+
+--compile adds a row: ERM with torch.compile (its compile time is printed, not counted in the step).
+
+CUDA: ResNet-50, batch 128, 224 px, bf16 autocast, channels_last. CPU: the small CNN, batch 64, 28 px.
+The batch is already on the device (this measures the step, not the data path: see bench/epoch_cost.py).
+fim is timed in its constrained phase (eps calibrated), where it does its extra work. Methods are timed in
+interleaved rounds so that clock or thermal drift affects every method alike.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import pandas as pd
+import torch
+
+from trainer.loop import _autocast, resolve_device
+from trainer.methods import get_method
+from trainer.models import build_model
+
+RUNS = [("ERM", "erm", {}), ("GroupDRO", "groupdro", {}), ("fim (logits)", "fim", {"scope": "logits"}),
+        ("fim (last_layer)", "fim", {"scope": "last_layer"})]
+
+
+def setup(method: str, params: dict, device, model_name: str, batch: int, size: int, n_train: int, compile_: bool):
+    torch.manual_seed(0)
+    model = build_model(model_name, 2, pretrained=False).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compile_ else model
+    groups = torch.arange(n_train) % 4
+    cls = get_method(method)
+    m = cls(cls.Params(**params), n_train=n_train, n_groups=4, train_groups=groups).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(batch, 3, size, size, device=device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (batch,), device=device)
+    a = torch.randint(0, 2, (batch,), device=device)
+    idx = torch.randperm(n_train, device=device)[:batch]
+    autocast = _autocast(device)
+    if method == "fim":  # calibrate eps as after warm-up, so every step runs the constrained update
+
+        def batches():
+            with torch.no_grad(), autocast():
+                logits, h = net(x, return_features=True)
+            yield logits.float(), h.float(), y
+
+        m.start_epoch(m.params.warmup_epochs, net, batches)
+        assert m.constrained
+    net.train()
+
+    def step():
+        return m.training_step(net, opt, x, y, a, idx, 2, autocast)["loss"]
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--steps", type=int, default=50, help="timed steps per method per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="add ERM with torch.compile (compile time excluded)")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    model, batch, size = ("resnet50", 128, 224) if cuda else ("cnn", 64, 28)
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    steps = {}
+    runs = [(*r, False) for r in RUNS] + ([("ERM + torch.compile", "erm", {}, True)] if args.compile else [])
+    for label, method, params, compile_ in runs:
+        t0 = time.time()
+        steps[label] = setup(method, params, device, model, batch, size, 4795, compile_)
+        for _ in range(5):  # warm-up (and compilation)
+            steps[label]()
+        sync(device)
+        print(f"{label}: ready in {time.time() - t0:.1f}s", flush=True)
+    times = {label: [] for label in steps}
+    for _ in range(args.rounds):
+        for label, step in steps.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                loss = step()
+            sync(device)
+            assert torch.isfinite(loss)
+            times[label].append((time.perf_counter() - t0) / args.steps)
+    erm = statistics.median(times["ERM"])
+    rows = [{"method": label, "ms/step": round(1000 * statistics.median(t), 2),
+             "img/s": round(batch / statistics.median(t)), "ratio to ERM": round(statistics.median(t) / erm, 3)}
+            for label, t in times.items()]
+    print(f"\n{name}: {model}, batch {batch}, {size} px{', bf16 autocast, channels_last' if cuda else ''}"
+          f"; median of {args.rounds} rounds x {args.steps} steps\n")
+    print(pd.DataFrame(rows).to_markdown(index=False))
+
+
+if __name__ == "__main__":
+    main()

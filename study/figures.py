@@ -1,0 +1,119 @@
+"""The report's plotly figures, drawn from the StudyResults of `study.report.collect`."""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from optuna.trial import TrialState
+
+COLORS = {"ERM": "#7f7f7f", "DRO": "#1f77b4", "Ours": "#d62728"}
+OTHER = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def _color(label: str, i: int) -> str:
+    return COLORS.get(label, OTHER[i % len(OTHER)])
+
+
+def _name(r, results) -> str:
+    """'Ours' with one dataset, 'waterbirds/Ours' with several."""
+    return r.label if len({x.dataset for x in results}) == 1 else f"{r.dataset}/{r.label}"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated in (Avg, Worst), both maximised, sorted by Avg."""
+    front, best_worst = [], float("-inf")
+    for avg, worst in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if worst > best_worst:
+            front.append((avg, worst))
+            best_worst = worst
+    return sorted(front)
+
+
+def history(results) -> go.Figure:
+    fig = go.Figure()
+    for i, r in enumerate(results):
+        done = sorted((t for t in r.search if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+        c, name = _color(r.label, i), _name(r, results)
+        fig.add_scatter(x=[t.number for t in done], y=[100 * t.value for t in done], mode="markers", name=name,
+                        legendgroup=name, marker_color=c)
+        best, running = [], float("-inf")
+        for t in done:
+            running = max(running, t.value)
+            best.append(100 * running)
+        fig.add_scatter(x=[t.number for t in done], y=best, mode="lines", line_shape="hv", name=f"{name} best",
+                        legendgroup=name, line_color=c, showlegend=False)
+    return fig.update_layout(xaxis_title="trial number", yaxis_title="val WGA (%)")
+
+
+def avg_vs_worst(results, avg_key: str) -> go.Figure:
+    fig = go.Figure()
+    for i, r in enumerate(results):
+        done = [t for t in r.search if t.state == TrialState.COMPLETE and "test" in t.user_attrs]
+        pts = [(100 * t.user_attrs["test"][avg_key], 100 * t.user_attrs["test"]["wga"]) for t in done]
+        c, name = _color(r.label, i), _name(r, results)
+        fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=name, legendgroup=name,
+                        marker_color=c, text=[f"trial {t.number}" for t in done])
+        front = pareto_front(pts)
+        fig.add_scatter(x=[p[0] for p in front], y=[p[1] for p in front], mode="lines", line_dash="dot",
+                        line_color=c, name=f"{name} Pareto front", legendgroup=name, showlegend=False)
+    return fig.update_layout(xaxis_title="test Avg (%)", yaxis_title="test Worst (%)")
+
+
+def group_accuracy(results) -> go.Figure:
+    fig = go.Figure()
+    for i, r in enumerate(results):
+        if r.best is None:
+            continue
+        groups = r.best.user_attrs["test"]["groups"]
+        fig.add_bar(x=[f"group {g['group']} (n={g['count']})" for g in groups], y=[100 * g["acc"] for g in groups],
+                    name=_name(r, results), marker_color=_color(r.label, i))
+    return fig.update_layout(barmode="group", xaxis_title="test group (y · n_attr + a)",
+                             yaxis_title="accuracy of the best trial (%)")
+
+
+def val_curves(results) -> go.Figure:
+    fig = go.Figure()
+    for i, r in enumerate(results):
+        c, name, first = _color(r.label, i), _name(r, results), True
+        for t in r.search:
+            if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not t.intermediate_values:
+                continue
+            steps = sorted(t.intermediate_values)
+            pruned = t.state == TrialState.PRUNED
+            fig.add_scatter(x=steps, y=[100 * t.intermediate_values[s] for s in steps], mode="lines",
+                            line=dict(color=c, dash="dot" if pruned else "solid", width=1), opacity=0.7,
+                            name=name, legendgroup=name, showlegend=first,
+                            hovertext=f"{name} trial {t.number} {'pruned' if pruned else 'complete'}")
+            first = False
+    return fig.update_layout(xaxis_title="epoch", yaxis_title="val WGA (%) — dotted: pruned")
+
+
+def lambda_share(results) -> go.Figure | None:
+    """Share of the multipliers' mass held by each training group, per epoch, for Ours' best trial."""
+    fig, any_data = go.Figure(), False
+    for r in results:
+        shares = (r.best.user_attrs.get("lambda_share") if r.best else None) or []
+        epochs = [e for e, s in enumerate(shares, start=1) if s]
+        if not epochs:
+            continue
+        any_data = True
+        for g in range(len(shares[epochs[0] - 1])):
+            fig.add_scatter(x=epochs, y=[100 * shares[e - 1][g] for e in epochs], stackgroup=r.name, mode="lines",
+                            name=f"{_name(r, results)} group {g}")
+    if not any_data:
+        return None
+    return fig.update_layout(xaxis_title="epoch", yaxis_title="share of total λ (%)")
+
+
+def figures(results, avg: str = "train_weighted") -> dict[str, go.Figure]:
+    """{id: figure}; the id names the figure in optuna-dashboard (a rerun replaces it)."""
+    from .report import AVG
+    out = {
+        "history": ("Optimization history: val WGA per trial and best so far", history(results)),
+        "avg-vs-worst": ("Test Avg vs Worst of every finished trial, with each method's Pareto front",
+                         avg_vs_worst(results, AVG[avg][0])),
+        "groups": ("Per-group test accuracy of each method's best trial", group_accuracy(results)),
+        "val-curves": ("Val WGA per epoch of every trial (pruned trials dotted)", val_curves(results)),
+        "lambda-share": ("Lambda share: where Ours' constraint mass goes, per training group",
+                         lambda_share(results)),
+    }
+    return {k: fig.update_layout(title=title, template="plotly_white", height=420)
+            for k, (title, fig) in out.items() if fig is not None}

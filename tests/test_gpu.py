@@ -1,0 +1,60 @@
+"""CUDA-only checks (skipped without a GPU): device augmentation, no host sync per step, compiled training."""
+import pytest
+import torch
+
+from trainer import TrainConfig, fit
+from trainer.data import load_splits, make_loader
+from trainer.loop import _autocast
+from trainer.methods import get_method
+from trainer.models import build_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+
+
+def test_device_augmentation_and_centre_crop(waterbirds_dir):
+    s = load_splits("waterbirds", data_dir=str(waterbirds_dir), image_size=24)
+    x = next(iter(make_loader(s.train, 8, shuffle=False)))[0]
+    on_gpu = s.train.on(CUDA)
+    assert on_gpu.x.is_cuda and not s.train.x.is_cuda  # the split itself stays on the host
+    xg = x.to(CUDA)
+    torch.testing.assert_close(on_gpu.batch_transform(xg, train=False).cpu(), s.train.batch_transform(x, train=False))
+    outs = [on_gpu.batch_transform(xg, train=True, generator=torch.Generator(CUDA).manual_seed(0)) for _ in range(2)]
+    assert outs[0].shape == (8, 3, 24, 24) and outs[0].is_cuda and torch.equal(*outs)
+
+
+@pytest.mark.parametrize("method,params", [("erm", {}), ("groupdro", {}), ("fim", {"scope": "logits"}),
+                                           ("fim", {"scope": "last_layer"})])
+def test_training_step_never_waits_for_the_host(waterbirds_dir, method, params):
+    s = load_splits("waterbirds", data_dir=str(waterbirds_dir), image_size=24)
+    train = s.train.on(CUDA)
+    model = build_model("resnet18", 2, pretrained=False).to(CUDA).to(memory_format=torch.channels_last)
+    cls = get_method(method)
+    m = cls(cls.Params(**params), n_train=len(train), n_groups=4, train_groups=train.g).to(CUDA)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    gen, autocast = torch.Generator(CUDA).manual_seed(0), _autocast(CUDA)
+    batches = list(make_loader(train, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    if method == "fim":
+        def calib():
+            for xb, yb, _, _ in batches:
+                with torch.no_grad(), autocast():
+                    logits, h = model(train.batch_transform(xb, train=False), return_features=True)
+                yield logits.float(), h.float(), yb
+        m.start_epoch(m.params.warmup_epochs, model, calib)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside the step raises
+    try:
+        for xb, yb, ab, idx in batches:
+            xb = train.batch_transform(xb, train=True, generator=gen).contiguous(memory_format=torch.channels_last)
+            m.training_step(model, opt, xb, yb, ab, idx, 2, autocast)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_compiled_bf16_training_runs(waterbirds_dir):
+    cfg = TrainConfig(dataset="waterbirds", data_dir=str(waterbirds_dir), method="fim", model="resnet18",
+                      pretrained=False, image_size=24, epochs=3, batch_size=4, device="cuda", compile=True,
+                      method_params={"scope": "last_layer", "warmup_epochs": 1})
+    r = fit(cfg, log=None)
+    assert r["compiled"] and r["epochs_run"] == 3 and r["history"][-1]["constrained"]
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in r["history"])
