@@ -1,12 +1,13 @@
-"""`python -m study {init,worker,status,replicate,demo}`: the study service's command line."""
+"""`python -m study {init,worker,dashboard,report,status,replicate,demo}`: the study service's command line."""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
-from .storage import DEFAULT_STORAGE, StorageError
+from .storage import DEFAULT_STORAGE, StorageError, mask_url, storage_url
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -36,10 +37,21 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run trials until every study meets its budget")
     worker.add_argument("--experiment", required=True)
-    worker.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    worker.add_argument("--device", default="auto",
+                        help="auto (claim a free GPU, else the CPU), cpu, cuda:N (no claim)")
+    worker.add_argument("--share-gpus", action="store_true",
+                        help="with every GPU claimed by other workers, share one instead of waiting "
+                             "(also STUDY_SHARE_GPUS=1)")
     worker.add_argument("--sampler-seed", type=int, help="TPE seed (default: different for every worker)")
     worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     _storage_args(worker)
+
+    dash = sub.add_parser("dashboard", help="optuna-dashboard on the storage (no authentication: keep it local)")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    dash.add_argument("--port", type=int, default=8080)
+    _storage_args(dash)
+
+    sub.add_parser("report", add_help=False, help="the paper's table and figures (python -m study report --help)")
 
     status = sub.add_parser("status", help="trial counts and best val WGA per study")
     status.add_argument("--experiment", required=True)
@@ -81,6 +93,10 @@ def _experiment_from_args(args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:  # python -m study report ... == python -m study.report ...
+        from .report import main as report_main
+        return report_main(argv[1:])
     import optuna
     from optuna.exceptions import ExperimentalWarning
 
@@ -101,7 +117,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.threads:
                 import torch
                 torch.set_num_threads(args.threads)
-            return run_worker(_storage(args), args.experiment, device=args.device, sampler_seed=args.sampler_seed)
+            from .gpu import SHARE_ENV, select_device
+            storage = _storage(args)
+            share = args.share_gpus or os.environ.get(SHARE_ENV) == "1"
+            device, gpu_lock = select_device(storage_url(args.storage), args.device, share)  # held until exit
+            return run_worker(storage, args.experiment, device=device, sampler_seed=args.sampler_seed)
+        elif args.command == "dashboard":
+            from optuna_dashboard import run_server
+            print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {mask_url(storage_url(args.storage))})",
+                  flush=True)
+            run_server(_storage(args), host=args.host, port=args.port)
         elif args.command == "status":
             from .status import status_table
             print(status_table(_storage(args), args.experiment).to_markdown())

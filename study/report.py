@@ -218,6 +218,7 @@ def render_html(exp, results, avg: str) -> str:
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
 
 
+SUFFIXES = {".md": "markdown", ".csv": "csv", ".tex": "latex", ".html": "html", ".htm": "html"}
 RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "html": render_html}
 
 
@@ -248,8 +249,10 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", required=True)
     p.add_argument("--storage", help="storage URL (default: $OPTUNA_STORAGE or sqlite:///studies.db)")
-    p.add_argument("--format", choices=FORMATS, default="markdown")
-    p.add_argument("--out", help="write to this file (default: standard output)")
+    p.add_argument("--format", choices=FORMATS,
+                   help="output format (default: from each --out suffix .md/.csv/.tex/.html, else markdown)")
+    p.add_argument("--out", action="append", default=[],
+                   help="write to this file instead of standard output (repeatable: --out r.html --out r.md)")
     p.add_argument("--avg", choices=list(AVG), default="train_weighted",
                    help="Avg definition: train_weighted (Waterbirds convention) or plain test accuracy")
     p.add_argument("--to-dashboard", action="store_true",
@@ -258,15 +261,16 @@ def main(argv=None) -> int:
     try:
         storage = make_storage(args.storage)
         exp, results = collect(storage, args.experiment)
-        text = RENDER[args.format](exp, results, args.avg)
-        if args.out:
-            out = Path(args.out)
+        if not args.out:
+            sys.stdout.write(RENDER[args.format or "markdown"](exp, results, args.avg))
+        for out in map(Path, args.out):
+            fmt = args.format or SUFFIXES.get(out.suffix.lower())
+            if fmt is None:
+                raise ValueError(f"--out {out}: cannot tell the format from {out.suffix!r}; give --format")
             tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(text)
+            tmp.write_text(RENDER[fmt](exp, results, args.avg))
             tmp.replace(out)  # never a half-written report
-            print(f"wrote {args.format} report of {args.experiment!r} to {out}", file=sys.stderr)
-        else:
-            sys.stdout.write(text)
+            print(f"wrote the {fmt} report of {args.experiment!r} to {out}", file=sys.stderr)
         if args.to_dashboard:
             n = to_dashboard(storage, args.experiment, args.avg)
             print(f"saved {n} figures into the studies for optuna-dashboard", file=sys.stderr)

@@ -1,0 +1,107 @@
+"""One GPU per worker: each worker claims a free GPU index with a lock held for its lifetime.
+
+`docker compose up --scale worker=N` gives every replica the same GPU reservation (docker/compose#11863), so the
+workers choose among themselves: the first free index wins. On PostgreSQL the lock is a session advisory lock
+on a connection of its own (released by the server when the process dies, however it dies); on SQLite it is an
+flock on a file in the temp directory (released by the kernel likewise). Workers that share a database but run
+on different machines set STUDY_GPU_HOST to the machine's name so that their indices do not collide.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+
+GPUS_ENV = "STUDY_GPUS"        # comma-separated GPU indices: overrides detection ("" = no GPU)
+HOST_ENV = "STUDY_GPU_HOST"    # the machine whose GPUs are claimed (default: one machine for the whole storage)
+SHARE_ENV = "STUDY_SHARE_GPUS"  # 1: with every GPU claimed, share one instead of waiting
+
+
+def gpu_indices() -> list[int]:
+    value = os.environ.get(GPUS_ENV)
+    if value is not None:
+        try:
+            return [int(v) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{GPUS_ENV}={value!r}: expected comma-separated GPU indices, e.g. 0,1,2,3") from None
+    import torch
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _key(host: str, index: int) -> int:
+    """A signed 64-bit advisory-lock key per (host, GPU index)."""
+    return int.from_bytes(hashlib.sha256(f"debias-study-gpu:{host}:{index}".encode()).digest()[:8], "big",
+                          signed=True)
+
+
+class PostgresGpuLock:
+    def __init__(self, url: str, host: str):
+        import psycopg2
+        self.host = host
+        self.conn = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
+                                     connect_timeout=10)
+        self.conn.autocommit = True
+
+    def try_claim(self, index: int) -> bool:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT pg_try_advisory_lock(%s)", (_key(self.host, index),))
+            return bool(cur.fetchone()[0])
+
+
+class FileGpuLock:
+    def __init__(self, host: str):
+        self.dir = Path(tempfile.gettempdir()) / f"debias-study-gpus-{hashlib.sha256(host.encode()).hexdigest()[:8]}"
+        self.dir.mkdir(exist_ok=True)
+        self.held: list = []
+
+    def try_claim(self, index: int) -> bool:
+        f = open(self.dir / f"gpu{index}.lock", "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            return False
+        self.held.append(f)  # kept open: the lock lives as long as the process
+        return True
+
+
+def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: float = 5.0, log=print):
+    """(index, lock): the first free GPU of `gpus`, waiting while all are claimed (or sharing, if `share`).
+    Keep the returned lock referenced: the claim ends with it."""
+    host = os.environ.get(HOST_ENV, "default")
+    pg = make_url(storage_url).get_backend_name() == "postgresql"
+    lock = PostgresGpuLock(storage_url, host) if pg else FileGpuLock(host)
+    waiting = False
+    while True:
+        for i in gpus:
+            if lock.try_claim(i):
+                log(f"worker {os.getpid()}: claimed GPU {i} of {gpus}")
+                return i, lock
+        if share:
+            i = gpus[os.getpid() % len(gpus)]
+            log(f"worker {os.getpid()}: all GPUs {gpus} are claimed; sharing GPU {i} ({SHARE_ENV}=1)")
+            return i, None
+        if not waiting:
+            log(f"worker {os.getpid()}: all GPUs {gpus} are claimed by other workers; waiting for one to be released")
+            waiting = True
+        time.sleep(poll)
+
+
+def select_device(storage_url: str, device: str, share: bool = False, log=print):
+    """(device, lock). An explicit device is used as given; `auto` claims a GPU when there is one, else the CPU."""
+    if device != "auto":
+        return device, None
+    gpus = gpu_indices()
+    if not gpus:
+        return "cpu", None
+    index, lock = claim_gpu(storage_url, gpus, share, log=log)
+    import torch
+    if not torch.cuda.is_available():  # STUDY_GPUS set on a host without CUDA
+        log(f"worker {os.getpid()}: GPU {index} claimed but CUDA is not available here: training on the CPU")
+        return "cpu", lock
+    return f"cuda:{index}", lock

@@ -1,0 +1,198 @@
+"""The deployment files: Dockerfile (hadolint), docker-compose.yml (structure), and what the stack runs, as real
+local processes against the test PostgreSQL (no Docker engine runs here)."""
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def interpolate(value, env: dict):
+    """Compose variable substitution: ${VAR}, ${VAR:-default}, ${VAR:?error}, and $$ for a literal $."""
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise KeyError(f"{name}: {arg}")
+        return arg or ""
+    return re.sub(r"\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    p = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime", base)  # pinned, CUDA runtime
+    assert text.index("requirements.txt") < text.index("COPY trainer")  # dependency layer before the source
+    assert re.search(r"^USER 1000", text, re.M) and 'ENTRYPOINT ["python", "-m", "study"]' in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".env", "*.db"} <= set(ignored)
+
+
+def test_compose_services_and_their_wiring():
+    assert {"db", "init", "worker", "dashboard", "report"} <= set(SERVICES)
+    db = SERVICES["db"]
+    assert re.fullmatch(r"postgres:\d+", db["image"]) and "ports" not in db  # pinned major; never published
+    assert "pg_isready" in " ".join(db["healthcheck"]["test"])
+    assert any(v.startswith("pgdata:") for v in db["volumes"]) and "pgdata" in COMPOSE["volumes"]
+    assert ":?" in db["environment"]["POSTGRES_PASSWORD"]  # no default password: it must come from .env
+    assert SERVICES["init"]["depends_on"] == {"db": {"condition": "service_healthy"}}
+    worker = SERVICES["worker"]
+    assert worker["depends_on"] == {"db": {"condition": "service_healthy"},
+                                    "init": {"condition": "service_completed_successfully"}}
+    (gpu,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"] and worker["restart"] == "on-failure"
+    assert any(v.endswith(":/data:ro") for v in worker["volumes"])  # data read-only
+    assert SERVICES["dashboard"]["ports"] == ["127.0.0.1:8080:8080"]
+    assert SERVICES["report"]["profiles"] == ["report"] and any(":/reports" in v for v in SERVICES["report"]["volumes"])
+    for name in ("init", "worker", "dashboard", "report"):
+        assert "${POSTGRES_PASSWORD:?" in SERVICES[name]["environment"]["OPTUNA_STORAGE"]
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    used = set(re.findall(r"\$\{(\w+)", (ROOT / "docker-compose.yml").read_text())) - {"REPORT_USER"}
+    assert used <= set(example), used - set(example)  # every variable is documented
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+
+
+@pytest.mark.parametrize("service", ["init", "worker", "dashboard", "report"])
+def test_every_service_command_is_a_real_entry_point(service):
+    command = interpolate(SERVICES[service]["command"], {"POSTGRES_PASSWORD": "x"})
+    p = subprocess.run([sys.executable, "-m", "study", *command, "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0 and "usage:" in p.stdout, p.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _compose_env(database: str, **extra) -> dict:
+    """The environment of the app services with the compose variables set, `db` pointed at the test server."""
+    env = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-by-trust-auth", "POSTGRES_DB": database,
+           "EXPERIMENT": "stack", "DATASETS": "synthetic", "METHODS": "erm,fim", "TRIALS": "3", "EPOCHS": "2",
+           **extra}
+    app = interpolate(SERVICES["worker"]["environment"], env)
+    app["OPTUNA_STORAGE"] = app["OPTUNA_STORAGE"].replace("@db:5432", "@127.0.0.1:5432")
+    return env, {**os.environ, **app, "STUDY_GPUS": "", "PYTHONUNBUFFERED": "1"}  # this machine has no GPU
+
+
+def test_stack_runs_as_local_processes(pg_databases, tmp_path):
+    url = pg_databases()
+    env, proc_env = _compose_env(url.rsplit("/", 1)[1], DEBIAS_CACHE_DIR=str(tmp_path / "cache"))
+    proc_env["DEBIAS_CACHE_DIR"] = str(tmp_path / "cache")  # /cache exists only in the container
+    run = lambda name: [sys.executable, "-m", "study", *interpolate(SERVICES[name]["command"], env)]  # noqa: E731
+    init = subprocess.run(run("init"), capture_output=True, text=True, env=proc_env, timeout=300)
+    assert init.returncode == 0, init.stderr
+    port = _free_port()
+    dash_cmd = [c if c != "8080" else str(port) for c in run("dashboard")]
+    dashboard = subprocess.Popen(dash_cmd, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    workers = [subprocess.Popen(run("worker") + ["--threads", "1"], env=proc_env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    try:
+        outs = [w.communicate(timeout=600)[0] for w in workers]
+        assert [w.returncode for w in workers] == [0, 0, 0], outs
+        studies = None
+        for _ in range(60):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    studies = json.load(r)["study_summaries"]
+                break
+            except OSError:
+                time.sleep(1)
+        assert sorted(s["study_name"] for s in studies) == ["stack/synthetic/erm", "stack/synthetic/fim"]
+        report_cmd = [c.replace("/reports", str(tmp_path)) for c in run("report")]
+        rep = subprocess.run(report_cmd, capture_output=True, text=True, env=proc_env, timeout=300)
+        assert rep.returncode == 0, rep.stderr
+        assert "Ours" in (tmp_path / "stack.md").read_text() and "plotly" in (tmp_path / "stack.html").read_text()
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)
+        for w in workers:
+            w.kill()
+
+
+def _lines_until(proc, pattern, timeout=120):
+    """Reads the process's output until a line matches; returns the match."""
+    end = time.time() + timeout
+    while time.time() < end:
+        line = proc.stdout.readline()
+        m = re.search(pattern, line)
+        if m:
+            return m
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"no line matching {pattern!r}")
+
+
+def test_five_workers_share_four_gpus_one_each(pg_databases, tmp_path):
+    url = pg_databases()
+    env, proc_env = _compose_env(url.rsplit("/", 1)[1], TRIALS="200", EPOCHS="3")
+    proc_env.update(STUDY_GPUS="0,1,2,3", DEBIAS_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "study", *interpolate(SERVICES["init"]["command"], env)]
+    assert subprocess.run(cmd, capture_output=True, text=True, env=proc_env, timeout=300).returncode == 0
+    worker = [sys.executable, "-m", "study", *interpolate(SERVICES["worker"]["command"], env), "--threads", "1"]
+    start = lambda: subprocess.Popen(worker, env=proc_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,  # noqa: E731
+                                     text=True)
+    procs = [start() for _ in range(4)]
+    try:
+        claimed = {int(_lines_until(p, r"claimed GPU (\d)").group(1)): p for p in procs}
+        assert sorted(claimed) == [0, 1, 2, 3]
+        fifth = start()
+        _lines_until(fifth, r"all GPUs \[0, 1, 2, 3\] are claimed by other workers; waiting")
+        locks = _advisory_locks(url)
+        assert len(locks) == 4
+        claimed[2].send_signal(signal.SIGTERM)  # a worker leaves: its GPU is released with its connection
+        assert claimed[2].wait(timeout=120) == 0
+        assert int(_lines_until(fifth, r"claimed GPU (\d)").group(1)) == 2
+        assert _lines_until(fifth, r"experiment 'stack'")
+    finally:
+        for p in procs + [locals().get("fifth")]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _advisory_locks(url: str) -> list:
+    import psycopg2
+    conn = psycopg2.connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            return cur.fetchall()
+    finally:
+        conn.close()
+
+
+def test_file_locks_claim_each_gpu_once_without_postgres(tmp_path):
+    from study.gpu import FileGpuLock
+    host = f"test-{os.getpid()}-{time.time_ns()}"
+    a, b = FileGpuLock(host), FileGpuLock(host)
+    assert a.try_claim(0) and not b.try_claim(0) and b.try_claim(1)
+    a.held[0].close()  # the holder goes away
+    assert b.try_claim(0)
