@@ -14,6 +14,8 @@ def _storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help=f"storage URL (default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})")
     p.add_argument("--heartbeat-interval", type=int, help="seconds between trial heartbeats (default 60)")
     p.add_argument("--grace-period", type=int, help="seconds of silence before a trial is stale (default 180)")
+    p.add_argument("--storage-timeout", type=float,
+                   help="seconds of database outage to ride out before exiting (default 600; STUDY_STORAGE_TIMEOUT)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _storage(args):
     from .storage import make_storage
-    return make_storage(args.storage, args.heartbeat_interval, args.grace_period)
+    return make_storage(args.storage, args.heartbeat_interval, args.grace_period, timeout=args.storage_timeout)
 
 
 def _experiment_from_args(args):
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             storage = _storage(args)
             share = args.share_gpus or os.environ.get(SHARE_ENV) == "1"
             device, gpu_lock = select_device(storage_url(args.storage), args.device, share)  # held until exit
-            return run_worker(storage, args.experiment, device=device, sampler_seed=args.sampler_seed)
+            return run_worker(storage, args.experiment, device=device, sampler_seed=args.sampler_seed,
+                              between_trials=gpu_lock.keep if gpu_lock else None)
         elif args.command == "dashboard":
             from optuna_dashboard import run_server
             print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {mask_url(storage_url(args.storage))})",

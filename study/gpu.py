@@ -41,16 +41,38 @@ def _key(host: str, index: int) -> int:
 
 class PostgresGpuLock:
     def __init__(self, url: str, host: str):
+        self.url, self.host = url, host
+        self.conn = self._connect()
+
+    def _connect(self):
         import psycopg2
-        self.host = host
-        self.conn = psycopg2.connect(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False),
-                                     connect_timeout=10)
-        self.conn.autocommit = True
+        conn = psycopg2.connect(make_url(self.url).set(drivername="postgresql").render_as_string(hide_password=False),
+                                connect_timeout=10)
+        conn.autocommit = True
+        return conn
 
     def try_claim(self, index: int) -> bool:
         with self.conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s)", (_key(self.host, index),))
             return bool(cur.fetchone()[0])
+
+    def keep(self, log=print) -> None:
+        """Between trials: a database restart ends the lock's session; take the same GPU's lock again."""
+        index = self.index
+        import psycopg2
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT 1")
+            return
+        except psycopg2.Error:
+            pass
+        try:
+            self.conn = self._connect()
+            if not self.try_claim(index):
+                log(f"worker {os.getpid()}: GPU {index} was claimed by another worker while the database was "
+                    "restarting; both now share it")
+        except psycopg2.Error:
+            pass  # still down: the storage calls ride it out or stop the worker
 
 
 class FileGpuLock:
@@ -58,6 +80,9 @@ class FileGpuLock:
         self.dir = Path(tempfile.gettempdir()) / f"debias-study-gpus-{hashlib.sha256(host.encode()).hexdigest()[:8]}"
         self.dir.mkdir(exist_ok=True)
         self.held: list = []
+
+    def keep(self, log=print) -> None:
+        pass  # the kernel holds the lock as long as the process
 
     def try_claim(self, index: int) -> bool:
         f = open(self.dir / f"gpu{index}.lock", "w")
@@ -81,6 +106,7 @@ def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: floa
         for i in gpus:
             if lock.try_claim(i):
                 log(f"worker {os.getpid()}: claimed GPU {i} of {gpus}")
+                lock.index = i
                 return i, lock
         if share:
             i = gpus[os.getpid() % len(gpus)]

@@ -1,22 +1,122 @@
 """Optuna RDB storage: PostgreSQL (psycopg2) for the service, an embedded SQLite file by default."""
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import time
 import warnings
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
 HEARTBEAT_INTERVAL = 60  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 180       # a trial silent this long is stale: failed and re-queued with the same parameters
 MAX_RETRY = 3            # re-queues per trial lineage after a dead worker
+STORAGE_TIMEOUT = 600    # seconds of database outage that storage calls ride out before the process gives up
 
 
 class StorageError(RuntimeError):
     """The storage cannot be reached or the URL is invalid; the message has the URL with its password masked."""
+
+
+class StorageUnavailable(StorageError):
+    """The database stayed unreachable longer than the storage timeout."""
+
+
+# Connection errors that waiting cannot fix: reported at once instead of retried.
+_PERMANENT = ("authentication failed", "does not exist", "no password supplied", "permission denied",
+              "unable to open database file", "invalid dsn", "could not translate host name")
+
+
+def _connection_error(e: BaseException | None) -> BaseException | None:
+    """The transient connection-level database error in e's cause chain (server down or restarting), if any."""
+    while e is not None:
+        if isinstance(e, (OperationalError, InterfaceError)) or (isinstance(e, DBAPIError) and e.connection_invalidated):
+            return None if any(p in str(e).lower() for p in _PERMANENT) else e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def ride_out(call, url: str, timeout: float, what: str = ""):
+    """call() until it succeeds; connection errors are retried with exponential backoff (0.5 s doubling to 10 s)
+    for up to `timeout` seconds, then StorageUnavailable naming the masked URL and the error."""
+    start, delay, announced, attempt = time.monotonic(), 0.5, False, 0
+    while True:
+        try:
+            return call(attempt)
+        except Exception as e:
+            cause = _connection_error(e)
+            if cause is None:
+                raise
+            waited = time.monotonic() - start
+            if waited >= timeout:
+                raise StorageUnavailable(f"storage {mask_url(url)} unreachable for {waited:.0f} s (limit {timeout:g} s"
+                                         f", STUDY_STORAGE_TIMEOUT): {_first_line(cause)}") from None
+            if not announced:
+                print(f"storage {mask_url(url)} unreachable{what} ({_first_line(cause)}); retrying for up to "
+                      f"{timeout:g} s", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(min(delay, max(0.0, timeout - waited)))
+            delay, attempt = min(2 * delay, 10.0), attempt + 1
+
+
+class ResilientRDBStorage(RDBStorage):
+    """RDBStorage whose calls ride out a database restart (see `ride_out`); once it has given up, every later call
+    fails at once, so a worker stops with one error instead of waiting again in each layer."""
+
+    def _setup_resilience(self, url: str, timeout: float) -> None:
+        self._url, self._timeout, self._gave_up = url, timeout, None
+
+
+def _resilient(name: str):
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        if getattr(self, "_gave_up", None):
+            raise StorageUnavailable(self._gave_up)
+        if not hasattr(self, "_url"):  # during __init__
+            return method(self, *args, **kwargs)
+
+        def attempt(n):
+            try:
+                return method(self, *args, **kwargs)
+            except UpdateFinishedTrialError:
+                if n and name == "set_trial_state_values":
+                    return True  # the attempt cut off by the outage had committed the final state
+                raise
+        try:
+            return ride_out(attempt, self._url, self._timeout, f" ({name})")
+        except StorageUnavailable as e:
+            self._gave_up = str(e)
+            raise
+    return call
+
+
+_NO_DATABASE = {"remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "upgrade",
+                "get_current_version", "get_head_version", "get_all_versions"}
+for _name in [n for n in vars(RDBStorage) if callable(getattr(RDBStorage, n)) and not n.startswith("_")
+              and n not in _NO_DATABASE] + ["_get_stale_trial_ids"]:
+    setattr(ResilientRDBStorage, _name, _resilient(_name))
+
+
+def _quiet_heartbeat(self, trial_id: int, _call=ResilientRDBStorage.record_heartbeat) -> None:
+    try:
+        _call(self, trial_id)
+    except StorageUnavailable:
+        pass  # the heartbeat thread stays quiet: the worker's own next storage call reports the outage
+
+
+ResilientRDBStorage.record_heartbeat = _quiet_heartbeat
 
 
 def storage_url(url: str | None = None) -> str:
@@ -31,8 +131,14 @@ def mask_url(url: str) -> str:
 
 
 def make_storage(url: str | None = None, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int = MAX_RETRY) -> RDBStorage:
+                 max_retry: int = MAX_RETRY, timeout: float | None = None) -> RDBStorage:
+    """The storage at `url`; connection errors (also while opening it) are ridden out for `timeout` seconds
+    (default $STUDY_STORAGE_TIMEOUT or 600)."""
     url = storage_url(url)
+    try:
+        timeout = float(timeout if timeout is not None else os.environ.get("STUDY_STORAGE_TIMEOUT", STORAGE_TIMEOUT))
+    except ValueError:
+        raise StorageError(f"STUDY_STORAGE_TIMEOUT={os.environ['STUDY_STORAGE_TIMEOUT']!r}: expected seconds") from None
     interval = heartbeat_interval or int(os.environ.get("STUDY_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL))
     grace = grace_period or int(os.environ.get("STUDY_GRACE_PERIOD", max(GRACE_PERIOD, 3 * interval)))
     try:
@@ -54,12 +160,17 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
                          "connect_args": {"connect_timeout": 10}}
     else:
         raise StorageError(f"unsupported storage {mask_url(url)!r}: use postgresql:// or sqlite:///")
+
+    def open_storage(_):
+        storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                      grace_period=grace,
+                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        storage._setup_resilience(url, timeout)
+        return storage
     try:
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+        return ride_out(open_storage, url, timeout, " (connecting)")
     except (SQLAlchemyError, ImportError, ValueError) as e:
-        first = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise StorageError(f"cannot open storage {mask_url(url)}: {first}") from None
+        raise StorageError(f"cannot open storage {mask_url(url)}: {_first_line(e)}") from None
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:

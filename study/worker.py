@@ -17,7 +17,7 @@ from trainer import TrainConfig, fit
 from trainer.cli import command_for
 
 from .experiment import Experiment, load_experiment, make_pruner, search_space
-from .storage import MAX_RETRY, retried_numbers
+from .storage import MAX_RETRY, StorageUnavailable, retried_numbers
 
 
 class WorkerStopped(KeyboardInterrupt):
@@ -123,7 +123,7 @@ def _on_signal(signum, frame):
 
 
 def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int | None = None,
-               poll_seconds: float = 5.0, log=print) -> int:
+               poll_seconds: float = 5.0, log=print, between_trials=None) -> int:
     """Run trials until every study of the experiment has met its budget and none is running. Returns 0."""
     exp, studies = load_experiment(storage, experiment)
     seed = sampler_seed if sampler_seed is not None else (os.getpid() * 7919 + time.time_ns()) % 2**31
@@ -139,6 +139,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
     finished: list[optuna.trial.FrozenTrial] = []
     try:
         while True:
+            if between_trials:
+                between_trials()
             for s in studies:
                 optuna.storages.fail_stale_trials(s)  # dead workers' trials: failed and re-queued
             counts = {s.study_name: trial_counts(s) for s in studies}
@@ -156,6 +158,10 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
             try:
                 study.optimize(objective, n_trials=1, catch=(Exception,),
                                callbacks=[lambda _, t: finished.append(t)])
+            except Exception:
+                if getattr(storage, "_gave_up", None):  # the database stayed down: say that, not what broke on it
+                    raise StorageUnavailable(storage._gave_up) from None
+                raise
             except WorkerStopped:
                 # Optuna has failed the trial with our reason; re-queue it so nothing is lost
                 stopped = [t for t in study.get_trials(deepcopy=False) if t.number == objective.current]

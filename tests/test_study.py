@@ -94,8 +94,9 @@ def _running_with_progress(url, name):
     return check
 
 
-def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url):
-    init(pg_url, "--experiment", "kill", "--datasets", "cmnist", "--methods", "erm", "--trials", "2",
+@pytest.mark.parametrize("trials", [2, 1], ids=["first-of-two", "last-trial"])
+def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url, trials):
+    init(pg_url, "--experiment", "kill", "--datasets", "cmnist", "--methods", "erm", "--trials", str(trials),
          "--epochs", "6", "--patience", "0", "--pruner", "none")
     victim = start_worker(pg_url, "kill", env=FAST_HEARTBEAT)
     doomed = _wait_for(_running_with_progress(pg_url, "kill/cmnist/erm"))
@@ -111,7 +112,7 @@ def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url):
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == doomed.params
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == 2 and all(t.state != TrialState.RUNNING for t in study.trials)
+    assert len(complete) == trials and all(t.state != TrialState.RUNNING for t in study.trials)
 
 
 def test_sigterm_fails_trial_with_reason_and_requeues_it(pg_url):

@@ -1,0 +1,124 @@
+"""Faults survived and bad inputs refused, against the real PostgreSQL: a database restart mid-study, a database
+that stays down, and every bad input answered by one line, a non-zero exit and nothing half-created."""
+import subprocess
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import start_worker, study_cli
+from test_study import FAST_HEARTBEAT, _running_with_progress, _wait_for, init, storage_for, studies_of
+
+CLUSTER = ["pg_ctlcluster", "--skip-systemctl-redirect", next(Path("/etc/postgresql").iterdir()).name, "main"]
+
+
+def cluster(action: str) -> None:
+    subprocess.run(CLUSTER + [action], check=True, capture_output=True, timeout=120)
+    if action != "stop":
+        for _ in range(60):
+            if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]).returncode == 0:
+                return
+            time.sleep(0.5)
+        raise AssertionError("PostgreSQL did not come back")
+
+
+@pytest.fixture
+def restores_cluster():
+    yield
+    if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]).returncode != 0:
+        cluster("start")
+
+
+def assert_complete(url, experiment, budget):
+    """Every study met its budget; nothing RUNNING or WAITING; every failed trial was retried to the end."""
+    for name, study in studies_of(url, experiment).items():
+        trials = study.get_trials(deepcopy=False)
+        states = [t.state for t in trials]
+        assert TrialState.RUNNING not in states and TrialState.WAITING not in states, (name, states)
+        failed = {t.number for t in trials if t.state == TrialState.FAIL}
+        retried = {t.system_attrs.get("failed_trial") for t in trials}
+        assert failed <= retried, (name, failed, retried)  # no lost trial
+        assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) >= budget, (name, states)
+
+
+@pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs the local PostgreSQL cluster")
+def test_database_restart_mid_study_loses_nothing(pg_url, restores_cluster):
+    init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "2",
+         "--epochs", "4", "--patience", "0", "--pruner", "none")
+    # heartbeats every second: storage calls are certain to meet the outage (grace long enough to outlast it)
+    # two simulated GPUs: each worker's GPU lock dies with the restart and is taken again between trials
+    env = {"STUDY_HEARTBEAT_INTERVAL": "1", "STUDY_GRACE_PERIOD": "60", "STUDY_GPUS": "0,1"}
+    workers = [start_worker(pg_url, "restart", env=env) for _ in range(2)]
+    _wait_for(_running_with_progress(pg_url, "restart/cmnist/erm"), timeout=300)
+    cluster("stop")   # every connection dies; the workers keep training and retry their storage calls
+    time.sleep(6)
+    cluster("start")
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs
+    assert any("unreachable" in o and "retrying" in o for o in outs), outs  # the outage was met, and ridden out
+    assert all("Traceback" not in o and "claimed GPU" in o for o in outs), outs
+    assert_complete(pg_url, "restart", 2)
+
+
+@pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs the local PostgreSQL cluster")
+def test_database_down_too_long_stops_the_worker_with_one_line(pg_url, restores_cluster):
+    init(pg_url, "--experiment", "down", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
+         "--epochs", "6", "--patience", "0", "--pruner", "none")
+    secret = pg_url.replace("postgres@", "postgres:s3cret-pw@")  # trust auth ignores the password
+    w = start_worker(secret, "down", env={"STUDY_STORAGE_TIMEOUT": "5"})
+    _wait_for(_running_with_progress(pg_url, "down/cmnist/erm"), timeout=300)
+    cluster("stop")
+    try:
+        out = w.communicate(timeout=120)[0]
+    finally:
+        cluster("start")
+    last = out.strip().splitlines()[-1]
+    assert w.returncode == 2, out
+    assert last.startswith("error: storage postgresql+psycopg2://postgres:***@127.0.0.1:5432/") and "unreachable" in last
+    assert "s3cret-pw" not in out and "Traceback" not in out, out
+    # nothing lost: the abandoned trial is failed as stale and retried by the next worker
+    w2 = start_worker(pg_url, "down", env=FAST_HEARTBEAT)
+    assert w2.wait(timeout=600) == 0
+    assert_complete(pg_url, "down", 1)
+
+
+@pytest.mark.parametrize("case", ["unknown method", "unknown dataset", "missing data directory", "missing column",
+                                  "unknown split code", "corrupt image", "inverted bound", "invalid storage URL",
+                                  "unknown database role"])
+def test_bad_input_is_one_line_and_leaves_nothing(case, pg_url, waterbirds_dir, tmp_path):
+    meta = waterbirds_dir / "metadata.csv"
+    wb = ["--datasets", "waterbirds", "--methods", "erm", "--data-dir", str(waterbirds_dir)]
+    syn = ["--datasets", "synthetic", "--methods", "erm,fim"]
+    storage = pg_url
+    if case == "unknown method":
+        args, expect = ["--datasets", "synthetic", "--methods", "erm,fancy"], "unknown method 'fancy'"
+    elif case == "unknown dataset":
+        args, expect = ["--datasets", "imagenet", "--methods", "erm"], "unknown dataset 'imagenet'"
+    elif case == "missing data directory":
+        args, expect = wb[:4] + ["--data-dir", str(tmp_path / "nowhere")], "nowhere: data directory not found"
+    elif case == "missing column":
+        meta.write_text(meta.read_text().replace("place,place_filename", "site,place_filename"))
+        args, expect = wb, "metadata.csv: missing column(s) place"
+    elif case == "unknown split code":
+        lines = meta.read_text().splitlines()
+        lines[3] = ",".join(v if i != 3 else "7" for i, v in enumerate(lines[3].split(",")))
+        meta.write_text("\n".join(lines) + "\n")
+        args, expect = wb, "unknown split code '7'"
+    elif case == "corrupt image":
+        (next(waterbirds_dir.glob("*/img_5.jpg"))).write_bytes(b"\xff\xd8 truncated")
+        args, expect = wb, "img_5.jpg: unreadable image"
+    elif case == "inverted bound":
+        (tmp_path / "e.toml").write_text('datasets = ["synthetic"]\nmethods = ["fim"]\n[space.fim]\nrho = [0.5, 0.1]\n')
+        args, expect = ["--config", str(tmp_path / "e.toml")], "invalid bounds [0.5, 0.1]"
+    elif case == "invalid storage URL":
+        args, expect, storage = syn, "unsupported storage 'mysqlx://", "mysqlx://u:pw@h/db"
+    else:  # trust auth accepts any password here; a wrong role takes the same path as a wrong password
+        storage = pg_url.replace("postgres@", "nobody:s3cret-pw@")
+        args, expect = syn, 'role "nobody" does not exist'
+    p = study_cli("init", "--storage", storage, "--experiment", "bad", *args)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and expect in p.stderr, p.stderr
+    assert "s3cret-pw" not in p.stderr
+    assert optuna.get_all_study_names(storage_for(pg_url)) == []  # no half-created experiment
