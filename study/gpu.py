@@ -100,7 +100,16 @@ def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: floa
     Keep the returned lock referenced: the claim ends with it."""
     host = os.environ.get(HOST_ENV, "default")
     pg = make_url(storage_url).get_backend_name() == "postgresql"
-    lock = PostgresGpuLock(storage_url, host) if pg else FileGpuLock(host)
+    if pg:
+        import psycopg2
+        try:
+            lock = PostgresGpuLock(storage_url, host)
+        except psycopg2.Error as e:
+            from .storage import StorageError, mask_url
+            raise StorageError(f"cannot claim a GPU through {mask_url(storage_url)}: "
+                               f"{str(e).strip().splitlines()[0]}") from None
+    else:
+        lock = FileGpuLock(host)
     waiting = False
     while True:
         for i in gpus:
