@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from step_cost import sync  # bench/ is on sys.path when a script here runs
 
 
 def write_image(job):
@@ -48,11 +49,6 @@ def write_waterbirds(root: Path, n_train: int, n_val: int, n_test: int) -> None:
     with Pool(os.cpu_count()) as pool:
         pool.map(write_image, jobs, chunksize=64)
     (root / "metadata.csv").write_text("\n".join(rows) + "\n")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main():

@@ -33,8 +33,9 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
     start = finished()
     with tqdm(total=total - start, desc=desc, unit="trial") as bar:
         while any(p.poll() is None for p in procs):
-            if finished() - start > bar.n:
-                bar.update(finished() - start - bar.n)
+            done = finished() - start  # one storage read per second
+            if done > bar.n:
+                bar.update(done - bar.n)
             time.sleep(1)
         bar.update(finished() - start - bar.n)
     for log in logs:

@@ -105,9 +105,8 @@ def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: floa
         try:
             lock = PostgresGpuLock(storage_url, host)
         except psycopg2.Error as e:
-            from .storage import StorageError, mask_url
-            raise StorageError(f"cannot claim a GPU through {mask_url(storage_url)}: "
-                               f"{str(e).strip().splitlines()[0]}") from None
+            from .storage import StorageError, first_line, mask_url
+            raise StorageError(f"cannot claim a GPU through {mask_url(storage_url)}: {first_line(e)}") from None
     else:
         lock = FileGpuLock(host)
     waiting = False

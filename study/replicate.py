@@ -18,9 +18,10 @@ def replicate(storage, experiment: str, seeds: int) -> dict[str, list[int]]:
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     exp, results = collect(storage, experiment)
+    studies = {r.name: optuna.load_study(study_name=r.name, storage=storage) for r in results}
     unfinished = []
     for r in results:  # the best trial must be final before it is replicated
-        c = trial_counts(optuna.load_study(study_name=r.name, storage=storage))
+        c = trial_counts(studies[r.name])
         if c["used"] < exp.trials or c["running"] or c["waiting"] - c["replicate_waiting"]:
             unfinished.append(f"{r.name} ({c['used']}/{exp.trials} trials, {c['running']} running)")
         elif r.best is None:
@@ -30,7 +31,7 @@ def replicate(storage, experiment: str, seeds: int) -> dict[str, list[int]]:
     wanted = range(exp.seed + 1, exp.seed + 1 + seeds)
     out = {}
     for r in results:
-        study = optuna.load_study(study_name=r.name, storage=storage)
+        study = studies[r.name]
         have = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
                 if t.user_attrs.get("replicate_of") == r.best.number and t.state != TrialState.FAIL}
         new = [s for s in wanted if s not in have]

@@ -17,7 +17,7 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from .experiment import SELECTION, load_experiment
-from .storage import retried_numbers
+from .storage import is_replicate, retried_numbers
 
 LABELS = {"erm": "ERM", "groupdro": "DRO", "fim": "Ours"}  # the paper's naming and row order
 OURS = "fim"
@@ -49,10 +49,6 @@ class StudyResult:
     def runs(self) -> list[FrozenTrial]:
         """The runs the table averages: the replicates if any, else the best trial alone."""
         return self.replicates or ([self.best] if self.best else [])
-
-
-def is_replicate(t: FrozenTrial) -> bool:
-    return "replicate_of" in t.user_attrs
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
@@ -172,11 +168,6 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
 def contrast_caption() -> str:
     return (f"Paired bootstrap ({BOOTSTRAP_SAMPLES:,} resamples of seeds) 95% confidence interval of the mean "
             "test worst-group difference of Ours against each baseline, paired by training seed.")
-
-
-def report_markdown(storage, experiment: str, avg: str = "train_weighted") -> str:
-    exp, results = collect(storage, experiment)
-    return render_markdown(exp, results, avg)
 
 
 def render_markdown(exp, results, avg: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .experiment import load_experiment
+from .storage import is_replicate
 from .worker import trial_counts
 
 
@@ -13,7 +14,7 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
     for s in studies:
         c = trial_counts(s)
         trials = s.get_trials(deepcopy=False)
-        done = [t for t in trials if t.value is not None and "replicate_of" not in t.user_attrs]
+        done = [t for t in trials if t.value is not None and not is_replicate(t)]
         rows.append({
             "study": s.study_name, "budget": exp.trials, "complete": c["complete"], "pruned": c["pruned"],
             "failed": c["fail"], "running": c["running"], "waiting": c["waiting"], "seed replicates": c["replicates"],

@@ -42,7 +42,8 @@ def _connection_error(e: BaseException | None) -> BaseException | None:
     return None
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """The first line of a (database) error's message, for one-line reports."""
     return (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
 
 
@@ -60,9 +61,9 @@ def ride_out(call, url: str, timeout: float, what: str = ""):
             waited = time.monotonic() - start
             if waited >= timeout:
                 raise StorageUnavailable(f"storage {mask_url(url)} unreachable for {waited:.0f} s (limit {timeout:g} s"
-                                         f", STUDY_STORAGE_TIMEOUT): {_first_line(cause)}") from None
+                                         f", STUDY_STORAGE_TIMEOUT): {first_line(cause)}") from None
             if not announced:
-                print(f"storage {mask_url(url)} unreachable{what} ({_first_line(cause)}); retrying for up to "
+                print(f"storage {mask_url(url)} unreachable{what} ({first_line(cause)}); retrying for up to "
                       f"{timeout:g} s", file=sys.stderr, flush=True)
                 announced = True
             time.sleep(min(delay, max(0.0, timeout - waited)))
@@ -170,7 +171,12 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
     try:
         return ride_out(open_storage, url, timeout, " (connecting)")
     except (SQLAlchemyError, ImportError, ValueError) as e:
-        raise StorageError(f"cannot open storage {mask_url(url)}: {_first_line(e)}") from None
+        raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(e)}") from None
+
+
+def is_replicate(t: optuna.trial.BaseTrial) -> bool:
+    """A seed re-run of a study's best configuration (`python -m study replicate`), not a searched trial."""
+    return "replicate_of" in t.user_attrs
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:

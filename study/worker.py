@@ -17,7 +17,7 @@ from trainer import TrainConfig, fit
 from trainer.cli import command_for
 
 from .experiment import Experiment, load_experiment, make_pruner, search_space
-from .storage import MAX_RETRY, StorageUnavailable, retried_numbers
+from .storage import MAX_RETRY, StorageUnavailable, is_replicate, retried_numbers
 
 
 class WorkerStopped(KeyboardInterrupt):
@@ -82,7 +82,7 @@ class Objective:
             trial.set_user_attr("code_version", code_version())
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
-            replicate = "replicate_of" in trial.user_attrs  # a seed re-run is never pruned
+            replicate = is_replicate(trial)  # a seed re-run is never pruned
 
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
@@ -110,7 +110,7 @@ def trial_counts(study: optuna.Study) -> dict[str, int]:
     for t in trials:
         counts[t.state.name.lower()] += 1
     counts["retried"] = sum(1 for t in trials if t.number in retried)
-    replicates = [t for t in trials if "replicate_of" in t.user_attrs and t.number not in retried]
+    replicates = [t for t in trials if is_replicate(t) and t.number not in retried]
     counts["replicates"] = len(replicates)
     counts["replicate_waiting"] = sum(t.state == TrialState.WAITING for t in replicates)
     # a retried lineage counts once toward the budget; seed replicates are outside it
