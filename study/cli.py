@@ -15,7 +15,8 @@ def _storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-interval", type=int, help="seconds between trial heartbeats (default 60)")
     p.add_argument("--grace-period", type=int, help="seconds of silence before a trial is stale (default 180)")
     p.add_argument("--storage-timeout", type=float,
-                   help="seconds of database outage to ride out before exiting (default 600; STUDY_STORAGE_TIMEOUT)")
+                   help="seconds of database outage to ride out before exiting (default: 600 for a worker, 15 for "
+                        "the other commands; STUDY_STORAGE_TIMEOUT)")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -33,8 +34,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     init.add_argument("--data-dir", help="root of on-disk datasets")
     init.add_argument("--model", help="architecture (default: the dataset's)")
     init.add_argument("--image-size", type=int, help="crop size (default: the dataset's)")
-    init.add_argument("--patience", type=int, help="early stopping patience inside a trial (default 10)")
+    init.add_argument("--patience", type=int,
+                      help="early stopping patience in the method's own epochs (default max(10, epochs // 4))")
     init.add_argument("--seed", type=int, help="training seed of searched trials (default 0)")
+    init.add_argument("--selection", help="model-selection metric: val_wga (default; reads val group labels), "
+                                          "val_worst_class or val_avg (no group label)")
+    init.add_argument("--grad-clip", type=float, help="max gradient norm for every method (default: the dataset's)")
     _storage_args(init)
 
     worker = sub.add_parser("worker", help="run trials until every study meets its budget")
@@ -59,9 +64,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     status.add_argument("--experiment", required=True)
     _storage_args(status)
 
-    rep = sub.add_parser("replicate", help="re-run each study's best configuration with new seeds (enqueued)")
+    rep = sub.add_parser("replicate", help="the seed phase: re-run the top-k configurations with more seeds")
     rep.add_argument("--experiment", required=True)
-    rep.add_argument("--seeds", type=int, default=5, help="number of new training seeds (default 5)")
+    rep.add_argument("--seeds", type=int, default=5,
+                     help="training seeds per configuration, the searched run counting as one (default 5)")
+    rep.add_argument("--top-k", type=int, default=3, help="configurations carried into the seed phase (default 3)")
     _storage_args(rep)
 
     demo = sub.add_parser("demo", help="the whole comparison on a laptop: SQLite, CPU, cmnist")
@@ -69,20 +76,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--trials", type=int, default=6, help="trials per method")
     demo.add_argument("--epochs", type=int, default=16)
-    demo.add_argument("--seeds", type=int, default=3, help="new seeds of each best configuration (0: none)")
+    demo.add_argument("--seeds", type=int, default=5,
+                      help="seeds per top configuration in the seed phase, the searched run included (0: none)")
+    demo.add_argument("--top-k", type=int, default=3, help="configurations carried into the seed phase")
     demo.add_argument("--html", default="demo-report.html", help="where to write the HTML report")
     return p
 
 
 def _storage(args):
-    from .storage import make_storage
-    return make_storage(args.storage, args.heartbeat_interval, args.grace_period, timeout=args.storage_timeout)
+    from .storage import INTERACTIVE_TIMEOUT, STORAGE_TIMEOUT, make_storage
+    # only workers ride out long outages; a person at a prompt hears within seconds
+    default = STORAGE_TIMEOUT if args.command == "worker" else INTERACTIVE_TIMEOUT
+    return make_storage(args.storage, args.heartbeat_interval, args.grace_period, timeout=args.storage_timeout,
+                        default_timeout=default)
 
 
 def _experiment_from_args(args):
     from .experiment import Experiment
     keys = ("datasets", "methods", "trials", "epochs", "pruner", "data_dir", "model", "image_size", "patience",
-            "seed")
+            "seed", "selection", "grad_clip")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.config:
         return Experiment.from_toml(args.config, name=args.experiment, **given)
@@ -101,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_main(argv[1:])
     import optuna
     from optuna.exceptions import ExperimentalWarning
+
+    from sqlalchemy.exc import SQLAlchemyError
 
     from trainer.data import DataError
 
@@ -135,14 +149,20 @@ def main(argv: list[str] | None = None) -> int:
             print(status_table(_storage(args), args.experiment).to_markdown())
         elif args.command == "replicate":
             from .replicate import replicate
-            for name, seeds in replicate(_storage(args), args.experiment, args.seeds).items():
-                print(f"{name}: enqueued seeds {seeds or 'none (all present)'}")
+            for name, runs in replicate(_storage(args), args.experiment, args.seeds, args.top_k).items():
+                shown = ", ".join(f"#{rank} seed {seed}" for rank, seed in runs)
+                print(f"{name}: enqueued {len(runs)} seed-phase runs{': ' + shown if runs else ' (all present)'}")
             print("start workers (python -m study worker) to run them, then python -m study.report")
         elif args.command == "demo":
             from .demo import run_demo
             return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs, seeds=args.seeds,
-                            html=args.html)
+                            top_k=args.top_k, html=args.html)
     except (ValueError, DataError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as e:  # a write cut off by an outage, say: one line, never a traceback
+        from .storage import first_line
+        print(f"error: storage {mask_url(storage_url(getattr(args, 'storage', None)))}: {first_line(e)}",
+              file=sys.stderr)
         return 2
     return 0

@@ -20,6 +20,7 @@ EXPERIMENT = "demo"
 
 
 def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, desc: str) -> None:
+    """Runs `workers` worker processes until they exit, with a bar of the trials of `studies` that finished."""
     logs = [open(db.with_name(f"{db.stem}.worker{i}.log"), "a") for i in range(workers)]
     threads = max(1, (os.cpu_count() or 2) // workers)
     procs = [subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", EXPERIMENT,
@@ -45,7 +46,7 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
         raise RuntimeError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
 
 
-def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 16, seeds: int = 3,
+def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 16, seeds: int = 5, top_k: int = 3,
              html: str | None = "demo-report.html") -> int:
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
@@ -58,13 +59,15 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
                      epochs=epochs, patience=8)
     init_experiment(storage, exp)
     print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
-          f"{workers} workers, up to {epochs} epochs per trial, then the best of each with {seeds} new seeds")
+          f"{workers} workers, up to {epochs} epochs per trial, then the top {top_k} configurations of each "
+          f"with {seeds} seeds")
     t0 = time.time()
-    _, studies = load_experiment(storage, EXPERIMENT)
+    _, studies, seed_studies = load_experiment(storage, EXPERIMENT, seeds=True)
     _run_workers(storage_url, db, workers, studies, trials * len(studies), "search")
     if seeds:
-        replicate(storage, EXPERIMENT, seeds)
-        _run_workers(storage_url, db, workers, studies, (trials + seeds) * len(studies), "seeds")
+        enqueued = replicate(storage, EXPERIMENT, seeds, top_k)
+        _run_workers(storage_url, db, workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
+                     "seed phase")
     print(f"all trials done in {time.time() - t0:.0f}s\n")
     exp, results = collect(storage, EXPERIMENT)
     print(render_markdown(exp, results, "train_weighted"))

@@ -2,17 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import asdict, dataclass, field
 
 import optuna
 
+import torch
+
+from trainer.config import default_patience
 from trainer.data import get_dataset, load_splits
 from trainer.methods import get_method
 from trainer.methods.base import Choice, Float, Int
+from trainer.metrics import get_selection
+from trainer.models import MODELS
 
 PRUNERS = ("median", "hyperband", "none")
-SELECTION = "best epoch by val WGA within a trial; best trial by val WGA across trials"
+SEEDS_SUFFIX = "seeds"   # the seed-phase study of (dataset, method) is "<experiment>/<dataset>/<method>/seeds"
+MAX_NAME = 120           # Optuna stores study names in 512 characters; keep room for the dataset/method suffix
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass
@@ -20,38 +31,63 @@ class Experiment:
     name: str
     datasets: list[str]
     methods: list[str]
-    trials: int = 20               # budget per (dataset, method) study
+    trials: int = 20               # search budget per (dataset, method) study; a retried lineage counts once
     epochs: int | None = None      # max epochs per trial; None = the dataset's default
     pruner: str = "median"         # median, hyperband or none (every worker builds the same one)
     data_dir: str | None = None    # root of on-disk datasets (fixed, not searched)
     model: str | None = None       # architecture; None = the dataset's default
     image_size: int | None = None  # None = the dataset's default
-    patience: int = 10             # early stopping on val WGA inside a trial
-    seed: int = 0                  # training seed of every searched trial (replicates add others)
+    patience: int | None = None    # early stopping in the method's own epochs; None = max(10, epochs // 4)
+    seed: int = 0                  # training seed of every searched trial (the seed phase adds seed+1, ...)
     data_seed: int = 0             # generated splits/colours, fixed for the experiment
+    selection: str = "val_wga"     # val_wga, val_worst_class or val_avg: early stopping, pruning, objective, seeds
+    grad_clip: float | None = None  # max gradient norm for every method alike; None = the dataset's recipe
     space: dict = field(default_factory=dict)  # bound overrides: {"fim": {"rho": [0.1, 0.3]}, "train": {...}}
 
     def __post_init__(self):
-        if not self.name or "/" in self.name:
-            raise ValueError(f"experiment name must be non-empty without '/', got {self.name!r}")
-        if not self.datasets or not self.methods:
-            raise ValueError("an experiment needs at least one dataset and one method")
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or len(self.name) > MAX_NAME:
+            raise ValueError(f"experiment name must be 1 to {MAX_NAME} characters without '/', got {self.name!r}")
+        for key in ("datasets", "methods"):
+            value = getattr(self, key)
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{key} must be a non-empty list of names, got {value!r}")
+            if len(set(value)) != len(value):
+                raise ValueError(f"{key} lists a name twice: {value!r}")
         for d in self.datasets:
             get_dataset(d)
         for m in self.methods:
             get_method(m)
-        if self.trials < 1:
-            raise ValueError(f"trials must be >= 1, got {self.trials}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        for key, low, optional in (("trials", 1, False), ("epochs", 1, True), ("image_size", 1, True),
+                                   ("patience", 0, True), ("seed", 0, False), ("data_seed", 0, False)):
+            value = getattr(self, key)
+            if not (optional and value is None) and not (_is_int(value) and value >= low):
+                raise ValueError(f"{key} must be an integer >= {low}{' or unset' if optional else ''}, got {value!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
+        if self.model is not None and self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
+        get_selection(self.selection)
+        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and not isinstance(
+                self.grad_clip, bool) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"grad_clip must be a finite number >= 0 or unset, got {self.grad_clip!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):
+            raise ValueError(f"data_dir must be a path, got {self.data_dir!r}")
+        if not isinstance(self.space, dict) or not all(isinstance(v, dict) for v in self.space.values()):
+            raise ValueError(f"space must be tables [space.METHOD] of name = [low, high], got {self.space!r}")
+        unknown = set(self.space) - {"train", *self.methods}
+        if unknown:
+            raise ValueError(f"space override for {', '.join(sorted(unknown))}: not 'train' or a method of this "
+                             f"experiment ({', '.join(self.methods)})")
         for d in self.datasets:
             for m in self.methods:
-                search_space(self, d, m)  # validates the overrides
+                check_space(search_space(self, d, m), m)
 
     def study_name(self, dataset: str, method: str) -> str:
         return f"{self.name}/{dataset}/{method}"
+
+    def seeds_study_name(self, dataset: str, method: str) -> str:
+        """The seed phase's own study: its runs never appear in the search's history or best trial."""
+        return f"{self.study_name(dataset, method)}/{SEEDS_SUFFIX}"
 
     def studies(self) -> list[tuple[str, str, str]]:
         return [(self.study_name(d, m), d, m) for d in self.datasets for m in self.methods]
@@ -63,6 +99,13 @@ class Experiment:
 
     def epochs_for(self, dataset: str) -> int:
         return self.epochs or get_dataset(dataset)[1].epochs
+
+    def patience_for(self, dataset: str) -> int:
+        return self.patience if self.patience is not None else default_patience(self.epochs_for(dataset))
+
+    def selection_text(self) -> str:
+        return (f"best epoch by {get_selection(self.selection).text} within a trial, among the method's own epochs "
+                f"(not a warm-up); best configuration by the same metric")
 
     @classmethod
     def from_toml(cls, path: str, **overrides) -> "Experiment":
@@ -76,9 +119,14 @@ class Experiment:
         if unknown:
             raise ValueError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
+        if "name" not in data:
+            raise ValueError(f"{path}: no experiment name (name = \"...\" or --experiment)")
         for key in ("datasets", "methods"):
             if isinstance(data.get(key), str):
                 data[key] = data[key].split(",")
+        missing = [k for k in ("datasets", "methods") if k not in data]
+        if missing:
+            raise ValueError(f"{path}: missing setting(s) {', '.join(missing)}")
         return cls(**data)
 
 
@@ -92,8 +140,15 @@ def train_space(dataset: str) -> dict:
     }
 
 
+def _number(scope: str, name: str, v, integer: bool):
+    ok = _is_int(v) if integer else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not ok:
+        raise ValueError(f"space override {scope}.{name}: bound {v!r} is not {'an integer' if integer else 'a finite number'}")
+    return v
+
+
 def search_space(exp: Experiment, dataset: str, method: str) -> dict:
-    space = {**train_space(dataset), **get_method(method).SPACE}
+    space = {**train_space(dataset), **get_method(method).space_for(exp.epochs_for(dataset))}
     for scope in ("train", method):
         for name, bounds in exp.space.get(scope, {}).items():
             if name not in space:
@@ -101,18 +156,39 @@ def search_space(exp: Experiment, dataset: str, method: str) -> dict:
                                  f"(has: {', '.join(space)})")
             old = space[name]
             if isinstance(old, Choice):
-                if not bounds:
-                    raise ValueError(f"space override {scope}.{name}: empty choice list")
+                if not isinstance(bounds, list) or not bounds or len(set(map(repr, bounds))) != len(bounds):
+                    raise ValueError(f"space override {scope}.{name}: expected a non-empty list of distinct "
+                                     f"choices, got {bounds!r}")
                 space[name] = Choice(tuple(bounds))
             else:
                 if not (isinstance(bounds, (list, tuple)) and len(bounds) == 2):
                     raise ValueError(f"space override {scope}.{name}: expected [low, high], got {bounds!r}")
-                low, high = bounds
-                if not low < high or (getattr(old, "log", False) and low <= 0):
+                low, high = (_number(scope, name, v, isinstance(old, Int)) for v in bounds)
+                log = getattr(old, "log", False)
+                if not low < high or (log and low <= 0):
                     raise ValueError(f"space override {scope}.{name}: invalid bounds [{low}, {high}] "
-                                     f"(need low < high{', low > 0 for a log scale' if getattr(old, 'log', False) else ''})")
-                space[name] = Float(float(low), float(high), old.log) if isinstance(old, Float) else Int(int(low), int(high))
+                                     f"(need low < high{', low > 0 for a log scale' if log else ''})")
+                space[name] = Float(float(low), float(high), log) if isinstance(old, Float) else Int(low, high)
     return space
+
+
+def check_space(space: dict, method: str) -> None:
+    """Every value the search can draw must be one the trainer and the method accept: each searched parameter is
+    tried at its bounds (each choice) in a real TrainConfig and a real method instance, before anything is written."""
+    from trainer.config import TrainConfig
+    cls = get_method(method)
+    for name, spec in space.items():
+        for value in spec.choices if isinstance(spec, Choice) else (spec.low, spec.high):
+            try:
+                if name in ("lr", "weight_decay", "batch_size"):
+                    if name == "batch_size" and not (_is_int(value) and value >= 1):
+                        raise ValueError(f"batch_size must be an integer >= 1, got {value!r}")
+                    TrainConfig(dataset="synthetic", method=method, **{name: value}).resolved()
+                else:
+                    params = cls.Params(**{name: value})
+                    cls(params, n_train=4, n_groups=4, train_groups=torch.arange(4))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"search space {method}.{name}: value {value!r} is not accepted ({e})") from None
 
 
 def reference_params(exp: Experiment, dataset: str, method: str) -> dict:
@@ -127,13 +203,22 @@ def reference_params(exp: Experiment, dataset: str, method: str) -> dict:
     return out
 
 
-def make_pruner(exp: Experiment, dataset: str) -> optuna.pruners.BasePruner:
+def latest_first_own_epoch(exp: Experiment, dataset: str, method: str) -> int:
+    """The latest first own epoch the search can draw (integer parameters such as warm-ups at their upper bound)."""
+    cls = get_method(method)
+    high = {n: s.high for n, s in search_space(exp, dataset, method).items() if isinstance(s, Int)}
+    return cls.first_own_epoch(cls.Params(**high))
+
+
+def make_pruner(exp: Experiment, dataset: str, method: str) -> optuna.pruners.BasePruner:
     epochs = exp.epochs_for(dataset)
+    # Never judged on a warm-up: the earliest prune is at the method's first own epoch.
+    start = max(1, epochs // 4, latest_first_own_epoch(exp, dataset, method))
     if exp.pruner == "median":
         # MedianPruner counts only COMPLETE trials; let the first trials and epochs run unpruned.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, epochs // 4), n_min_trials=3)
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=start, n_min_trials=3)
     if exp.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=max(1, epochs // 10), max_resource=epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=max(start, epochs // 10), max_resource=epochs,
                                               reduction_factor=3)
     return optuna.pruners.NopPruner()
 
@@ -145,42 +230,56 @@ def _diff(old: dict, new: dict) -> list[str]:
 def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[str]:
     """Create the experiment's studies (harmless if they exist with the same settings). Returns study names.
 
-    Everything is checked before anything is written, so a refused init leaves no partial experiment.
+    Per (dataset, method): the search study and its seed-phase sibling. Everything is checked before anything is
+    written, so a refused init leaves no partial experiment.
     """
     if check_data:
         for d in exp.datasets:
             exp.load_splits(d)
     settings = asdict(exp)
     existing = set(optuna.get_all_study_names(storage))
-    for name, _, _ in exp.studies():
-        if name in existing:
-            stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("experiment", {})
-            diff = _diff(stored, settings)
-            if diff:
-                raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(diff)}")
-    others = [n for n in existing if n.startswith(exp.name + "/") and n not in {s for s, _, _ in exp.studies()}]
+    ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
+    for name in sorted(ours & existing):
+        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("experiment", {})
+        diff = _diff(stored, settings)
+        if diff:
+            raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(diff)}")
+    others = [n for n in existing if n.startswith(exp.name + "/") and n not in ours]
     if others:
         raise ValueError(f"experiment {exp.name!r} already exists with different studies: {', '.join(sorted(others))}")
+    metric = [exp.selection]  # optuna-dashboard shows the selection metric, not "Objective 0"
     names = []
     for name, dataset, method in exp.studies():
-        study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-        if name not in existing:
-            study.set_user_attr("experiment", settings)
-            study.set_user_attr("dataset", dataset)
-            study.set_user_attr("method", method)
-            study.set_user_attr("uses_group_labels", get_method(method).uses_group_labels)
-            study.set_user_attr("selection", SELECTION)
-            study.enqueue_trial(reference_params(exp, dataset, method), user_attrs={"reference": True},
-                                skip_if_exists=True)
+        for study_name, phase in ((name, "search"), (exp.seeds_study_name(dataset, method), "seeds")):
+            study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                        load_if_exists=True)
+            if study_name not in existing:
+                study.set_metric_names(metric)
+                study.set_user_attr("experiment", settings)
+                study.set_user_attr("dataset", dataset)
+                study.set_user_attr("method", method)
+                study.set_user_attr("phase", phase)
+                if phase == "search":
+                    study.enqueue_trial(reference_params(exp, dataset, method), user_attrs={"reference": True},
+                                        skip_if_exists=True)
         names.append(name)
     return names
 
 
-def load_experiment(storage, name: str) -> tuple[Experiment, list[optuna.Study]]:
-    names = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith(name + "/"))
-    if not names:
+def load_experiment(storage, name: str, seeds: bool = False):
+    """(experiment, search studies in the experiment's order); with seeds=True also {search study name: its
+    seed-phase study}."""
+    names = set(optuna.get_all_study_names(storage))
+    first = next((n for n in sorted(names) if n.startswith(name + "/")), None)
+    if first is None:
         raise ValueError(f"no experiment named {name!r} in this storage")
-    studies = [optuna.load_study(study_name=n, storage=storage) for n in names]
-    exp = Experiment(**studies[0].user_attrs["experiment"])
-    order = {s: i for i, (s, _, _) in enumerate(exp.studies())}
-    return exp, sorted(studies, key=lambda s: order.get(s.study_name, len(order)))
+    exp = Experiment(**optuna.load_study(study_name=first, storage=storage).user_attrs["experiment"])
+    studies = [optuna.load_study(study_name=s, storage=storage) for s, _, _ in exp.studies() if s in names]
+    if not seeds:
+        return exp, studies
+    sibling = {}
+    for s in studies:
+        seeds_name = f"{s.study_name}/{SEEDS_SUFFIX}"
+        if seeds_name in names:
+            sibling[s.study_name] = optuna.load_study(study_name=seeds_name, storage=storage)
+    return exp, studies, sibling

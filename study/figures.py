@@ -40,7 +40,7 @@ def history(results) -> go.Figure:
             best.append(100 * running)
         fig.add_scatter(x=[t.number for t in done], y=best, mode="lines", line_shape="hv", name=f"{name} best",
                         legendgroup=name, line_color=c, showlegend=False)
-    return fig.update_layout(xaxis_title="trial number", yaxis_title="val WGA (%)")
+    return fig.update_layout(xaxis_title="trial number", yaxis_title="val selection metric (%)")
 
 
 def avg_vs_worst(results, avg_key: str) -> go.Figure:
@@ -83,7 +83,7 @@ def val_curves(results) -> go.Figure:
                             name=name, legendgroup=name, showlegend=first,
                             hovertext=f"{name} trial {t.number} {'pruned' if pruned else 'complete'}")
             first = False
-    return fig.update_layout(xaxis_title="epoch", yaxis_title="val WGA (%) — dotted: pruned")
+    return fig.update_layout(xaxis_title="epoch", yaxis_title="val selection metric (%) — dotted: pruned")
 
 
 def lambda_share(results) -> go.Figure | None:
@@ -107,11 +107,11 @@ def figures(results, avg: str = "train_weighted") -> dict[str, go.Figure]:
     """{id: figure}; the id names the figure in optuna-dashboard (a rerun replaces it)."""
     from .report import AVG
     out = {
-        "history": ("Optimization history: val WGA per trial and best so far", history(results)),
+        "history": ("Optimization history: val selection metric per trial and best so far", history(results)),
         "avg-vs-worst": ("Test Avg vs Worst of every finished trial, with each method's Pareto front",
                          avg_vs_worst(results, AVG[avg][0])),
         "groups": ("Per-group test accuracy of each method's best trial", group_accuracy(results)),
-        "val-curves": ("Val WGA per epoch of every trial (pruned trials dotted)", val_curves(results)),
+        "val-curves": ("Val selection metric per epoch of every trial (pruned trials dotted)", val_curves(results)),
         "lambda-share": ("Lambda share: where Ours' constraint mass goes, per training group",
                          lambda_share(results)),
     }

@@ -1,41 +1,52 @@
-"""`python -m study replicate`: re-run each study's best configuration with new training seeds.
+"""`python -m study replicate`: the seed phase — the top-k searched configurations re-run with more training seeds.
 
-The re-runs are enqueued trials (same parameters, user attrs seed and replicate_of) that any worker picks up;
-they are never pruned and do not count toward the search budget. Seeds are exp.seed + 1 ... exp.seed + N, the
-same for every method, so runs pair by seed across methods. Running it again adds only missing seeds.
+For every study whose search is finished, the k best searched trials (by the selection metric, the report's rule)
+are enqueued in the study's seed-phase sibling (`<experiment>/<dataset>/<method>/seeds`) with training seeds
+seed+1 ... seed+S-1 (the searched run, seed `seed`, counts as the first of S). Any worker runs them, never pruned and
+outside the search budget; the report then selects the configuration with the best mean over its seeds. The same
+seeds for every method, so runs pair by seed across methods. Running it again adds only what is missing (a seed
+that failed stays failed: the report shows it).
 """
 from __future__ import annotations
 
-import optuna
-from optuna.trial import TrialState
-
-from .report import collect
+from .experiment import load_experiment
+from .report import collect, ranked
 from .worker import trial_counts
 
+TOP_K = 3   # configurations carried into the seed phase
+SEEDS = 5   # seeds per configuration, the searched run counting as one (BalancingGroups ranks by 5)
 
-def replicate(storage, experiment: str, seeds: int) -> dict[str, list[int]]:
-    """Enqueue the missing seeds of every study's best trial. Returns {study: seeds enqueued}."""
-    if seeds < 1:
-        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+
+def replicate(storage, experiment: str, seeds: int = SEEDS, top_k: int = TOP_K) -> dict[str, list[tuple[int, int]]]:
+    """Enqueue the missing seed-phase runs. Returns {study: [(rank, seed) enqueued]}."""
+    if seeds < 2:
+        raise ValueError(f"--seeds must be >= 2 (the searched run counts as one), got {seeds}")
+    if top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {top_k}")
     exp, results = collect(storage, experiment)
-    studies = {r.name: optuna.load_study(study_name=r.name, storage=storage) for r in results}
+    _, studies, seed_studies = load_experiment(storage, experiment, seeds=True)
+    by_name = {s.study_name: s for s in studies}
     unfinished = []
-    for r in results:  # the best trial must be final before it is replicated
-        c = trial_counts(studies[r.name])
-        if c["used"] < exp.trials or c["running"] or c["waiting"] - c["replicate_waiting"]:
-            unfinished.append(f"{r.name} ({c['used']}/{exp.trials} trials, {c['running']} running)")
+    for r in results:  # the ranking must be final before it is replicated
+        c = trial_counts(by_name[r.name])
+        if c["used"] < exp.trials or c["running"] or c["waiting"]:
+            unfinished.append(f"{r.name} ({c['used']}/{exp.trials} trials, {c['running']} running, "
+                              f"{c['waiting']} waiting)")
         elif r.best is None:
             unfinished.append(f"{r.name} (no finished trial)")
+        elif r.name not in seed_studies:
+            unfinished.append(f"{r.name} (no seed-phase study: created by this version's init)")
     if unfinished:
         raise ValueError(f"search not finished, nothing enqueued: {'; '.join(unfinished)}")
-    wanted = range(exp.seed + 1, exp.seed + 1 + seeds)
     out = {}
     for r in results:
-        study = studies[r.name]
-        have = {t.user_attrs.get("seed") for t in study.get_trials(deepcopy=False)
-                if t.user_attrs.get("replicate_of") == r.best.number and t.state != TrialState.FAIL}
-        new = [s for s in wanted if s not in have]
-        for s in new:
-            study.enqueue_trial(r.best.params, user_attrs={"seed": s, "replicate_of": r.best.number})
+        study = seed_studies[r.name]
+        have = {(c.searched.number, t.user_attrs["seed"]) for c in r.configs for t in c.reruns}
+        new = []
+        for rank, t in enumerate(ranked(r.search)[:top_k], start=1):
+            for seed in range(exp.seed + 1, exp.seed + seeds):
+                if (t.number, seed) not in have:
+                    study.enqueue_trial(t.params, user_attrs={"seed": seed, "config": t.number, "rank": rank})
+                    new.append((rank, seed))
         out[r.name] = new
     return out

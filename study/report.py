@@ -1,8 +1,9 @@
 """`python -m study.report`: the paper's table (test Avg / Worst per method) from an experiment's studies.
 
-Selection: the best trial of each study by val WGA (ties: val average, then fewer epochs), the same rule for
-every method. Where `python -m study replicate` re-ran that configuration with new seeds, the table shows
-mean ± std over those seeds and a paired bootstrap CI of Ours' worst-group gain over each baseline.
+Selection, the same rule for every method: by the experiment's selection metric (ties: val average, then fewer
+epochs). After `python -m study replicate`, the top-k searched configurations are re-run with more seeds and the
+one with the best mean over its seeds is the row: mean ± std over its seeds, and paired Student-t intervals of
+the worst-group differences between methods.
 """
 from __future__ import annotations
 
@@ -16,70 +17,145 @@ import numpy as np
 import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
-from .experiment import SELECTION, load_experiment
-from .storage import is_replicate, retried_numbers
+from scipy import stats
 
-LABELS = {"erm": "ERM", "groupdro": "DRO", "fim": "Ours"}  # the paper's naming and row order
-OURS = "fim"
+from trainer.methods import get_method
+from trainer.metrics import get_selection
+
+from .experiment import load_experiment
+from .storage import retried_numbers
+
 AVG = {"train_weighted": ("avg_train_weighted", "group accuracies weighted by training-set group proportions"),
        "plain": ("avg_plain", "plain test accuracy")}
 FORMATS = ("markdown", "csv", "latex", "html")
-BOOTSTRAP_SAMPLES = 10_000
+CONFIDENCE = 0.95
+FEW_SEEDS = 5  # under this many paired seeds the caption warns that the interval is rough
+COLUMNS = ["dataset", "method", "Avg", "Avg std", "Worst", "Worst std", "val", "val std", "seeds finished",
+           "seeds asked", "train group labels", "selection group labels", "trials complete", "trials pruned",
+           "trials failed", "compute (s)"]
+CONTRAST_COLUMNS = ["dataset", "comparison", "paired seeds", "Worst diff (pp)", "95% CI low", "95% CI high"]
+
+
+def rank_key(t: FrozenTrial) -> tuple:
+    """The one ranking rule (report, seed phase, status): the selection metric, ties broken by val average (it reads
+    no group label), then fewer epochs."""
+    return t.value, t.user_attrs["val"]["avg_plain"], -t.user_attrs.get("epochs_run", 0)
+
+
+def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """COMPLETE trials with metrics, best first."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and "val" in t.user_attrs]
+    return sorted(done, key=lambda t: (rank_key(t), -t.number), reverse=True)
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    top = ranked(trials)
+    return top[0] if top else None
+
+
+def _finished(t: FrozenTrial) -> bool:
+    return t.state == TrialState.COMPLETE and "test" in t.user_attrs
+
+
+@dataclass
+class Config:
+    """One configuration of the seed phase: the searched trial (one seed) and its re-runs with other seeds."""
+    rank: int                                 # 1 = best searched trial
+    searched: FrozenTrial
+    reruns: list[FrozenTrial] = field(default_factory=list)  # one per seed, a retried lineage as its last attempt
+
+    def runs(self) -> list[FrozenTrial]:
+        """Finished runs, by seed."""
+        return sorted([t for t in (self.searched, *self.reruns) if _finished(t)], key=lambda t: t.user_attrs["seed"])
+
+    @property
+    def asked(self) -> int:
+        return 1 + len(self.reruns)
+
+    @property
+    def failed(self) -> int:
+        return sum(t.state == TrialState.FAIL for t in self.reruns)
+
+    @property
+    def pending(self) -> int:
+        return sum(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in self.reruns)
+
+    def score(self) -> tuple:
+        """Mean selection metric over the finished seeds; ties: mean val average, then the better search rank."""
+        runs = self.runs()
+        return (float(np.mean([t.value for t in runs])),
+                float(np.mean([t.user_attrs["val"]["avg_plain"] for t in runs])), -self.rank)
 
 
 @dataclass
 class StudyResult:
-    """One (dataset, method) study, read once: what every table and figure is drawn from."""
+    """One (dataset, method) study and its seed phase, read once: what every table and figure is drawn from."""
     name: str
     dataset: str
     method: str
-    uses_group_labels: bool
     search: list[FrozenTrial]               # searched trials, a retry lineage counted once
-    best: FrozenTrial | None
-    replicates: list[FrozenTrial] = field(default_factory=list)  # COMPLETE re-runs of `best` with new seeds
-    compute_s: float = 0.0                  # train seconds of every trial, retried and replicates included
+    configs: list[Config] = field(default_factory=list)  # the seed phase's top-k configurations, by search rank
+    compute_s: float = 0.0                  # train seconds of every trial, retried and seed-phase ones included
+
+    @property
+    def cls(self):
+        return get_method(self.method)
 
     @property
     def label(self) -> str:
-        return LABELS.get(self.method, self.method)
+        return self.cls.label or self.method
+
+    @property
+    def best(self) -> FrozenTrial | None:
+        """The searched trial of the selected configuration (the best searched trial without a seed phase)."""
+        return self.selected.searched if self.selected else best_trial(self.search)
+
+    @property
+    def selected(self) -> Config | None:
+        """The configuration with the best mean val metric over its seeds, once the seed phase has run."""
+        return max(self.configs, key=Config.score) if self.configs else None
 
     def count(self, state: TrialState) -> int:
         return sum(t.state == state for t in self.search)
 
     def runs(self) -> list[FrozenTrial]:
-        """The runs the table averages: the replicates if any, else the best trial alone."""
-        return self.replicates or ([self.best] if self.best else [])
+        """The runs the table averages: the selected configuration's finished seeds, else the best trial alone."""
+        if self.selected:
+            return self.selected.runs()
+        return [self.best] if self.best else []
+
+    @property
+    def asked(self) -> int:
+        return self.selected.asked if self.selected else int(self.best is not None)
 
 
-def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """Best by val WGA; ties broken by val average, then fewer epochs (the same rule for every method)."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and "val" in t.user_attrs and not is_replicate(t)]
-    if not done:
-        return None
-    return max(done, key=lambda t: (t.value, t.user_attrs["val"]["avg_plain"], -t.user_attrs.get("epochs_run", 0)))
+def _kept(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    retried = retried_numbers(trials)
+    return [t for t in trials if t.number not in retried]
 
 
 def collect(storage, experiment: str):
-    """(experiment, [StudyResult]) in the paper's row order: per dataset ERM, DRO, Ours, then others."""
-    exp, studies = load_experiment(storage, experiment)
-    order = list(LABELS)
+    """(experiment, [StudyResult]) in the methods' row order per dataset (ERM, DRO, Ours, then others)."""
+    exp, studies, seeds = load_experiment(storage, experiment, seeds=True)
     results = []
     for s in studies:
         trials = s.get_trials(deepcopy=False)
-        retried = retried_numbers(trials)
-        kept = [t for t in trials if t.number not in retried]
-        search = [t for t in kept if not is_replicate(t)]
-        best = best_trial(search)
-        reps = [t for t in kept if best and is_replicate(t) and t.user_attrs["replicate_of"] == best.number
-                and t.state == TrialState.COMPLETE and "test" in t.user_attrs]
-        results.append(StudyResult(
-            name=s.study_name, dataset=s.user_attrs["dataset"], method=s.user_attrs["method"],
-            uses_group_labels=bool(s.user_attrs.get("uses_group_labels")), search=search, best=best,
-            replicates=sorted(reps, key=lambda t: t.user_attrs["seed"]),
-            compute_s=sum(t.user_attrs.get("train_seconds", 0.0) for t in trials)))
+        r = StudyResult(name=s.study_name, dataset=s.user_attrs["dataset"], method=s.user_attrs["method"],
+                        search=_kept(trials))
+        seed_trials = seeds[s.study_name].get_trials(deepcopy=False) if s.study_name in seeds else []
+        by_number = {t.number: t for t in r.search}
+        for t in _kept(seed_trials):
+            config = next((c for c in r.configs if c.searched.number == t.user_attrs["config"]), None)
+            if config is None and t.user_attrs["config"] in by_number:
+                config = Config(rank=t.user_attrs["rank"], searched=by_number[t.user_attrs["config"]])
+                r.configs.append(config)
+            if config:
+                config.reruns.append(t)
+        r.configs.sort(key=lambda c: c.rank)
+        r.compute_s = sum(t.user_attrs.get("train_seconds", 0.0) for t in (*trials, *seed_trials))
+        results.append(r)
     rank = {d: i for i, d in enumerate(exp.datasets)}
-    results.sort(key=lambda r: (rank.get(r.dataset, len(rank)),
-                                order.index(r.method) if r.method in order else len(order), r.method))
+    results.sort(key=lambda r: (rank.get(r.dataset, len(rank)), r.cls.order, r.method))
     return exp, results
 
 
@@ -89,49 +165,58 @@ def _pct(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
 
 
-def summary(results: list[StudyResult], avg: str = "train_weighted") -> pd.DataFrame:
-    """The table's numbers (percent, 1 decimal): every output format is rendered from this frame."""
-    key = AVG[avg][0]
+def summary(exp, results: list[StudyResult], avg: str = "train_weighted") -> pd.DataFrame:
+    """The table's numbers (percent, 1 decimal), columns COLUMNS: every output format is rendered from this frame."""
+    key, selection = AVG[avg][0], get_selection(exp.selection)
     rows = []
     for r in results:
         runs = r.runs()
-        row = {"dataset": r.dataset, "method": r.label, "Avg": np.nan, "Avg std": np.nan, "Worst": np.nan,
-               "Worst std": np.nan, "val WGA": np.nan, "val WGA std": np.nan, "seeds": len(runs),
-               "group labels": "yes" if r.uses_group_labels else "no", "complete": r.count(TrialState.COMPLETE),
-               "pruned": r.count(TrialState.PRUNED), "failed": r.count(TrialState.FAIL),
-               "compute (s)": round(r.compute_s)}
+        row = dict.fromkeys(COLUMNS, np.nan) | {
+            "dataset": r.dataset, "method": r.label, "seeds finished": len(runs), "seeds asked": r.asked,
+            "train group labels": "yes" if r.cls.uses_group_labels else "no",
+            "selection group labels": "yes" if selection.uses_group_labels else "no",
+            "trials complete": r.count(TrialState.COMPLETE), "trials pruned": r.count(TrialState.PRUNED),
+            "trials failed": r.count(TrialState.FAIL), "compute (s)": round(r.compute_s)}
         if runs:
             row["Avg"], row["Avg std"] = _pct([t.user_attrs["test"][key] for t in runs])
             row["Worst"], row["Worst std"] = _pct([t.user_attrs["test"]["wga"] for t in runs])
-            row["val WGA"], row["val WGA std"] = _pct([t.value for t in runs])
+            row["val"], row["val std"] = _pct([t.value for t in runs])
         rows.append(row)
-    return pd.DataFrame(rows).round(1)
+    return pd.DataFrame(rows, columns=COLUMNS).round(1)
 
 
-def paired_bootstrap(diffs, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of paired differences and the 95% percentile-bootstrap interval of that mean (seeds resampled)."""
+def t_interval(diffs, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
+    """Mean of paired differences and its Student-t confidence interval (n - 1 degrees of freedom)."""
     d = np.asarray(diffs, dtype=float)
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(samples, len(d)))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return float(d.mean()), float(lo), float(hi)
+    mean = float(d.mean())
+    half = float(stats.t.ppf(0.5 + confidence / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
+def comparisons(results: list[StudyResult]) -> list[tuple[StudyResult, StudyResult]]:
+    """(a, b) pairs for a − b: the proposed method minus every other, then every other method minus the control."""
+    pairs = []
+    for dataset in dict.fromkeys(r.dataset for r in results):
+        rows = [r for r in results if r.dataset == dataset]
+        pairs += [(p, o) for p in rows if p.cls.proposed for o in rows if o is not p]
+        pairs += [(o, c) for c in rows if c.cls.control for o in rows
+                  if o is not c and not o.cls.proposed and not o.cls.control]
+    return pairs
 
 
 def contrasts(results: list[StudyResult]) -> pd.DataFrame:
-    """Ours − baseline test worst-group accuracy (pp) over seeds both replicated (paired by seed)."""
+    """Test worst-group differences (pp), paired by training seed over the seeds both rows finished."""
     rows = []
-    for ours in (r for r in results if r.method == OURS and len(r.replicates) >= 2):
-        mine = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in ours.replicates}
-        for base in (r for r in results if r.dataset == ours.dataset and r.method != OURS):
-            theirs = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in base.replicates}
-            seeds = sorted(set(mine) & set(theirs))
-            if len(seeds) < 2:
-                continue
-            mean, lo, hi = paired_bootstrap([100 * (mine[s] - theirs[s]) for s in seeds])
-            rows.append({"dataset": ours.dataset, "comparison": f"{ours.label} − {base.label}",
-                         "paired seeds": len(seeds), "Worst diff (pp)": round(mean, 1),
-                         "95% CI low": round(lo, 1), "95% CI high": round(hi, 1)})
-    return pd.DataFrame(rows)
+    for a, b in comparisons(results):
+        mine = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in a.runs()}
+        theirs = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in b.runs()}
+        seeds = sorted(set(mine) & set(theirs))
+        if len(seeds) < 2:
+            continue
+        mean, lo, hi = t_interval([100 * (mine[s] - theirs[s]) for s in seeds])
+        rows.append({"dataset": a.dataset, "comparison": f"{a.label} − {b.label}", "paired seeds": len(seeds),
+                     "Worst diff (pp)": round(mean, 1), "95% CI low": round(lo, 1), "95% CI high": round(hi, 1)})
+    return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 
 def _pm(mean: float, std: float) -> str:
@@ -140,55 +225,84 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.1f}" if np.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
-def display(table: pd.DataFrame) -> pd.DataFrame:
+def _seeds(r: StudyResult, finished: int) -> str:
+    """'5/5', or '4/5 (1 failed)': a configuration with a failed or unfinished seed is flagged."""
+    cell = f"{finished}/{r.asked}"
+    c = r.selected
+    notes = [f"{c.failed} failed"] * bool(c and c.failed) + [f"{c.pending} pending"] * bool(c and c.pending)
+    return f"{cell} ({', '.join(notes)})" if notes else cell
+
+
+def display(exp, table: pd.DataFrame, results: list[StudyResult]) -> pd.DataFrame:
     """The numbers as the paper prints them: '97.3' or '97.3 ± 0.4'; counts as complete/pruned/failed."""
     out = pd.DataFrame({"dataset": table["dataset"], "method": table["method"]})
-    for col in ("Avg", "Worst", "val WGA"):
-        out[col] = [_pm(m, s) if not np.isnan(m) or col == "Avg" else "" for m, s in
-                    zip(table[col], table[f"{col} std"])]
-    out["seeds"] = table["seeds"]
-    out["group labels"] = table["group labels"]
-    out["trials (complete/pruned/failed)"] = [f"{c}/{p}/{f}" for c, p, f in
-                                              zip(table["complete"], table["pruned"], table["failed"])]
+    out["Avg"] = [_pm(m, s) for m, s in zip(table["Avg"], table["Avg std"])]
+    for col, name in (("Worst", "Worst"), ("val", exp.selection)):
+        out[name] = ["" if np.isnan(m) else _pm(m, s) for m, s in zip(table[col], table[f"{col} std"])]
+    out["seeds"] = [_seeds(r, n) for r, n in zip(results, table["seeds finished"])]
+    out["train group labels"] = table["train group labels"]
+    out["selection group labels"] = table["selection group labels"]
+    out["trials (complete/pruned/failed)"] = [f"{c}/{p}/{f}" for c, p, f in zip(
+        table["trials complete"], table["trials pruned"], table["trials failed"])]
     out["compute (s)"] = table["compute (s)"]
     return out
 
 
 def caption(exp, results: list[StudyResult], avg: str) -> str:
-    replicated = any(r.replicates for r in results)
-    seeds = ("mean ± std over the seeds of `python -m study replicate` (new training seeds of the best "
-             "configuration; seeds = 1: the best trial alone)" if replicated else "one run (seed "
-             f"{exp.seed}); `python -m study replicate` adds seeds")
-    return (f"Experiment {exp.name!r} on {', '.join(exp.datasets)}: test accuracy (%) of each method's best "
-            f"trial, {seeds}. Avg = {AVG[avg][1]}; Worst = worst-group accuracy. Selection: {SELECTION}; "
-            "ties: higher val average, then fewer epochs. Trials: a retried trial counts once; failed trials "
-            "never enter the table. Compute: train seconds of every trial of the study.")
+    seeded = [r for r in results if r.configs]
+    if seeded:
+        k = max(len(r.configs) for r in seeded)
+        n = max(c.asked for r in seeded for c in r.configs)
+        protocol = (f"Protocol: a search of {exp.trials} trials per method (seed {exp.seed}); the top {k} "
+                    f"configurations by {exp.selection} re-run with {n} training seeds each (the searched run "
+                    f"counting as one); the configuration with the best mean {exp.selection} over its seeds is "
+                    "selected and its cells are mean ± std over its finished seeds (seeds: finished/asked). "
+                    "A row without a seed phase is 1 seed.")
+    else:
+        protocol = (f"Protocol: a search of {exp.trials} trials per method; each row is the best searched trial, "
+                    f"1 seed (seed {exp.seed}); `python -m study replicate` adds the seed phase.")
+    patience = (f"{exp.patience}" if exp.patience is not None else
+                "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
+    return (f"Experiment {exp.name!r} on {', '.join(exp.datasets)}: test accuracy (%). {protocol} "
+            f"Avg = {AVG[avg][1]}; Worst = worst-group accuracy. Selection: {exp.selection_text()}; ties: higher "
+            f"val average, then fewer epochs; early-stopping patience {patience} epochs. Trials: a retried trial "
+            "counts once; failed trials never enter the table. Compute: train seconds of every trial of the "
+            "search and the seed phase.")
 
 
-def contrast_caption() -> str:
-    return (f"Paired bootstrap ({BOOTSTRAP_SAMPLES:,} resamples of seeds) 95% confidence interval of the mean "
-            "test worst-group difference of Ours against each baseline, paired by training seed.")
+def contrast_caption(diffs: pd.DataFrame) -> str:
+    few = (f" Fewer than {FEW_SEEDS} paired seeds in some rows: the interval rests on very few differences."
+           if len(diffs) and diffs["paired seeds"].min() < FEW_SEEDS else "")
+    return ("Mean test worst-group difference of each comparison (first method − second, percentage points) over the "
+            f"seeds both finished, paired by training seed, with its {CONFIDENCE:.0%} Student-t interval.{few}")
+
+
+def _shown(exp, results, avg: str) -> pd.DataFrame:
+    return display(exp, summary(exp, results, avg), results)
 
 
 def render_markdown(exp, results, avg: str) -> str:
-    table = display(summary(results, avg)).to_markdown(index=False, disable_numparse=True)  # "58.0", not "58"
+    table = _shown(exp, results, avg).to_markdown(index=False, disable_numparse=True)  # "58.0", not "58"
     out = f"{caption(exp, results, avg)}\n\n{table}\n"
     diffs = contrasts(results)
     if len(diffs):
-        out += f"\n{contrast_caption()}\n\n{diffs.to_markdown(index=False, floatfmt='.1f')}\n"
+        out += f"\n{contrast_caption(diffs)}\n\n{diffs.to_markdown(index=False, floatfmt='.1f')}\n"
     return out
 
 
 def render_csv(exp, results, avg: str) -> str:
-    return summary(results, avg).to_csv(index=False)
+    """The table, then (after a blank line) the paired comparisons, each with its own header."""
+    out = summary(exp, results, avg).to_csv(index=False)
+    diffs = contrasts(results)
+    return out + ("\n" + diffs.to_csv(index=False) if len(diffs) else "")
 
 
 def render_latex(exp, results, avg: str) -> str:
-    shown = display(summary(results, avg)).rename(columns={"trials (complete/pruned/failed)": "trials (c/p/f)"})
+    shown = _shown(exp, results, avg).rename(columns={"trials (complete/pruned/failed)": "trials (c/p/f)"})
     out = shown.to_latex(index=False, caption=caption(exp, results, avg), label=f"tab:{exp.name}")
     diffs = contrasts(results)
     if len(diffs):
-        out += "\n" + diffs.to_latex(index=False, caption=contrast_caption(), label=f"tab:{exp.name}-ci",
+        out += "\n" + diffs.to_latex(index=False, caption=contrast_caption(diffs), label=f"tab:{exp.name}-ci",
                                      float_format="%.1f")
     return out.replace("±", r"$\pm$").replace("−", "$-$")
 
@@ -197,10 +311,10 @@ def render_html(exp, results, avg: str) -> str:
     from .figures import figures
     figs = figures(results, avg)
     parts = [f"<h1>Experiment {html.escape(exp.name)}</h1>", f"<p>{html.escape(caption(exp, results, avg))}</p>",
-             display(summary(results, avg)).to_html(index=False, border=0, classes="table")]
+             _shown(exp, results, avg).to_html(index=False, border=0, classes="table")]
     diffs = contrasts(results)
     if len(diffs):
-        parts += [f"<p>{html.escape(contrast_caption())}</p>", diffs.to_html(index=False, border=0)]
+        parts += [f"<p>{html.escape(contrast_caption(diffs))}</p>", diffs.to_html(index=False, border=0)]
     for i, fig in enumerate(figs.values()):  # plotly.js inlined once: the file works offline
         parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0, default_width="100%"))
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"

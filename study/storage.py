@@ -1,14 +1,21 @@
 """Optuna RDB storage: PostgreSQL (psycopg2) for the service, an embedded SQLite file by default."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import os
+import tempfile
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
@@ -17,7 +24,12 @@ DEFAULT_STORAGE = "sqlite:///studies.db"
 HEARTBEAT_INTERVAL = 60  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 180       # a trial silent this long is stale: failed and re-queued with the same parameters
 MAX_RETRY = 3            # re-queues per trial lineage after a dead worker
-STORAGE_TIMEOUT = 600    # seconds of database outage that storage calls ride out before the process gives up
+STORAGE_TIMEOUT = 600    # seconds of database outage that a worker's storage calls ride out before it gives up
+INTERACTIVE_TIMEOUT = 15  # the same for interactive commands (init, status, replicate, report, dashboard)
+# Writes that must not be repeated blindly after a connection error: the first attempt may have committed (a
+# second new trial; a popped trial reported as taken by someone else). They fail instead, and the caller retries
+# its whole step (the worker's claim, under the study lock, recounting what is there).
+NON_IDEMPOTENT = {"create_new_trial"}
 
 
 class StorageError(RuntimeError):
@@ -77,6 +89,23 @@ class ResilientRDBStorage(RDBStorage):
     def _setup_resilience(self, url: str, timeout: float) -> None:
         self._url, self._timeout, self._gave_up = url, timeout, None
 
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (heartbeat older than the grace period) plus RUNNING trials that never had a
+        heartbeat and started longer than the grace period ago (a write cut off by an outage may leave one)."""
+        from datetime import timedelta
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+        stale = RDBStorage._get_stale_trial_ids(self, study_id)
+        grace = self.grace_period or 2 * self.heartbeat_interval
+        with _create_scoped_session(self.scoped_session) as session:
+            now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
+            silent = (session.query(models.TrialModel.trial_id)
+                      .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
+                              ~models.TrialModel.heartbeats.any(),
+                              models.TrialModel.datetime_start < now - timedelta(seconds=grace)).all())
+        return stale + [t for (t,) in silent if t not in stale]
+
 
 def _resilient(name: str):
     method = getattr(RDBStorage, name)
@@ -86,6 +115,10 @@ def _resilient(name: str):
         if getattr(self, "_gave_up", None):
             raise StorageUnavailable(self._gave_up)
         if not hasattr(self, "_url"):  # during __init__
+            return method(self, *args, **kwargs)
+
+        if name in NON_IDEMPOTENT or (name == "set_trial_state_values" and
+                                      (kwargs.get("state", args[1] if len(args) > 1 else None) == TrialState.RUNNING)):
             return method(self, *args, **kwargs)
 
         def attempt(n):
@@ -132,14 +165,19 @@ def mask_url(url: str) -> str:
 
 
 def make_storage(url: str | None = None, heartbeat_interval: int | None = None, grace_period: int | None = None,
-                 max_retry: int = MAX_RETRY, timeout: float | None = None) -> RDBStorage:
+                 max_retry: int = MAX_RETRY, timeout: float | None = None,
+                 default_timeout: float = STORAGE_TIMEOUT) -> RDBStorage:
     """The storage at `url`; connection errors (also while opening it) are ridden out for `timeout` seconds
-    (default $STUDY_STORAGE_TIMEOUT or 600)."""
+    (default $STUDY_STORAGE_TIMEOUT, else `default_timeout`: 600 s for workers, 15 s for interactive commands)."""
     url = storage_url(url)
+    raw = timeout if timeout is not None else os.environ.get("STUDY_STORAGE_TIMEOUT", default_timeout)
     try:
-        timeout = float(timeout if timeout is not None else os.environ.get("STUDY_STORAGE_TIMEOUT", STORAGE_TIMEOUT))
+        timeout = float(raw)
     except ValueError:
-        raise StorageError(f"STUDY_STORAGE_TIMEOUT={os.environ['STUDY_STORAGE_TIMEOUT']!r}: expected seconds") from None
+        timeout = float("nan")
+    if not (0 <= timeout < float("inf")):
+        raise StorageError(f"storage timeout {raw!r} (--storage-timeout / STUDY_STORAGE_TIMEOUT): expected a "
+                           "finite number of seconds >= 0")
     interval = heartbeat_interval or int(os.environ.get("STUDY_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL))
     grace = grace_period or int(os.environ.get("STUDY_GRACE_PERIOD", max(GRACE_PERIOD, 3 * interval)))
     try:
@@ -162,10 +200,12 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
     else:
         raise StorageError(f"unsupported storage {mask_url(url)!r}: use postgresql:// or sqlite:///")
 
+    retry = CleanRetry(max_retry=max_retry)
+    retry._url, retry._timeout = url, timeout
+
     def open_storage(_):
         storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                      grace_period=grace,
-                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+                                      grace_period=grace, heartbeat_stale_trial_callback=retry)
         storage._setup_resilience(url, timeout)
         return storage
     try:
@@ -174,9 +214,31 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(e)}") from None
 
 
-def is_replicate(t: optuna.trial.BaseTrial) -> bool:
-    """A seed re-run of a study's best configuration (`python -m study replicate`), not a searched trial."""
-    return "replicate_of" in t.user_attrs
+# The user attributes that say what a trial is (not what happened to it): the only ones a retry inherits.
+IDENTITY_ATTRS = ("seed", "reference", "config", "rank")
+
+
+class CleanRetry(RetryHeartbeatStaleTrialCallback):
+    """Re-queues a dead trial with the same parameters, like Optuna's callback, but (1) the retry inherits only the
+    identity attributes (seed, configuration), never the dead trial's fail_reason, metrics or seconds, and (2) it is
+    idempotent: a connection error while adding it is ridden out and the retry is added once, not zero or two times.
+    """
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if self._max_retry is not None and self._max_retry < len(history):
+            return
+        system_attrs = {"failed_trial": trial.number, **trial.system_attrs, "retry_history": history}
+        template = optuna.create_trial(state=TrialState.WAITING, params=trial.params,
+                                       distributions=trial.distributions, system_attrs=system_attrs,
+                                       user_attrs={k: v for k, v in trial.user_attrs.items() if k in IDENTITY_ATTRS})
+
+        def add(attempt: int) -> None:
+            if attempt and any(trial.number in t.system_attrs.get("retry_history", [])
+                               for t in study.get_trials(deepcopy=False)):
+                return  # the cut-off attempt had committed
+            study.add_trial(template)
+        ride_out(add, getattr(self, "_url", ""), getattr(self, "_timeout", STORAGE_TIMEOUT), " (re-queue)")
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
@@ -184,3 +246,25 @@ def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
     with warnings.catch_warnings():  # retry_history is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
+
+
+@contextlib.contextmanager
+def study_lock(storage: RDBStorage, study_name: str):
+    """Serialises the claim of a study's next trial across every worker, so that counting the budget and taking or
+    creating the trial happen as one step: a transaction-level advisory lock on PostgreSQL (released by the server
+    if the worker dies), an flock on a file beside the temp directory for an SQLite file (released by the kernel)."""
+    if storage.engine.dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"debias-study-claim:{study_name}".encode()).digest()[:8], "big",
+                             signed=True)
+        with storage.engine.begin() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            yield
+        return
+    db = os.path.realpath(storage.engine.url.database or "memory")
+    path = Path(tempfile.gettempdir()) / f"debias-study-claim-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

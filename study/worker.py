@@ -1,23 +1,30 @@
 """`python -m study worker`: identical workers that load an experiment's studies and run trials until done."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import optuna
-from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from trainer import TrainConfig, fit
 from trainer.cli import command_for
+from trainer.metrics import get_selection
 
 from .experiment import Experiment, load_experiment, make_pruner, search_space
-from .storage import MAX_RETRY, StorageUnavailable, is_replicate, retried_numbers
+from .storage import StorageUnavailable, retried_numbers, ride_out, study_lock
+
+
+# The worker records heartbeats itself (see `heartbeat`): Optuna's reminder that study.optimize would do it is moot.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 class WorkerStopped(KeyboardInterrupt):
@@ -44,11 +51,10 @@ def _record(trial: optuna.Trial, result: dict | None, history: list[dict], t0: f
     if history and "lambda_share" in history[-1]:
         trial.set_user_attr("lambda_share", [h.get("lambda_share") for h in history])
     if result:
-        trial.set_user_attr("best_epoch", result["best_epoch"])
+        for key in ("best_epoch", "first_own_epoch", "selection", "device", "data_checksum"):
+            trial.set_user_attr(key, result[key])
         trial.set_user_attr("val", _metrics(result["val"]))
         trial.set_user_attr("test", _metrics(result["test"]))
-        trial.set_user_attr("device", result["device"])
-        trial.set_user_attr("data_checksum", result["data_checksum"])
 
 
 class Objective:
@@ -56,7 +62,6 @@ class Objective:
         self.exp, self.dataset, self.method, self.device = exp, dataset, method, device
         self.space = search_space(exp, dataset, method)
         self.splits_cache = splits_cache
-        self.current: int | None = None  # number of the trial in progress
 
     def splits(self):
         if self.dataset not in self.splits_cache:
@@ -67,14 +72,14 @@ class Objective:
         params = {name: spec.suggest(trial, name) for name, spec in self.space.items()}
         e = self.exp
         return TrainConfig(dataset=self.dataset, method=self.method, data_dir=e.data_dir, model=e.model,
-                           image_size=e.image_size, epochs=e.epochs, patience=e.patience,
-                           seed=trial.user_attrs.get("seed", e.seed), data_seed=e.data_seed, device=self.device,
-                           lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
+                           image_size=e.image_size, epochs=e.epochs, patience=e.patience, selection=e.selection,
+                           grad_clip=e.grad_clip, seed=trial.user_attrs.get("seed", e.seed), data_seed=e.data_seed,
+                           device=self.device, lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
                            batch_size=params.pop("batch_size"), method_params=params)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial, prune: bool) -> float:
+        """Trains one trial; returns its selection metric at the best epoch. Seed-phase runs are never pruned."""
         t0, history = time.time(), []
-        self.current = trial.number
         try:
             cfg = self.config(trial)
             trial.set_user_attr("command", command_for(cfg))
@@ -82,13 +87,13 @@ class Objective:
             trial.set_user_attr("code_version", code_version())
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
 
-            replicate = is_replicate(trial)  # a seed re-run is never pruned
-
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
-                trial.report(record["val_wga"], epoch)
-                if not replicate and trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch} (val WGA {record['val_wga']:.4f})")
+                trial.report(record["val_selection"], epoch)
+                trial.set_user_attr("train_seconds", round(time.time() - t0, 2))  # a killed trial's compute counts
+                if prune and trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.exp.selection} "
+                                             f"{record['val_selection']:.4f})")
 
             result = fit(cfg, callback=report, splits=self.splits(), log=None)
         except optuna.TrialPruned:
@@ -100,21 +105,18 @@ class Objective:
             _record(trial, None, history, t0)
             raise
         _record(trial, result, history, t0)
-        return result["val"]["wga"]
+        return result["val"][get_selection(self.exp.selection).key]
 
 
 def trial_counts(study: optuna.Study) -> dict[str, int]:
+    """Trial states of one study; `used`: trials that count toward the search budget (a retried lineage once)."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     counts = {s.name.lower(): 0 for s in TrialState}
     for t in trials:
         counts[t.state.name.lower()] += 1
     counts["retried"] = sum(1 for t in trials if t.number in retried)
-    replicates = [t for t in trials if is_replicate(t) and t.number not in retried]
-    counts["replicates"] = len(replicates)
-    counts["replicate_waiting"] = sum(t.state == TrialState.WAITING for t in replicates)
-    # a retried lineage counts once toward the budget; seed replicates are outside it
-    counts["used"] = len(trials) - counts["retried"] - counts["replicates"]
+    counts["used"] = len(trials) - counts["retried"]
     return counts
 
 
@@ -122,54 +124,116 @@ def _on_signal(signum, frame):
     raise WorkerStopped(f"signal {signum}")
 
 
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int):
+    """Records the trial's heartbeat every interval while it trains (what study.optimize does for its trials)."""
+    interval = storage.get_heartbeat_interval()
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+    thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
+    if interval:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if interval:
+            thread.join(timeout=5)
+
+
+class Phase:
+    """One study a worker draws trials from: a search study (sampled trials up to the budget, re-queued ones) or
+    a seed-phase study (only enqueued trials; it never samples)."""
+
+    def __init__(self, study: optuna.Study, search: bool, objective: Objective, budget: int):
+        self.study, self.search, self.objective, self.budget = study, search, objective, budget
+
+    def has_work(self, c: dict) -> bool:
+        return bool(c["waiting"]) or (self.search and c["used"] < self.budget)
+
+    def claim(self, storage) -> optuna.Trial | None:
+        """Under the study's lock: a waiting trial if there is one, else a newly sampled one while the search budget
+        allows, else None. No other worker counts or creates at the same time, so the budget is exact."""
+        with study_lock(storage, self.study.study_name):
+            if self.has_work(trial_counts(self.study)):
+                return self.study.ask()
+        return None
+
+
+def run_trial(phase: Phase, trial: optuna.Trial, storage) -> optuna.trial.FrozenTrial:
+    """Runs one claimed trial with heartbeats and records its end (COMPLETE, PRUNED or FAIL with its reason)."""
+    study = phase.study
+    try:
+        with heartbeat(storage, trial._trial_id):
+            value = phase.objective(trial, prune=phase.search)
+    except optuna.TrialPruned:
+        return study.tell(trial, state=TrialState.PRUNED)
+    except WorkerStopped:
+        for sig in (signal.SIGTERM, signal.SIGINT):  # a burst of Ctrl-C must not cut the re-queue short
+            signal.signal(sig, signal.SIG_IGN)
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        storage.get_heartbeat_stale_trial_callback()(study, frozen)  # nothing lost: the same parameters again
+        raise
+    except Exception:
+        return study.tell(trial, state=TrialState.FAIL)  # fail_reason was recorded by the objective
+    return study.tell(trial, value)
+
+
 def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int | None = None,
                poll_seconds: float = 5.0, log=print, between_trials=None) -> int:
-    """Run trials until every study of the experiment has met its budget and none is running. Returns 0."""
-    exp, studies = load_experiment(storage, experiment)
+    """Run trials until every study of the experiment has met its budget, no seed-phase run waits and none is
+    running. Returns 0."""
+    exp, studies, seeds = load_experiment(storage, experiment, seeds=True)
     seed = sampler_seed if sampler_seed is not None else (os.getpid() * 7919 + time.time_ns()) % 2**31
-    for i, s in enumerate(studies):  # pruners are not stored: every worker builds the same one
-        s.sampler = optuna.samplers.TPESampler(seed=seed + i)
-        s.pruner = make_pruner(exp, s.user_attrs["dataset"])
     splits_cache: dict = {}
-    objectives = {s.study_name: Objective(exp, s.user_attrs["dataset"], s.user_attrs["method"], device, splits_cache)
-                  for s in studies}
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+    phases = []
+    for i, s in enumerate(studies):  # pruners are not stored: every worker builds the same one
+        dataset, method = s.user_attrs["dataset"], s.user_attrs["method"]
+        s.sampler = optuna.samplers.TPESampler(seed=seed + i)
+        s.pruner = make_pruner(exp, dataset, method)
+        objective = Objective(exp, dataset, method, device, splits_cache)
+        phases.append(Phase(s, True, objective, exp.trials))
+        if s.study_name in seeds:  # every parameter of a seed run is fixed: nothing is sampled or pruned
+            seeds[s.study_name].sampler = optuna.samplers.RandomSampler(seed=seed + i)
+            phases.append(Phase(seeds[s.study_name], False, objective, 0))
     old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    url, timeout = getattr(storage, "_url", ""), getattr(storage, "_timeout", 600.0)
     log(f"worker {os.getpid()}: experiment {experiment!r}, {len(studies)} studies, sampler seed {seed}")
-    finished: list[optuna.trial.FrozenTrial] = []
     try:
         while True:
             if between_trials:
                 between_trials()
-            for s in studies:
-                optuna.storages.fail_stale_trials(s)  # dead workers' trials: failed and re-queued
-            counts = {s.study_name: trial_counts(s) for s in studies}
-            todo = [s for s in studies
-                    if counts[s.study_name]["used"] < exp.trials or counts[s.study_name]["waiting"]]
+            counts = {}
+            for p in phases:
+                optuna.storages.fail_stale_trials(p.study)  # dead workers' trials: failed and re-queued
+                counts[p.study.study_name] = trial_counts(p.study)
+            todo = [p for p in phases if p.has_work(counts[p.study.study_name])]
             if not todo:
                 if any(c["running"] for c in counts.values()):
                     time.sleep(poll_seconds)  # a running trial may still fail and need a retry
                     continue
                 log(f"worker {os.getpid()}: all budgets met")
                 return 0
-            # fewest used first; re-queued (waiting) trials before new ones
-            study = min(todo, key=lambda s: (not counts[s.study_name]["waiting"], counts[s.study_name]["used"]))
-            objective = objectives[study.study_name]
+            # waiting (re-queued or seed-phase) trials first, then the study with the fewest used trials
+            todo.sort(key=lambda p: (not counts[p.study.study_name]["waiting"], counts[p.study.study_name]["used"]))
+            for phase in todo:
+                trial = ride_out(lambda _: phase.claim(storage), url, timeout, " (claiming a trial)")
+                if trial is not None:
+                    break
+            else:
+                continue  # other workers took them first: count again
             try:
-                study.optimize(objective, n_trials=1, catch=(Exception,),
-                               callbacks=[lambda _, t: finished.append(t)])
+                t = run_trial(phase, trial, storage)
             except Exception:
                 if getattr(storage, "_gave_up", None):  # the database stayed down: say that, not what broke on it
                     raise StorageUnavailable(storage._gave_up) from None
                 raise
-            except WorkerStopped:
-                # Optuna has failed the trial with our reason; re-queue it so nothing is lost
-                stopped = [t for t in study.get_trials(deepcopy=False) if t.number == objective.current]
-                if stopped and stopped[0].state == TrialState.FAIL:
-                    retry(study, stopped[0])
-                raise
-            t = finished[-1]
-            log(f"worker {os.getpid()}: {study.study_name} trial {t.number} {t.state.name} "
+            log(f"worker {os.getpid()}: {phase.study.study_name} trial {t.number} {t.state.name} "
                 f"value {t.value if t.value is not None else '-'} {t.user_attrs.get('fail_reason', '')}")
     except WorkerStopped:
         log(f"worker {os.getpid()}: stopped by signal (a running trial was failed and re-queued)")

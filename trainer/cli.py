@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import COMPILE_MIN_STEPS, IMAGE_LOADERS, TrainConfig
 from .data import DATASETS
+from .metrics import SELECTIONS
 from .methods import METHODS
 from .models import MODELS
 
@@ -43,7 +44,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help="SGD learning rate (default: the dataset's)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: the dataset's)")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--patience", type=int, default=10, help="early stopping patience on val WGA (0 = off)")
+    p.add_argument("--patience", type=int,
+                   help="early stopping patience in the method's own epochs (0 = off; default max(10, epochs // 4))")
+    p.add_argument("--selection", default="val_wga", choices=list(SELECTIONS),
+                   help="model-selection metric: val_wga (reads val group labels), val_worst_class or val_avg")
+    p.add_argument("--grad-clip", type=float, help="max gradient norm for every method, 0 = off (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="training seed (init, sampling, augmentation)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of generated splits/colours (cmnist)")
     p.add_argument("--train-agreement", type=float, default=0.95,

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from .data import get_dataset
 from .methods import get_method
+from .metrics import get_selection
 from .models import MODELS
 
 
@@ -13,6 +14,12 @@ IMAGE_LOADERS = ("decoded", "pil")
 # ERM step (0.81x) after a 44 s compile, so it pays back after ~8,000 steps: on by default for CUDA runs of at
 # least that many steps (Waterbirds' 300 epochs x 38 steps: on; a 20-epoch CMNIST run: off).
 COMPILE_MIN_STEPS = 8000
+
+
+def default_patience(epochs: int) -> int:
+    """Early-stopping patience that scales with the epoch budget: 10 for short runs, a quarter of the budget for
+    long ones (Waterbirds' 300 epochs: 75), so a long published recipe is not cut short."""
+    return max(10, epochs // 4)
 
 
 @dataclass
@@ -29,7 +36,10 @@ class TrainConfig:
     lr: float | None = None          # SGD learning rate
     weight_decay: float | None = None
     momentum: float = 0.9            # SGD momentum (published recipes use 0.9)
-    patience: int = 10               # stop after this many epochs without a better val WGA; 0 = never
+    patience: int | None = None      # stop after this many of the method's own epochs without a better selection
+                                     # metric; 0 = never; None = default_patience(epochs), which scales with the budget
+    selection: str = "val_wga"       # model-selection metric: val_wga, val_worst_class or val_avg (trainer/metrics.py)
+    grad_clip: float | None = None   # max gradient norm for every method alike; 0 = off; None = the dataset's recipe
     seed: int = 0                    # model init, sampling order, augmentation
     data_seed: int = 0               # splits and colours of generated datasets; fixed across training seeds
     train_agreement: float = 0.95    # cmnist: fraction of training samples whose colour agrees with the label
@@ -45,6 +55,9 @@ class TrainConfig:
         method_cls = get_method(self.method)
         filled = {f.name: getattr(defaults, f.name) for f in fields(defaults) if getattr(self, f.name) is None}
         cfg = replace(self, **filled)
+        if cfg.patience is None:
+            cfg.patience = default_patience(cfg.epochs)
+        get_selection(cfg.selection)
         if cfg.model not in MODELS:
             raise ValueError(f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
         for name in ("epochs", "batch_size", "image_size"):
@@ -52,15 +65,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.image_loader not in IMAGE_LOADERS:
             raise ValueError(f"unknown image loader {cfg.image_loader!r} (choose from {', '.join(IMAGE_LOADERS)})")
-        if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.patience < 0:
-            raise ValueError(f"need lr > 0, weight_decay >= 0, patience >= 0; got {cfg.lr}, "
-                             f"{cfg.weight_decay}, {cfg.patience}")
+        if not (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.patience >= 0 and cfg.grad_clip >= 0):
+            raise ValueError(f"need lr > 0, weight_decay >= 0, patience >= 0, grad_clip >= 0; got {cfg.lr}, "
+                             f"{cfg.weight_decay}, {cfg.patience}, {cfg.grad_clip}")
         known = {f.name for f in method_cls.param_fields()}
         unknown = set(cfg.method_params) - known
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(sorted(unknown))} for method {cfg.method!r} "
                              f"(has: {', '.join(sorted(known)) or 'none'})")
         cfg.method_params = asdict(method_cls.Params(**cfg.method_params))
+        first = method_cls.first_own_epoch(method_cls.Params(**cfg.method_params))
+        if first > cfg.epochs:
+            raise ValueError(f"method {cfg.method!r} trains its own epochs from epoch {first} (after its warm-up), "
+                             f"but epochs is {cfg.epochs}")
         return cfg
 
     def to_dict(self) -> dict:

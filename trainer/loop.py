@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import COMPILE_MIN_STEPS, TrainConfig
 from .data import Splits, TensorGroupDataset, load_splits, make_loader
 from .methods import get_method
-from .metrics import group_metrics
+from .metrics import get_selection, group_metrics, selection_key
 from .models import build_model
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
@@ -73,12 +73,13 @@ def predict(model, loader, device, autocast, channels_last=False, transform=None
 def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
     ds = _place(ds, device)
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    correct, groups = [], []
+    correct, groups, labels = [], [], []
     transform = functools.partial(ds.batch_transform, train=False)
     for logits, _, y, a in predict(model, loader, device, autocast, channels_last, transform):
         correct.append(logits.argmax(1) == y)
         groups.append(y * n_attr + a)
-    return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts)
+        labels.append(y)
+    return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts, y=torch.cat(labels))
 
 
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
@@ -86,6 +87,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     """Train one model with one method; return the result record (see README for its keys)."""
     t_start = time.time()
     cfg = cfg.resolved()
+    selection = get_selection(cfg.selection)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if splits is None:
@@ -101,8 +103,10 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     method_cls = get_method(cfg.method)
-    method = method_cls(method_cls.Params(**cfg.method_params), n_train=len(train), n_groups=splits.n_groups,
-                        train_groups=train.g).to(device)
+    params = method_cls.Params(**cfg.method_params)
+    method = method_cls(params, n_train=len(train), n_groups=splits.n_groups, train_groups=train.g,
+                        grad_clip=cfg.grad_clip).to(device)
+    first_own = method_cls.first_own_epoch(params)  # earlier epochs (a warm-up) are never the selected model
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -146,15 +150,17 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
                                      f"(method {cfg.method}, lr {cfg.lr}, {cfg.method_params})")
         val = evaluate_split(splits.val)
         record = {"epoch": epoch, **{f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()},
-                  "val_wga": val["wga"], "val_avg_plain": val["avg_plain"],
-                  "val_avg_train_weighted": val["avg_train_weighted"], **method.epoch_stats(),
+                  "val_wga": val["wga"], "val_worst_class": val["worst_class"], "val_avg_plain": val["avg_plain"],
+                  "val_avg_train_weighted": val["avg_train_weighted"], "own": epoch >= first_own,
+                  "val_selection": val[selection.key], **method.epoch_stats(),
                   "seconds": round(time.time() - t_epoch, 3)}
         history.append(record)
-        improved = best is None or (val["wga"], val["avg_plain"]) > (best[1]["wga"], best[1]["avg_plain"])
+        improved = epoch >= first_own and (best is None or selection_key(val, cfg.selection) >
+                                           selection_key(best[1], cfg.selection))
         if improved:
             best, stale = (epoch, val), 0
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
+        elif epoch >= first_own:
             stale += 1
         if log:
             log(_epoch_line(record, cfg.epochs, improved))
@@ -162,14 +168,15 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
             callback(epoch, record)
         if cfg.patience and stale >= cfg.patience:
             if log:
-                log(f"early stop: no val WGA improvement for {cfg.patience} epochs")
+                log(f"early stop: no {cfg.selection} improvement for {cfg.patience} epochs")
             break
 
     model.load_state_dict(best_state)
     test = evaluate_split(splits.test)
     return {
         "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "hparams": cfg.to_dict(),
-        "uses_group_labels": method_cls.uses_group_labels, "best_epoch": best[0], "epochs_run": len(history),
+        "uses_group_labels": method_cls.uses_group_labels, "selection": cfg.selection, "best_epoch": best[0],
+        "first_own_epoch": first_own, "epochs_run": len(history),
         "seconds": round(time.time() - t_start, 2), "compiled": compiled, "device": str(device) if not cuda else torch.cuda.get_device_name(device),
         "data_checksum": splits.checksum, "val": best[1], "test": test, "history": history,
     }
@@ -181,5 +188,6 @@ def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
         extra = f"  violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f}"
     elif "q" in r:
         extra = f"  q {r['q']}"
-    return (f"epoch {r['epoch']:3d}/{epochs}  loss {r['train_loss']:.4f}  val wga {r['val_wga']:.4f} "
-            f"avg {r['val_avg_plain']:.4f}{' *' if improved else '  '}{extra}  {r['seconds']:.1f}s")
+    return (f"epoch {r['epoch']:3d}/{epochs}{'' if r['own'] else ' (warm-up)'}  loss {r['train_loss']:.4f}  "
+            f"val wga {r['val_wga']:.4f} worst class {r['val_worst_class']:.4f} avg {r['val_avg_plain']:.4f}"
+            f"{' *' if improved else '  '}{extra}  {r['seconds']:.1f}s")

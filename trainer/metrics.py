@@ -1,11 +1,17 @@
 """Per-group accuracy, worst group, and the two definitions of average accuracy."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
-def group_metrics(correct: torch.Tensor, g: torch.Tensor, n_groups: int, train_counts: torch.Tensor) -> dict:
+def group_metrics(correct: torch.Tensor, g: torch.Tensor, n_groups: int, train_counts: torch.Tensor,
+                  y: torch.Tensor | None = None) -> dict:
     """`correct` and `g` per sample. Empty groups are skipped (they have no accuracy).
+
+    worst_class: the lowest per-class accuracy, from the labels `y` alone (no group label): the attribute-free
+    selection metric of SubpopBench.
 
     avg_plain: plain accuracy over all samples.
     avg_train_weighted: group accuracies weighted by training-set group proportions (Waterbirds convention).
@@ -16,10 +22,43 @@ def group_metrics(correct: torch.Tensor, g: torch.Tensor, n_groups: int, train_c
     present = counts > 0
     acc = torch.where(present, hits / counts.clamp(min=1), torch.zeros_like(hits))
     w = train_counts.float().cpu() * present
-    return {
+    out = {
         "wga": float(acc[present].min()) if present.any() else float("nan"),
         "avg_plain": float(correct.mean()) if len(correct) else float("nan"),
         "avg_train_weighted": float((acc * w).sum() / w.sum()) if w.sum() > 0 else float("nan"),
         "groups": [{"group": int(i), "acc": float(acc[i]), "count": int(counts[i])}
                    for i in range(n_groups) if present[i]],
     }
+    if y is not None:
+        y = y.detach().long().cpu()
+        n_y = torch.bincount(y)
+        hits_y = torch.bincount(y, weights=correct, minlength=len(n_y))
+        out["worst_class"] = float((hits_y[n_y > 0] / n_y[n_y > 0]).min()) if len(y) else float("nan")
+    return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A model-selection metric: early stopping, best epoch, pruning, the search objective and the seed phase."""
+    key: str                  # key in a split's metrics dict
+    uses_group_labels: bool   # whether it reads the val set's group labels
+    text: str                 # how captions name it
+
+
+SELECTIONS = {
+    "val_wga": Selection("wga", True, "val worst-group accuracy"),
+    "val_worst_class": Selection("worst_class", False, "val worst-class accuracy (no group labels)"),
+    "val_avg": Selection("avg_plain", False, "val average accuracy (no group labels)"),
+}
+
+
+def get_selection(name: str) -> Selection:
+    if name not in SELECTIONS:
+        raise ValueError(f"unknown selection {name!r} (choose from {', '.join(SELECTIONS)})")
+    return SELECTIONS[name]
+
+
+def selection_key(metrics: dict, selection: str) -> tuple[float, float]:
+    """What 'better' means, the same rule everywhere: the selection metric, ties broken by plain val average
+    (which reads no group label)."""
+    return metrics[SELECTIONS[selection].key], metrics["avg_plain"]

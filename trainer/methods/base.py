@@ -50,17 +50,23 @@ class Method(nn.Module):
     """Subclasses set `Params` and implement `loss`. State (GroupDRO weights, multipliers) lives in buffers.
 
     `train_groups` (group id per training sample) is given to every method for logging; only methods
-    with `uses_group_labels = True` receive group ids in `loss`.
+    with `uses_group_labels = True` receive group ids in `loss`. How a method appears in the report (row label,
+    row order, whether it is the proposed method or the control every other is compared with) is said here too:
+    adding a method touches only this package.
     """
 
     Params: ClassVar[type] = NoParams
     SPACE: ClassVar[dict] = {}  # searched parameters: name -> Float/Int/Choice (defaults live in Params)
     uses_group_labels: ClassVar[bool] = False
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    label: ClassVar[str] = ""        # the report's row label (default: the registry name)
+    order: ClassVar[int] = 100       # row order in the report (lower first)
+    proposed: ClassVar[bool] = False  # the paper's method: compared against every other row
+    control: ClassVar[bool] = False   # the reference every other method is compared with (ERM)
 
-    def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor):
+    def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor, grad_clip: float = 0.0):
         super().__init__()
         self.params, self.n_train, self.n_groups = params, n_train, n_groups
+        self.grad_clip = grad_clip  # max gradient norm, a training setting shared by every method; 0 = off
         self.register_buffer("train_groups", train_groups.long().clone(), persistent=False)
 
     def loss(self, logits, h, y, g, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -93,3 +99,14 @@ class Method(nn.Module):
     @classmethod
     def param_fields(cls):
         return fields(cls.Params)
+
+    @classmethod
+    def first_own_epoch(cls, params) -> int:
+        """The first epoch (1-based) that is this method's own: epochs before it (a warm-up of plain ERM, a first
+        stage) never become the selected checkpoint and do not count toward patience."""
+        return 1
+
+    @classmethod
+    def space_for(cls, epochs: int) -> dict:
+        """The search space for runs of `epochs` epochs (a method narrows ranges that need more epochs)."""
+        return dict(cls.SPACE)

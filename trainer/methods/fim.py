@@ -29,7 +29,6 @@ class FIMParams:
     dual_lr: float = param(10.0, "dual ascent step on the normalised slack (T - eps) / eps")
     warmup_epochs: int = param(1, "epochs of plain ERM before eps is set and the constraints start")
     lambda_max: float = param(10.0, "upper bound on each multiplier (guards against divergence)")
-    grad_clip: float = param(5.0, "max gradient norm, 0 = off (guards the last_layer scope)")
 
 
 class FisherConstrained(Method):
@@ -42,6 +41,7 @@ class FisherConstrained(Method):
         "warmup_epochs": Int(0, 3),             # default 1
     }
     uses_group_labels = False
+    label, order, proposed = "Ours", 2, True
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
 
     def __init__(self, params: FIMParams, **kw):
@@ -55,15 +55,23 @@ class FisherConstrained(Method):
         for name, value in (("dual_lr", p.dual_lr), ("lambda_max", p.lambda_max)):
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
-        if p.warmup_epochs < 0 or p.grad_clip < 0:
-            raise ValueError(f"warmup_epochs and grad_clip must be >= 0, got {p.warmup_epochs}, {p.grad_clip}")
-        self.grad_clip = p.grad_clip
+        if p.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {p.warmup_epochs}")
         self.register_buffer("lam", torch.zeros(self.n_train))
         self.register_buffer("eps", torch.tensor(float("nan")))
         self.register_buffer("feature_scale", torch.tensor(1.0))
         self.register_buffer("n_active", torch.zeros(()))
         self.register_buffer("n_violated", torch.zeros(()))
         self._eps_value = float("nan")  # host copy of eps: no device sync per step
+
+    @classmethod
+    def first_own_epoch(cls, params) -> int:
+        return params.warmup_epochs + 1  # the ERM warm-up is not this method
+
+    @classmethod
+    def space_for(cls, epochs: int) -> dict:
+        w = cls.SPACE["warmup_epochs"]  # leave at least one constrained epoch
+        return {**cls.SPACE, "warmup_epochs": Int(min(w.low, epochs - 1), max(min(w.high, epochs - 1), 0))}
 
     @property
     def constrained(self) -> bool:

@@ -21,6 +21,7 @@ class GroupDRO(Method):
         "adjustment": Float(0.0, 4.0),         # default 0 (Sagawa et al. search 0..5)
     }
     uses_group_labels = True
+    label, order = "DRO", 1
 
     def __init__(self, params: GroupDROParams, **kw):
         super().__init__(params, **kw)
