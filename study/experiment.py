@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import optuna
@@ -42,7 +43,7 @@ class Experiment:
     data_seed: int = 0             # generated splits/colours, fixed for the experiment
     selection: str = "val_wga"     # val_wga, val_worst_class or val_avg: early stopping, pruning, objective, seeds
     grad_clip: float | None = None  # max gradient norm for every method alike; None = the dataset's recipe
-    space: dict = field(default_factory=dict)  # bound overrides: {"fim": {"rho": [0.1, 0.3]}, "train": {...}}
+    space: dict = field(default_factory=dict)  # bound overrides: {METHOD: {param: [low, high]}, "train": {...}}
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or "/" in self.name or len(self.name) > MAX_NAME:
@@ -254,7 +255,9 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
             study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                         load_if_exists=True)
             if study_name not in existing:
-                study.set_metric_names(metric)
+                with warnings.catch_warnings():  # marked experimental since Optuna 3.2
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    study.set_metric_names(metric)
                 study.set_user_attr("experiment", settings)
                 study.set_user_attr("dataset", dataset)
                 study.set_user_attr("method", method)

@@ -106,6 +106,11 @@ class StudyResult:
         return self.cls.label or self.method
 
     @property
+    def search_best(self) -> FrozenTrial | None:
+        """The best searched trial (one seed)."""
+        return best_trial(self.search)
+
+    @property
     def best(self) -> FrozenTrial | None:
         """The searched trial of the selected configuration (the best searched trial without a seed phase)."""
         return self.selected.searched if self.selected else best_trial(self.search)
@@ -228,8 +233,11 @@ def _pm(mean: float, std: float) -> str:
 def _seeds(r: StudyResult, finished: int) -> str:
     """'5/5', or '4/5 (1 failed)': a configuration with a failed or unfinished seed is flagged."""
     cell = f"{finished}/{r.asked}"
-    c = r.selected
-    notes = [f"{c.failed} failed"] * bool(c and c.failed) + [f"{c.pending} pending"] * bool(c and c.pending)
+    c, notes = r.selected, []
+    if c and c.failed:
+        notes.append(f"{c.failed} failed")
+    if c and c.pending:
+        notes.append(f"{c.pending} pending")
     return f"{cell} ({', '.join(notes)})" if notes else cell
 
 

@@ -92,14 +92,14 @@ class ResilientRDBStorage(RDBStorage):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials (heartbeat older than the grace period) plus RUNNING trials that never had a
         heartbeat and started longer than the grace period ago (a write cut off by an outage may leave one)."""
-        from datetime import timedelta
+        from datetime import datetime, timedelta
 
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         stale = RDBStorage._get_stale_trial_ids(self, study_id)
         grace = self.grace_period or 2 * self.heartbeat_interval
+        now = datetime.now()  # datetime_start is written with the worker's clock (Optuna's convention), not the server's
         with _create_scoped_session(self.scoped_session) as session:
-            now = session.execute(sqlalchemy.func.now()).scalar().replace(tzinfo=None)
             silent = (session.query(models.TrialModel.trial_id)
                       .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
                               ~models.TrialModel.heartbeats.any(),

@@ -15,7 +15,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from study.experiment import Experiment, init_experiment
-from study.report import collect, paired_bootstrap, render_markdown
+from study.report import collect, t_interval
 from study.storage import make_storage
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -27,12 +27,10 @@ def _groups(wga, best=0.99):
             {"group": 2, "acc": wga + 0.05, "count": 10}, {"group": 3, "acc": best, "count": 50}]
 
 
-def _trial(state, value=None, *, val_avg=0.9, test=None, epochs=4, seed=0, lr=0.01, replicate_of=None,
+def _trial(state, value=None, *, val_avg=0.9, test=None, epochs=4, seed=0, lr=0.01, attrs=None,
            system_attrs=None, share=False):
     """A finished trial as a worker records it; `test` = (wga, avg_plain, avg_train_weighted)."""
-    attrs = {"epochs_run": epochs, "train_seconds": 10.0 * epochs, "seed": seed}
-    if replicate_of is not None:
-        attrs["replicate_of"] = replicate_of
+    attrs = {"epochs_run": epochs, "train_seconds": 10.0 * epochs, "seed": seed, **(attrs or {})}
     if state == TrialState.COMPLETE:
         wga, plain, tw = test
         attrs.update(val={"wga": value, "avg_plain": val_avg, "avg_train_weighted": val_avg},
@@ -47,31 +45,45 @@ def _trial(state, value=None, *, val_avg=0.9, test=None, epochs=4, seed=0, lr=0.
                         system_attrs=system_attrs or {}, intermediate_values=curve)
 
 
-def fill(storage, name="gold", methods=("erm", "groupdro", "fim"), replicates=True):
-    """ERM: a val-WGA tie broken by val average, a pruned and a failed trial. DRO: a failed trial retried to
-    completion (counted once). Ours: the best trial plus three seeds for everyone (the bootstrap rows)."""
+C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
+
+
+def fill(storage, name="gold", methods=("erm", "groupdro", "fim"), seed_phase=True):
+    """Search — ERM: a val tie broken by val average, a pruned and a failed trial. DRO: a failed trial retried to
+    completion (counted once). Ours: one complete and one pruned trial.
+    Seed phase (top 2, 3 seeds, the searched run = seed 0) — ERM: rank 2 has the better mean val (0.60 vs 0.54) and
+    is selected. DRO: rank 1 (mean val 0.845 over 2 finished seeds) beats rank 2 (0.74); its seed 2 failed.
+    Ours: one configuration."""
     exp = Experiment(name=name, datasets=["synthetic"], methods=list(methods), trials=4, epochs=4)
     init_experiment(storage, exp, check_data=False)
     S = {m: optuna.load_study(study_name=f"{name}/synthetic/{m}", storage=storage) for m in methods}
-    C, P, F = TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL
-    add = lambda m, t: S[m].add_trial(t)  # noqa: E731
-    add("erm", _trial(C, 0.60, val_avg=0.95, test=(0.55, 0.97, 0.96), lr=0.01))
-    add("erm", _trial(C, 0.60, val_avg=0.96, test=(0.58, 0.975, 0.965), lr=0.02))  # wins the tie
+    X = {m: optuna.load_study(study_name=f"{name}/synthetic/{m}/seeds", storage=storage) for m in methods}
+    def add(m, t):
+        S[m].add_trial(t)
+        return S[m].trials[-1].number
+
+    erm2 = add("erm", _trial(C, 0.60, val_avg=0.95, test=(0.55, 0.97, 0.96), lr=0.01))
+    erm1 = add("erm", _trial(C, 0.60, val_avg=0.96, test=(0.58, 0.975, 0.965), lr=0.02))  # wins the tie
     add("erm", _trial(P, 0.20, epochs=2))
     add("erm", _trial(F, epochs=1))
-    add("groupdro", _trial(C, 0.80, test=(0.82, 0.92, 0.93)))
-    add("groupdro", _trial(F, epochs=2))
-    failed = S["groupdro"].trials[-1].number
-    add("groupdro", _trial(C, 0.85, test=(0.86, 0.91, 0.925),
-                           system_attrs={"failed_trial": failed, "retry_history": [failed]}))
-    add("fim", _trial(C, 0.78, test=(0.79, 0.96, 0.955), share=True))
+    dro2 = add("groupdro", _trial(C, 0.80, test=(0.82, 0.92, 0.93)))
+    failed = add("groupdro", _trial(F, epochs=2))
+    dro1 = add("groupdro", _trial(C, 0.85, test=(0.86, 0.91, 0.92),
+                                  system_attrs={"failed_trial": failed, "retry_history": [failed]}))
+    ours1 = add("fim", _trial(C, 0.78, test=(0.79, 0.96, 0.955), share=True))
     add("fim", _trial(P, 0.1, epochs=1))
-    if replicates:
-        wga = {"erm": (0.57, 0.52, 0.61), "groupdro": (0.84, 0.88, 0.86), "fim": (0.80, 0.74, 0.83)}
+    if seed_phase:
+        runs = {  # method: [(config trial, rank, seed, state, val, test wga, test avg_train_weighted)]
+            "erm": [(erm1, 1, 1, C, 0.50, 0.52, 0.95), (erm1, 1, 2, C, 0.52, 0.50, 0.95),
+                    (erm2, 2, 1, C, 0.62, 0.61, 0.94), (erm2, 2, 2, C, 0.58, 0.57, 0.95)],
+            "groupdro": [(dro1, 1, 1, C, 0.84, 0.84, 0.93), (dro1, 1, 2, F, None, None, None),
+                         (dro2, 2, 1, C, 0.70, 0.70, 0.90), (dro2, 2, 2, C, 0.72, 0.72, 0.90)],
+            "fim": [(ours1, 1, 1, C, 0.80, 0.80, 0.95), (ours1, 1, 2, C, 0.75, 0.74, 0.96)],
+        }
         for m in methods:
-            best = max(S[m].best_trials, key=lambda t: t.user_attrs["val"]["avg_plain"]).number
-            for seed, w in enumerate(wga[m], start=1):
-                add(m, _trial(C, w + 0.01, test=(w, 0.95, 0.94 + seed / 100), seed=seed, replicate_of=best))
+            for config, rank, seed, state, val, wga, tw in runs[m]:
+                X[m].add_trial(_trial(state, val, test=(wga, 0.95, tw), seed=seed, epochs=4 if state == C else 2,
+                                      attrs={"config": config, "rank": rank}))
     return exp
 
 
@@ -88,56 +100,84 @@ def report(url, *args):
                           text=True, timeout=120)
 
 
-@pytest.mark.parametrize("replicates", [False, True], ids=["search", "replicated"])
-def test_golden_markdown(storage, replicates):
+def markdown_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row (header and separator lines left out)."""
+    rows = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|:")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+    return [c for c in cells if c[0] != "dataset"]
+
+
+# Written by hand from the trial values in `fill` (see its docstring), not from the report's output.
+SEARCH_ROWS = [
+    ["synthetic", "ERM", "96.5", "58.0", "60.0", "1/1", "no", "yes", "2/1/1", "110"],
+    ["synthetic", "DRO", "92.0", "86.0", "85.0", "1/1", "yes", "yes", "2/0/0", "100"],
+    ["synthetic", "Ours", "95.5", "79.0", "78.0", "1/1", "no", "yes", "1/1/0", "50"],
+]
+SEEDED_ROWS = [  # ERM: rank 2's seeds 0/1/2 = worst 55/61/57, avg 96/94/95, val 60/62/58
+    ["synthetic", "ERM", "95.0 ± 1.0", "57.7 ± 3.1", "60.0 ± 2.0", "3/3", "no", "yes", "2/1/1", "270"],
+    ["synthetic", "DRO", "92.5 ± 0.7", "85.0 ± 1.4", "84.5 ± 0.7", "2/3 (1 failed)", "yes", "yes", "2/0/0", "240"],
+    ["synthetic", "Ours", "95.5 ± 0.5", "77.7 ± 3.2", "77.7 ± 2.5", "3/3", "no", "yes", "1/1/0", "130"],
+    # paired seeds: Ours − ERM 24/19/17 (t(0.975, 2) = 4.3027); Ours − DRO −7/−4; DRO − ERM 31/23 (t(0.975, 1) = 12.706)
+    ["synthetic", "Ours − ERM", "3", "20.0", "11.0", "29.0"],
+    ["synthetic", "Ours − DRO", "2", "-5.5", "-24.6", "13.6"],
+    ["synthetic", "DRO − ERM", "2", "27.0", "-23.8", "77.8"],
+]
+
+
+@pytest.mark.parametrize("seed_phase", [False, True], ids=["search", "seed-phase"])
+def test_golden_markdown(storage, seed_phase):
     s, url = storage
-    fill(s, replicates=replicates)
+    fill(s, seed_phase=seed_phase)
     p = report(url, "--experiment", "gold")
     assert p.returncode == 0, p.stderr
-    golden = GOLDEN / f"report_{'replicated' if replicates else 'search'}.md"
-    if os.environ.get("UPDATE_GOLDEN"):
-        golden.write_text(p.stdout)
-    assert p.stdout == golden.read_text()
+    assert markdown_rows(p.stdout) == (SEEDED_ROWS if seed_phase else SEARCH_ROWS)
+    header = next(line for line in p.stdout.splitlines() if line.startswith("| dataset"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "dataset", "method", "Avg", "Worst", "val_wga", "seeds", "train group labels", "selection group labels",
+        "trials (complete/pruned/failed)", "compute (s)"]
+    if seed_phase:
+        assert "top 2 configurations by val_wga re-run with 3 training seeds" in p.stdout
+        assert "Fewer than 5 paired seeds" in p.stdout
+    else:
+        assert "1 seed (seed 0)" in p.stdout
 
 
-def test_selection_counts_and_seeds(storage):
+def test_golden_csv(storage):
+    s, url = storage
+    fill(s)
+    p = report(url, "--experiment", "gold", "--format", "csv")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == (GOLDEN / "report_seed_phase.csv").read_text()
+
+
+def test_seed_phase_selects_the_best_mean_among_the_top_k(storage):
     s, _ = storage
     fill(s)
     _, results = collect(s, "gold")
     erm, dro, ours = results
     assert [r.label for r in results] == ["ERM", "DRO", "Ours"]
-    assert erm.best.params["lr"] == 0.02  # the tie on val WGA is broken by val average
-    assert (erm.count(TrialState.COMPLETE), erm.count(TrialState.PRUNED), erm.count(TrialState.FAIL)) == (2, 1, 1)
-    assert dro.count(TrialState.FAIL) == 0 and dro.best.value == 0.85  # the retried failure counts once
-    assert dro.compute_s == pytest.approx(10 * (4 + 2 + 4) + 3 * 40)  # compute includes the failed attempt
-    assert [t.user_attrs["seed"] for t in ours.replicates] == [1, 2, 3]
+    assert erm.search_best.params["lr"] == 0.02  # the search's best, by the val-average tie-break
+    assert erm.selected.rank == 2 and erm.best.params["lr"] == 0.01  # but rank 2 has the better mean over seeds
+    assert [t.user_attrs["seed"] for t in erm.runs()] == [0, 1, 2]
+    assert dro.selected.rank == 1 and (dro.selected.asked, len(dro.runs()), dro.selected.failed) == (3, 2, 1)
+    assert (erm.count(C), erm.count(P), erm.count(F)) == (2, 1, 1)
+    assert dro.count(F) == 0 and dro.search_best.value == 0.85  # the retried failure counts once
+    assert dro.compute_s == pytest.approx(10 * (4 + 2 + 4) + 10 * (4 + 2 + 4 + 4))  # failed attempts included
 
 
-def test_markdown_replicated_numbers(storage):
-    s, _ = storage
-    exp = fill(s)
-    _, results = collect(s, "gold")
-    text = render_markdown(exp, results, "train_weighted")
-    ours_worst = 100 * np.array([0.80, 0.74, 0.83])
-    assert f"{ours_worst.mean():.1f} ± {ours_worst.std(ddof=1):.1f}" in text
-    diff, lo, hi = paired_bootstrap(ours_worst - 100 * np.array([0.57, 0.52, 0.61]))
-    assert f" {diff:.1f} |" in text and lo < diff < hi
-    assert "Ours − ERM" in text and "Ours − DRO" in text
-
-
-def test_paired_bootstrap_interval():
-    rng = np.random.default_rng(1)
-    d = rng.normal(5.0, 2.0, size=40)
-    mean, lo, hi = paired_bootstrap(d)
-    se = d.std(ddof=1) / np.sqrt(len(d))
-    assert mean == pytest.approx(d.mean())
-    assert lo == pytest.approx(mean - 1.96 * se, abs=0.3 * se) and hi == pytest.approx(mean + 1.96 * se, abs=0.3 * se)
-    assert paired_bootstrap([3.0, 3.0, 3.0]) == (3.0, 3.0, 3.0)
+def test_t_interval_against_hand_computed_values():
+    # d = 24, 19, 17: mean 20, sd sqrt(13), se sqrt(13/3) = 2.0817; t(0.975, 2) = 4.302653 -> half width 8.9567
+    mean, lo, hi = t_interval([24.0, 19.0, 17.0])
+    assert mean == pytest.approx(20.0) and lo == pytest.approx(11.0433, abs=1e-3) and hi == pytest.approx(28.9567, abs=1e-3)
+    # two differences: t(0.975, 1) = 12.7062, sd of (-7, -4) = 2.1213, se 1.5 -> half 19.059
+    assert t_interval([-7.0, -4.0]) == pytest.approx((-5.5, -24.559, 13.559), abs=1e-3)
+    # at 3 seeds a percentile bootstrap would claim (17.0, 24.0) at most; the t interval is honest and wider
+    assert hi - lo > 24.0 - 17.0
 
 
 def test_avg_plain_switches_the_definition(storage):
     s, url = storage
-    fill(s, replicates=False)
+    fill(s, seed_phase=False)
     tw, plain = report(url, "--experiment", "gold"), report(url, "--experiment", "gold", "--avg", "plain")
     assert "| ERM      | 96.5 " in tw.stdout and "| ERM      | 97.5 " in plain.stdout
     assert "weighted by training-set group proportions" in tw.stdout and "plain test accuracy" in plain.stdout
@@ -148,7 +188,10 @@ def test_csv_and_latex_carry_the_same_numbers(storage, tmp_path):
     fill(s)
     p = report(url, "--experiment", "gold", "--format", "csv", "--out", str(tmp_path / "t.csv"))
     assert p.returncode == 0 and p.stdout == "", p.stderr
-    rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))
+    table, comparisons = (tmp_path / "t.csv").read_text().split("\n\n")  # two tables, a blank line between
+    rows = list(csv.DictReader(io.StringIO(table)))
+    assert [r["comparison"] for r in csv.DictReader(io.StringIO(comparisons))] == ["Ours − ERM", "Ours − DRO",
+                                                                                  "DRO − ERM"]
     md = report(url, "--experiment", "gold").stdout
     latex = report(url, "--experiment", "gold", "--format", "latex").stdout
     assert [r["method"] for r in rows] == ["ERM", "DRO", "Ours"]
@@ -200,33 +243,39 @@ def test_study_without_finished_trials_and_empty_experiment(storage):
 
 def test_unknown_experiment_is_one_line_error(storage, tmp_path):
     s, url = storage
-    fill(s, replicates=False)
+    fill(s, seed_phase=False)
     out = tmp_path / "nope.md"
     p = report(url, "--experiment", "nope", "--out", str(out))
     assert p.returncode == 2 and p.stdout == "" and not out.exists()
     assert p.stderr.strip().count("\n") == 0 and "'nope'" in p.stderr
 
 
-def test_replicate_end_to_end_with_real_workers(pg_url):
+def test_seed_phase_end_to_end_with_real_workers(pg_url):
     from conftest import start_worker, study_cli
     p = study_cli("init", "--storage", pg_url, "--experiment", "seeds", "--datasets", "synthetic", "--methods",
-                  "erm,fim", "--trials", "2", "--epochs", "2")
+                  "erm,fim", "--trials", "2", "--epochs", "2", "--pruner", "none")
     assert p.returncode == 0, p.stderr
-    early = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "2")
+    early = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3")
     assert early.returncode == 2 and "search not finished" in early.stderr  # nothing enqueued before the end
     assert start_worker(pg_url, "seeds").wait(timeout=300) == 0
-    p = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "2")
-    assert p.returncode == 0 and p.stdout.count("enqueued seeds [1, 2]") == 2, p.stdout + p.stderr
-    again = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "2")
-    assert again.stdout.count("enqueued seeds none") == 2  # idempotent
+    p = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3", "--top-k", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("enqueued 4 seed-phase runs: #1 seed 1, #1 seed 2, #2 seed 1, #2 seed 2") == 2, p.stdout
+    again = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3", "--top-k", "2")
+    assert again.stdout.count("enqueued 0 seed-phase runs (all present)") == 2  # idempotent
     w = start_worker(pg_url, "seeds")
     assert w.wait(timeout=300) == 0, w.stdout.read()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        _, results = collect(make_storage(pg_url), "seeds")
+        s = make_storage(pg_url)
+        _, results = collect(s, "seeds")
     for r in results:
-        assert [t.user_attrs["seed"] for t in r.replicates] == [1, 2]
-        assert all(t.params == r.best.params and len(t.intermediate_values) == 2 for t in r.replicates)
-        assert len(r.search) == 2  # replicates stay outside the search budget
+        assert [c.rank for c in r.configs] == [1, 2]
+        for c in r.configs:
+            assert [t.user_attrs["seed"] for t in c.runs()] == [0, 1, 2]
+            assert all(t.params == c.searched.params and len(t.intermediate_values) == 2 for t in c.reruns)
+        assert len(r.search) == 2  # seed-phase runs stay outside the search budget and its study
+        seeds_study = optuna.load_study(study_name=f"{r.name}/seeds", storage=s)
+        assert len(seeds_study.trials) == 4 and seeds_study.metric_names == ["val_wga"]
     md = report(pg_url, "--experiment", "seeds").stdout
-    assert "Ours − ERM" in md and " ± " in md and "| 2       |" in md
+    assert "Ours − ERM" in md and " ± " in md and "| 3/3 " in md

@@ -38,19 +38,25 @@ def init(url, *args):
     return p
 
 
-def test_four_workers_started_together_meet_every_budget(pg_url):
-    init(pg_url, "--experiment", "e4", "--datasets", "synthetic", "--methods", "erm,groupdro,fim",
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_three_workers_started_together_meet_every_budget_exactly(pg_url, tmp_path, backend):
+    url = pg_url if backend == "postgresql" else f"sqlite:///{tmp_path / 'e.db'}"
+    init(url, "--experiment", "e4", "--datasets", "synthetic", "--methods", "erm,groupdro,fim",
          "--trials", "4", "--epochs", "2")
-    workers = [start_worker(pg_url, "e4") for _ in range(4)]  # the same moment, right after init
+    workers = [start_worker(url, "e4") for _ in range(3)]  # the same moment, right after init
     outs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0, 0, 0], outs
+    assert [w.returncode for w in workers] == [0, 0, 0], outs
     for out in outs:
         assert "Traceback" not in out and "error" not in out.lower(), out
         assert "all budgets met" in out
-    for name, study in studies_of(pg_url, "e4").items():
+    for name, study in studies_of(url, "e4").items():
         states = [t.state for t in study.trials]
+        if name.endswith("/seeds"):
+            assert states == [], name  # the seed phase has not been asked for
+            continue
         assert TrialState.RUNNING not in states and TrialState.FAIL not in states and TrialState.WAITING not in states
-        assert 4 <= len(states) <= 4 + 3, name  # overshoot at most workers - 1
+        assert len(states) == 4, (name, states)  # exactly the budget: no overshoot with several workers
+        assert study.metric_names == ["val_wga"]  # the dashboard names the objective
         first = min(study.trials, key=lambda t: t.number)
         assert first.user_attrs.get("reference") is True  # the published recipe runs first
         done = [t for t in study.trials if t.state == TrialState.COMPLETE]
@@ -107,10 +113,18 @@ def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url, trials):
     assert survivor.returncode == 0, out
     study = studies_of(pg_url, "kill")["kill/cmnist/erm"]
     by_number = {t.number: t for t in study.trials}
-    assert by_number[doomed.number].state == TrialState.FAIL
+    dead = by_number[doomed.number]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["train_seconds"] > 0  # written every epoch
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == doomed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
     assert retries[0].params == doomed.params
+    assert "fail_reason" not in retries[0].user_attrs
+    assert retries[0].user_attrs["epochs_run"] == len(retries[0].intermediate_values)  # its own run, not the dead one's
+    from study.report import collect
+    (r,) = collect(storage_for(pg_url), "kill")[1]
+    # the killed attempt's compute counts (the reference trial stays WAITING forever only if nobody runs it)
+    assert r.compute_s == pytest.approx(sum(t.user_attrs.get("train_seconds", 0) for t in study.trials))
+    assert r.compute_s > retries[0].user_attrs["train_seconds"]
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(complete) == trials and all(t.state != TrialState.RUNNING for t in study.trials)
 
@@ -128,6 +142,8 @@ def test_sigterm_fails_trial_with_reason_and_requeues_it(pg_url):
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "worker stopped by signal"
     waiting = [t for t in study.trials if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == doomed.number
+    # the retry carries what the trial is (its seed), never what happened to the dead attempt
+    assert set(waiting[0].user_attrs) <= {"seed", "reference", "config", "rank"}, waiting[0].user_attrs
     p = study_cli("status", "--experiment", "term", "--storage", pg_url)
     assert p.returncode == 0 and "| term/cmnist/groupdro |" in p.stdout
 
@@ -149,8 +165,11 @@ def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
     init(pg_url, *args)
     init(pg_url, *args)
     s = storage_for(pg_url)
-    assert len(optuna.get_all_study_names(s)) == 2
-    assert all(len(optuna.load_study(study_name=n, storage=s).trials) == 1 for n in optuna.get_all_study_names(s))
+    names = optuna.get_all_study_names(s)
+    assert sorted(names) == ["twice/synthetic/erm", "twice/synthetic/erm/seeds", "twice/synthetic/fim",
+                             "twice/synthetic/fim/seeds"]
+    # the search studies hold the enqueued reference recipe; the seed-phase studies are empty until replicate
+    assert [len(optuna.load_study(study_name=n, storage=s).trials) for n in sorted(names)] == [1, 0, 1, 0]
     p = study_cli("init", "--storage", pg_url, *args[:-1], "5")
     assert p.returncode != 0
     assert p.stderr.strip() == "error: experiment 'twice' already exists with different settings: trials: 3 -> 5"
@@ -169,7 +188,7 @@ def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):
     assert optuna.get_all_study_names(storage_for(pg_url)) == []
     cfg.write_text(cfg.read_text().replace("[0.3, 0.1]", "[0.1, 0.3]"))
     init(pg_url, "--config", str(cfg))
-    (study,) = studies_of(pg_url, "toml").values()
+    study = studies_of(pg_url, "toml")["toml/synthetic/fim"]
     assert study.user_attrs["experiment"]["space"] == {"fim": {"rho": [0.1, 0.3]}}
     assert study.trials[0].system_attrs["fixed_params"]["rho"] == 0.25  # the reference recipe lies inside the overridden space
 
@@ -202,7 +221,8 @@ def test_dashboard_serves_the_experiment(pg_url):
 
         studies = _wait_for(listing, timeout=60)["study_summaries"]
         names = {s["study_name"]: s["study_id"] for s in studies}
-        assert set(names) == {"dash/synthetic/erm", "dash/synthetic/fim"}
+        assert set(names) == {"dash/synthetic/erm", "dash/synthetic/fim", "dash/synthetic/erm/seeds",
+                              "dash/synthetic/fim/seeds"}
         detail = get(f"/api/studies/{names['dash/synthetic/fim']}")
         values = detail["trials"][0]["intermediate_values"]
         assert [v["step"] for v in values] == [1, 2] and all(0 <= v["value"] <= 1 for v in values)
