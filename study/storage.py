@@ -92,23 +92,23 @@ class ResilientRDBStorage(RDBStorage):
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials (heartbeat older than the grace period) plus RUNNING trials that never had a
         heartbeat and started longer than the grace period ago (a write cut off by an outage may leave one)."""
-        from datetime import datetime, timedelta
+        from datetime import datetime, timedelta, timezone
 
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         stale = RDBStorage._get_stale_trial_ids(self, study_id)
         grace = self.grace_period or 2 * self.heartbeat_interval
-        now = datetime.now()  # datetime_start is written with the worker's clock (Optuna's convention), not the server's
+        now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores datetime_start as naive UTC
         with _create_scoped_session(self.scoped_session) as session:
             silent = (session.query(models.TrialModel.trial_id)
                       .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
                               ~models.TrialModel.heartbeats.any(),
-                              models.TrialModel.datetime_start < now - timedelta(seconds=grace)).all())
+                              models.TrialModel._datetime_start_utc < now - timedelta(seconds=grace)).all())
         return stale + [t for (t,) in silent if t not in stale]
 
 
 def _resilient(name: str):
-    method = getattr(RDBStorage, name)
+    method = getattr(ResilientRDBStorage, name)  # our own override where there is one
 
     @functools.wraps(method)
     def call(self, *args, **kwargs):
