@@ -125,7 +125,8 @@ def test_stack_runs_as_local_processes(pg_databases, tmp_path):
                 break
             except OSError:
                 time.sleep(1)
-        assert sorted(s["study_name"] for s in studies) == ["stack/synthetic/erm", "stack/synthetic/fim"]
+        assert sorted(s["study_name"] for s in studies) == ["stack/synthetic/erm", "stack/synthetic/erm/seeds",
+                                                            "stack/synthetic/fim", "stack/synthetic/fim/seeds"]
         report_cmd = [c.replace("/reports", str(tmp_path)) for c in run("report")]
         rep = subprocess.run(report_cmd, capture_output=True, text=True, env=proc_env, timeout=300)
         assert rep.returncode == 0, rep.stderr
