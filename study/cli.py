@@ -75,8 +75,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     demo.add_argument("--storage", default="sqlite:///demo.db", help="a fresh SQLite file (recreated)")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--trials", type=int, default=6, help="trials per method")
-    demo.add_argument("--epochs", type=int, default=16)
-    demo.add_argument("--seeds", type=int, default=5,
+    demo.add_argument("--epochs", type=int, default=20)
+    demo.add_argument("--methods", default="erm,groupdro,fim",
+                      help="comma-separated methods, or 'all' for every registered method")
+    demo.add_argument("--seeds", type=int, default=6,
                       help="seeds per top configuration in the seed phase, the searched run included (0: none)")
     demo.add_argument("--top-k", type=int, default=3, help="configurations carried into the seed phase")
     demo.add_argument("--html", default="demo-report.html", help="where to write the HTML report")
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
             return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs, seeds=args.seeds,
-                            top_k=args.top_k, html=args.html)
+                            top_k=args.top_k, html=args.html, methods=args.methods)
     except (ValueError, DataError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

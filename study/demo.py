@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -9,6 +10,8 @@ from pathlib import Path
 
 from sqlalchemy.engine import make_url
 from tqdm import tqdm
+
+from trainer.methods import METHODS
 
 from .experiment import Experiment, init_experiment, load_experiment
 from .replicate import replicate
@@ -46,17 +49,43 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
         raise RuntimeError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
 
 
-def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 16, seeds: int = 5, top_k: int = 3,
-             html: str | None = "demo-report.html") -> int:
+DEFAULT_METHODS = ("erm", "groupdro", "fim")
+
+
+def _refuse_foreign(db: Path) -> None:
+    """The demo recreates its file: never one that holds anything but an earlier demo."""
+    if not db.exists():
+        return
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            names = [n for (n,) in conn.execute("SELECT study_name FROM studies")]
+    except sqlite3.Error:
+        raise ValueError(f"{db} exists and is not a demo storage: not deleted (choose another --storage)") from None
+    foreign = [n for n in names if not n.startswith(EXPERIMENT + "/")]
+    if foreign:
+        raise ValueError(f"{db} holds other experiments ({', '.join(sorted(foreign)[:3])}): not deleted (choose "
+                         "another --storage)")
+
+
+def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 3,
+             html: str | None = "demo-report.html", methods: str = ",".join(DEFAULT_METHODS)) -> int:
+    started = time.time()
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         raise ValueError(f"the demo recreates its storage: give a sqlite:///FILE URL, not {storage_url!r}")
+    # everything is checked before anything is deleted
+    for name, value, low in (("--workers", workers, 1), ("--top-k", top_k, 1)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if seeds == 1 or seeds < 0:
+        raise ValueError(f"--seeds must be 0 (no seed phase) or >= 2 (the searched run counts as one), got {seeds}")
+    names = list(METHODS) if methods == "all" else methods.split(",")
+    exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=names, trials=trials, epochs=epochs)
     db = Path(url.database)
+    _refuse_foreign(db)
     for old in (db, *db.parent.glob(f"{db.stem}.worker*.log")):
         old.unlink(missing_ok=True)
     storage = make_storage(storage_url)
-    exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=["erm", "groupdro", "fim"], trials=trials,
-                     epochs=epochs, patience=8)
     init_experiment(storage, exp)
     print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
           f"{workers} workers, up to {epochs} epochs per trial, then the top {top_k} configurations of each "
@@ -68,7 +97,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
         enqueued = replicate(storage, EXPERIMENT, seeds, top_k)
         _run_workers(storage_url, db, workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
                      "seed phase")
-    print(f"all trials done in {time.time() - t0:.0f}s\n")
+    print(f"all trials done in {time.time() - t0:.0f} s; the demo took {time.time() - started:.0f} s\n")
     exp, results = collect(storage, EXPERIMENT)
     print(render_markdown(exp, results, "train_weighted"))
     if html:

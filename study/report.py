@@ -209,6 +209,10 @@ def comparisons(results: list[StudyResult]) -> list[tuple[StudyResult, StudyResu
     return pairs
 
 
+def _r(v: float) -> float:
+    return round(v, 1) + 0.0  # + 0.0: no "-0.0" in a table
+
+
 def contrasts(results: list[StudyResult]) -> pd.DataFrame:
     """Test worst-group differences (pp), paired by training seed over the seeds both rows finished."""
     rows = []
@@ -220,7 +224,7 @@ def contrasts(results: list[StudyResult]) -> pd.DataFrame:
             continue
         mean, lo, hi = t_interval([100 * (mine[s] - theirs[s]) for s in seeds])
         rows.append({"dataset": a.dataset, "comparison": f"{a.label} − {b.label}", "paired seeds": len(seeds),
-                     "Worst diff (pp)": round(mean, 1), "95% CI low": round(lo, 1), "95% CI high": round(hi, 1)})
+                     "Worst diff (pp)": _r(mean), "95% CI low": _r(lo), "95% CI high": _r(hi)})
     return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 

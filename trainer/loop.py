@@ -99,7 +99,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     cuda = device.type == "cuda"
     autocast = _autocast(device)
 
-    model = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights).to(device)
+    model = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights, splits.in_channels).to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     method_cls = get_method(cfg.method)

@@ -7,7 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-MODELS = ("cnn", "resnet18", "resnet50")
+MODELS = ("cnn", "cnn_narrow", "resnet18", "resnet50")
+CNN_WIDTHS = {"cnn": (32, 64, 128), "cnn_narrow": (8, 16, 32)}
 
 
 class Classifier(nn.Module):
@@ -21,13 +22,15 @@ class Classifier(nn.Module):
         return (logits, h) if return_features else logits
 
 
-def small_cnn() -> tuple[nn.Module, int]:
-    """A small CNN for 28x28 inputs (any size works thanks to the global pooling)."""
+def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["cnn"]) -> tuple[nn.Module, int]:
+    """A small CNN for small inputs (any size works thanks to the global pooling). `cnn_narrow` (8-16-32) is the
+    cmnist default: with less capacity for the digit's shape, ERM keeps the colour shortcut."""
     def block(cin, cout):
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-    body = nn.Sequential(block(3, 32), nn.MaxPool2d(2), block(32, 64), nn.MaxPool2d(2), block(64, 128),
+    a, b, c = widths
+    body = nn.Sequential(block(in_channels, a), nn.MaxPool2d(2), block(a, b), nn.MaxPool2d(2), block(b, c),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    return body, 128
+    return body, c
 
 
 def _pretrained_state(arch: str, weights_path: str | None) -> dict:
@@ -53,10 +56,13 @@ def _pretrained_state(arch: str, weights_path: str | None) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
 
 
-def build_model(name: str, n_classes: int, pretrained: bool = False, weights_path: str | None = None) -> Classifier:
-    if name == "cnn":
-        backbone, dim = small_cnn()
+def build_model(name: str, n_classes: int, pretrained: bool = False, weights_path: str | None = None,
+                in_channels: int = 3) -> Classifier:
+    if name in CNN_WIDTHS:
+        backbone, dim = small_cnn(in_channels, CNN_WIDTHS[name])
     elif name in ("resnet18", "resnet50"):
+        if in_channels != 3:
+            raise ValueError(f"{name} takes 3-channel images, the data has {in_channels} channels")
         backbone = getattr(torchvision.models, name)(weights=None)
         if pretrained or weights_path:
             try:

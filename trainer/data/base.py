@@ -19,6 +19,7 @@ class GroupDataset(Dataset):
     a: torch.Tensor
     n_classes: int
     n_attr: int
+    in_channels: int = 3  # image channels of the model input
 
     def __len__(self) -> int:
         return len(self.y)
@@ -51,6 +52,7 @@ class TensorGroupDataset(GroupDataset):
     def __init__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, n_classes: int, n_attr: int):
         self.x, self.y, self.a = x, y.long(), a.long()
         self.n_classes, self.n_attr = n_classes, n_attr
+        self.in_channels = x.shape[1]
         self._placed: dict[str, torch.Tensor] = {}
 
     def load(self, idx: int) -> torch.Tensor:
@@ -87,6 +89,10 @@ class Splits:
     @property
     def n_groups(self) -> int:
         return self.train.n_groups
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.in_channels
 
 
 class _TensorBatches:

