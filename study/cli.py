@@ -1,4 +1,4 @@
-"""`python -m study {init,worker,dashboard,report,status,replicate,demo}`: the study service's command line."""
+"""`python -m study {init,worker,dashboard,report,status,replicate,delete,demo}`: the study service's command line."""
 from __future__ import annotations
 
 import argparse
@@ -58,6 +58,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     dash.add_argument("--port", type=int, default=8080)
     _storage_args(dash)
 
+    delete = sub.add_parser("delete", help="delete an experiment's studies (says what it removes)")
+    delete.add_argument("--experiment", required=True)
+    delete.add_argument("--yes", action="store_true", help="also when it holds finished trials")
+    _storage_args(delete)
+
     sub.add_parser("report", add_help=False, help="the paper's table and figures (python -m study report --help)")
 
     status = sub.add_parser("status", help="trial counts and best val WGA per study")
@@ -90,7 +95,7 @@ def _storage(args):
     # only workers ride out long outages; a person at a prompt hears within seconds
     default = STORAGE_TIMEOUT if args.command == "worker" else INTERACTIVE_TIMEOUT
     return make_storage(args.storage, args.heartbeat_interval, args.grace_period, timeout=args.storage_timeout,
-                        default_timeout=default)
+                        default_timeout=default, read_only=args.command in ("status", "dashboard"))
 
 
 def _experiment_from_args(args):
@@ -130,8 +135,13 @@ def main(argv: list[str] | None = None) -> int:
             exp = _experiment_from_args(args)
             names = init_experiment(_storage(args), exp)
             print(f"experiment {exp.name!r}: {len(names)} studies ready ({', '.join(names)})")
+        elif args.command == "delete":
+            from .experiment import delete_experiment
+            print(delete_experiment(_storage(args), args.experiment, args.yes))
         elif args.command == "worker":
             from .worker import run_worker
+            if args.threads is not None and args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
             if args.threads:
                 import torch
                 torch.set_num_threads(args.threads)
@@ -143,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                               between_trials=gpu_lock.keep if gpu_lock else None)
         elif args.command == "dashboard":
             from optuna_dashboard import run_server
+            if not 1 <= args.port <= 65535:
+                raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
             print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {mask_url(storage_url(args.storage))})",
                   flush=True)
             run_server(_storage(args), host=args.host, port=args.port)
@@ -157,11 +169,21 @@ def main(argv: list[str] | None = None) -> int:
             print("start workers (python -m study worker) to run them, then python -m study.report")
         elif args.command == "demo":
             from .demo import run_demo
-            return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs, seeds=args.seeds,
-                            top_k=args.top_k, html=args.html, methods=args.methods)
+            try:
+                return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs, seeds=args.seeds,
+                                top_k=args.top_k, html=args.html, methods=args.methods)
+            except KeyboardInterrupt:
+                print("error: demo interrupted; its workers were stopped and their trials re-queued", file=sys.stderr)
+                return 2
     except (ValueError, DataError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a worker that cannot train here, or halted studies
+        from .worker import EnvironmentFault, StudiesHalted
+        if not isinstance(e, (EnvironmentFault, StudiesHalted)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 3 if isinstance(e, StudiesHalted) else 2
     except SQLAlchemyError as e:  # a write cut off by an outage, say: one line, never a traceback
         from .storage import first_line
         print(f"error: storage {mask_url(storage_url(getattr(args, 'storage', None)))}: {first_line(e)}",

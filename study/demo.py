@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -34,22 +35,38 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
         return min(total, sum(c["complete"] + c["pruned"] + c["fail"] - c["retried"]
                               for c in map(trial_counts, studies)))
 
-    start = finished()
-    with tqdm(total=total - start, desc=desc, unit="trial") as bar:
-        while any(p.poll() is None for p in procs):
-            done = finished() - start  # one storage read per second
-            if done > bar.n:
-                bar.update(done - bar.n)
-            time.sleep(1)
-        bar.update(finished() - start - bar.n)
-    for log in logs:
-        log.close()
+    try:
+        start = finished()
+        with tqdm(total=total - start, desc=desc, unit="trial") as bar:
+            while any(p.poll() is None for p in procs):
+                done = finished() - start  # one storage read per second
+                if done > bar.n:
+                    bar.update(done - bar.n)
+                time.sleep(1)
+            bar.update(finished() - start - bar.n)
+    except BaseException:  # Ctrl-C or SIGTERM to the demo: its workers stop too (their trials are re-queued)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        for log in logs:
+            log.close()
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        raise RuntimeError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
+        raise ValueError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
 
 
 DEFAULT_METHODS = ("erm", "groupdro", "fim")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _refuse_foreign(db: Path) -> None:
@@ -70,6 +87,7 @@ def _refuse_foreign(db: Path) -> None:
 def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 3,
              html: str | None = "demo-report.html", methods: str = ",".join(DEFAULT_METHODS)) -> int:
     started = time.time()
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop the workers, say so in one line
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         raise ValueError(f"the demo recreates its storage: give a sqlite:///FILE URL, not {storage_url!r}")

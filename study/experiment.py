@@ -61,8 +61,9 @@ class Experiment:
         for key, low, optional in (("trials", 1, False), ("epochs", 1, True), ("image_size", 1, True),
                                    ("patience", 0, True), ("seed", 0, False), ("data_seed", 0, False)):
             value = getattr(self, key)
-            if not (optional and value is None) and not (_is_int(value) and value >= low):
-                raise ValueError(f"{key} must be an integer >= {low}{' or unset' if optional else ''}, got {value!r}")
+            if not (optional and value is None) and not (_is_int(value) and low <= value < 2**31):
+                raise ValueError(f"{key} must be an integer from {low} to 2**31 - 1{' or unset' if optional else ''}"
+                                 f", got {value!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
         if self.model is not None and self.model not in MODELS:
@@ -240,9 +241,13 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
     settings = asdict(exp)
     existing = set(optuna.get_all_study_names(storage))
     ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
+    half = set()  # studies of an init that was killed before it wrote their settings: completed below
     for name in sorted(ours & existing):
-        stored = optuna.load_study(study_name=name, storage=storage).user_attrs.get("experiment", {})
-        diff = _diff(stored, settings)
+        attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
+        if "experiment" not in attrs:
+            half.add(name)
+            continue
+        diff = _diff(attrs["experiment"], settings)
         if diff:
             raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(diff)}")
     others = [n for n in existing if n.startswith(exp.name + "/") and n not in ours]
@@ -254,17 +259,16 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
         for study_name, phase in ((name, "search"), (exp.seeds_study_name(dataset, method), "seeds")):
             study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                         load_if_exists=True)
-            if study_name not in existing:
+            if study_name not in existing or study_name in half:
                 with warnings.catch_warnings():  # marked experimental since Optuna 3.2
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                     study.set_metric_names(metric)
-                study.set_user_attr("experiment", settings)
                 study.set_user_attr("dataset", dataset)
                 study.set_user_attr("method", method)
                 study.set_user_attr("phase", phase)
-                if phase == "search":
-                    study.enqueue_trial(reference_params(exp, dataset, method), user_attrs={"reference": True},
-                                        skip_if_exists=True)
+                if phase == "search" and not study.get_trials(deepcopy=False):
+                    study.enqueue_trial(reference_params(exp, dataset, method), user_attrs={"reference": True})
+                study.set_user_attr("experiment", settings)  # last: a study with its settings is complete
         names.append(name)
     return names
 
@@ -273,11 +277,19 @@ def load_experiment(storage, name: str, seeds: bool = False):
     """(experiment, search studies in the experiment's order); with seeds=True also {search study name: its
     seed-phase study}."""
     names = set(optuna.get_all_study_names(storage))
-    first = next((n for n in sorted(names) if n.startswith(name + "/")), None)
-    if first is None:
+    mine = [n for n in sorted(names) if n.startswith(name + "/")]
+    if not mine:
         raise ValueError(f"no experiment named {name!r} in this storage")
-    exp = Experiment(**optuna.load_study(study_name=first, storage=storage).user_attrs["experiment"])
+    settings = next((a["experiment"] for a in (storage.get_study_user_attrs(storage.get_study_id_from_name(n))
+                                                 for n in mine) if "experiment" in a), None)
+    incomplete = ValueError(f"experiment {name!r} was not completely created (init was interrupted): run the same "
+                            "init again to complete it")
+    if settings is None:
+        raise incomplete
+    exp = Experiment(**settings)
     studies = [optuna.load_study(study_name=s, storage=storage) for s, _, _ in exp.studies() if s in names]
+    if any("experiment" not in s.user_attrs for s in studies) or len(studies) < len(exp.studies()):
+        raise incomplete
     if not seeds:
         return exp, studies
     sibling = {}
@@ -286,3 +298,20 @@ def load_experiment(storage, name: str, seeds: bool = False):
         if seeds_name in names:
             sibling[s.study_name] = optuna.load_study(study_name=seeds_name, storage=storage)
     return exp, studies, sibling
+
+
+def delete_experiment(storage, name: str, yes: bool = False) -> str:
+    """Deletes every study of the experiment (search and seed phase) and says what it removed. Finished trials are
+    results: deleting them needs `yes`."""
+    mine = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith(name + "/"))
+    if not mine:
+        raise ValueError(f"no experiment named {name!r} in this storage")
+    trials = {n: storage.get_all_trials(storage.get_study_id_from_name(n), deepcopy=False) for n in mine}
+    n_trials = sum(map(len, trials.values()))
+    finished = sum(t.state.is_finished() for ts in trials.values() for t in ts)
+    what = f"{len(mine)} studies, {n_trials} trials ({finished} finished)"
+    if finished and not yes:
+        raise ValueError(f"experiment {name!r} holds {what}: add --yes to delete them")
+    for n in mine:
+        optuna.delete_study(study_name=n, storage=storage)
+    return f"deleted experiment {name!r}: {what}"

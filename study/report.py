@@ -339,6 +339,43 @@ SUFFIXES = {".md": "markdown", ".csv": "csv", ".tex": "latex", ".html": "html", 
 RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "html": render_html}
 
 
+REPORT_MARK = {"markdown": "Experiment ", "csv": "dataset,method,", "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
+
+
+def check_outputs(paths: list[str], fmt: str | None, storage) -> list[tuple[Path, str]]:
+    """(path, format) for every --out, refusing before anything is written: an unknown suffix, the storage file
+    itself, a folder, or an existing file that is not a report of this format (never overwritten)."""
+    db = storage.engine.url.database if storage.engine.dialect.name == "sqlite" else None
+    out = []
+    for path in map(Path, paths):
+        f = fmt or SUFFIXES.get(path.suffix.lower())
+        if f is None:
+            raise ValueError(f"--out {path}: cannot tell the format from {path.suffix!r}; give --format")
+        if db and path.resolve() == Path(db).resolve():
+            raise ValueError(f"--out {path}: that is the storage itself; not overwritten")
+        if path.is_dir():
+            raise ValueError(f"--out {path}: is a folder")
+        if path.exists():
+            try:
+                head = path.read_text(errors="strict")[:200]
+            except (UnicodeDecodeError, OSError):
+                head = ""
+            if not head.startswith(REPORT_MARK[f]):
+                raise ValueError(f"--out {path}: exists and is not a {f} report; not overwritten")
+        out.append((path, f))
+    return out
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A complete file or none: written beside the target, then renamed; the temporary file never stays."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def to_dashboard(storage, experiment: str, avg: str) -> int:
     """Saves each study's figures into the study for optuna-dashboard (same ids: a rerun replaces them)."""
     import optuna
@@ -360,7 +397,7 @@ def main(argv=None) -> int:
 
     from optuna.exceptions import ExperimentalWarning
 
-    from .storage import StorageError, make_storage
+    from .storage import INTERACTIVE_TIMEOUT, StorageError, make_storage
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     p = argparse.ArgumentParser(prog="python -m study.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -376,17 +413,13 @@ def main(argv=None) -> int:
                    help="also save the figures into each study for optuna-dashboard")
     args = p.parse_args(argv)
     try:
-        storage = make_storage(args.storage)
+        storage = make_storage(args.storage, default_timeout=INTERACTIVE_TIMEOUT, read_only=True)
+        outs = check_outputs(args.out, args.format, storage)  # every --out is checked before any is written
         exp, results = collect(storage, args.experiment)
         if not args.out:
             sys.stdout.write(RENDER[args.format or "markdown"](exp, results, args.avg))
-        for out in map(Path, args.out):
-            fmt = args.format or SUFFIXES.get(out.suffix.lower())
-            if fmt is None:
-                raise ValueError(f"--out {out}: cannot tell the format from {out.suffix!r}; give --format")
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text(RENDER[fmt](exp, results, args.avg))
-            tmp.replace(out)  # never a half-written report
+        for out, fmt in outs:
+            write_atomically(out, RENDER[fmt](exp, results, args.avg))
             print(f"wrote the {fmt} report of {args.experiment!r} to {out}", file=sys.stderr)
         if args.to_dashboard:
             n = to_dashboard(storage, args.experiment, args.avg)

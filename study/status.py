@@ -22,5 +22,6 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
             "seed phase (done/all)": f"{sc.get('complete', 0)}/{sc.get('used', 0)}" if sc else "-",
             f"best {exp.selection}": round(best.value, 4) if best else None,
             "epochs trained": sum(len(t.intermediate_values) for t in trials),
+            "halted": c["halted"] or "",
         })
     return pd.DataFrame(rows).set_index("study")

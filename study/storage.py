@@ -42,7 +42,8 @@ class StorageUnavailable(StorageError):
 
 # Connection errors that waiting cannot fix: reported at once instead of retried.
 _PERMANENT = ("authentication failed", "does not exist", "no password supplied", "permission denied",
-              "unable to open database file", "invalid dsn", "could not translate host name")
+              "unable to open database file", "invalid dsn", "could not translate host name", "readonly database",
+              "no such table")
 
 
 def _connection_error(e: BaseException | None) -> BaseException | None:
@@ -157,19 +158,74 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
 
 
+_SECRET_KEYS = ("pass", "secret", "token", "key")  # query parameters that carry credentials (password=, sslpassword=)
+
+
 def mask_url(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
+    """The URL with every credential replaced by ***: the password of user:password@ (split at the last '@', so a
+    password with an unescaped '@' is hidden whole) and credential query parameters (?password=...)."""
+    url = str(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return "<unparseable storage URL>"
+    head, q, query = rest.partition("?")
+    if "@" in head:
+        userinfo, _, host = head.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        head = f"{user}{':***' if colon else ''}@{host}"
+    if q:
+        parts = []
+        for item in query.split("&"):
+            key, eq, value = item.partition("=")
+            parts.append(f"{key}=***" if eq and any(k in key.lower() for k in _SECRET_KEYS) else item)
+        query = "&".join(parts)
+    return f"{scheme}://{head}{q}{query}"
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise StorageError(f"{name}={raw!r}: expected a whole number of seconds >= 1")
+    return value
+
+
+def _has_optuna_tables(path: str) -> bool:
+    import sqlite3
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
+            return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'").fetchone())
+    except sqlite3.Error:
+        return False
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An flock on a file in the temp directory named after `path` (released by the kernel if the process dies)."""
+    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"debias-study-{key}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def make_storage(url: str | None = None, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int = MAX_RETRY, timeout: float | None = None,
-                 default_timeout: float = STORAGE_TIMEOUT) -> RDBStorage:
+                 default_timeout: float = STORAGE_TIMEOUT, read_only: bool = False) -> RDBStorage:
     """The storage at `url`; connection errors (also while opening it) are ridden out for `timeout` seconds
-    (default $STUDY_STORAGE_TIMEOUT, else `default_timeout`: 600 s for workers, 15 s for interactive commands)."""
+    (default $STUDY_STORAGE_TIMEOUT, else `default_timeout`: 600 s for workers, 15 s for interactive commands).
+    `read_only` (status, report, dashboard): open an existing Optuna storage without creating or migrating one."""
     url = storage_url(url)
+    userinfo = url.partition("://")[2].partition("?")[0].rpartition("@")[0]
+    if "@" in userinfo:  # the driver would echo the password's tail as a host name
+        raise StorageError(f"storage {mask_url(url)}: the password contains an unescaped '@': write it as %40")
     raw = timeout if timeout is not None else os.environ.get("STUDY_STORAGE_TIMEOUT", default_timeout)
     try:
         timeout = float(raw)
@@ -178,14 +234,23 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
     if not (0 <= timeout < float("inf")):
         raise StorageError(f"storage timeout {raw!r} (--storage-timeout / STUDY_STORAGE_TIMEOUT): expected a "
                            "finite number of seconds >= 0")
-    interval = heartbeat_interval or int(os.environ.get("STUDY_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL))
-    grace = grace_period or int(os.environ.get("STUDY_GRACE_PERIOD", max(GRACE_PERIOD, 3 * interval)))
+    for flag, value in (("--heartbeat-interval", heartbeat_interval), ("--grace-period", grace_period)):
+        if value is not None and value < 1:
+            raise StorageError(f"{flag} {value}: expected a whole number of seconds >= 1")
+    interval = heartbeat_interval or _env_int("STUDY_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL)
+    grace = grace_period or _env_int("STUDY_GRACE_PERIOD", max(GRACE_PERIOD, 3 * interval))
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise StorageError(f"invalid storage URL {mask_url(url)!r}") from None
     dialect = parsed.get_backend_name()
     if dialect == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise StorageError(f"storage {url!r} keeps nothing (an in-memory database): give sqlite:///FILE")
+        if read_only and not Path(parsed.database).is_file():
+            raise StorageError(f"storage {mask_url(url)}: no such file {parsed.database!r}")
+        if read_only and not _has_optuna_tables(parsed.database):
+            raise StorageError(f"storage {mask_url(url)}: {parsed.database!r} is not an Optuna storage (left as it is)")
         # Several local processes share the file: wait for the lock instead of failing.
         engine_kwargs = {"connect_args": {"timeout": 60}}
     elif dialect == "postgresql":
@@ -204,8 +269,13 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
     retry._url, retry._timeout = url, timeout
 
     def open_storage(_):
-        storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                      grace_period=grace, heartbeat_stale_trial_callback=retry)
+        # Two processes creating Optuna's tables in one new SQLite file race (UNIQUE constraint failed:
+        # alembic_version): the creation is serialised per file.
+        lock = _file_lock(parsed.database) if dialect == "sqlite" else contextlib.nullcontext()
+        with lock:
+            storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                          grace_period=grace, heartbeat_stale_trial_callback=retry,
+                                          skip_table_creation=read_only)
         storage._setup_resilience(url, timeout)
         return storage
     try:
@@ -260,11 +330,5 @@ def study_lock(storage: RDBStorage, study_name: str):
             conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
             yield
         return
-    db = os.path.realpath(storage.engine.url.database or "memory")
-    path = Path(tempfile.gettempdir()) / f"debias-study-claim-{hashlib.sha256(db.encode()).hexdigest()[:16]}.lock"
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with _file_lock(storage.engine.url.database + ".claim"):
+        yield

@@ -16,6 +16,8 @@ import optuna
 from optuna.trial import TrialState
 
 from trainer import TrainConfig, fit
+from trainer.data import DataError
+from trainer.loop import resolve_device
 from trainer.cli import command_for
 from trainer.metrics import get_selection
 
@@ -25,6 +27,14 @@ from .storage import StorageUnavailable, retried_numbers, ride_out, study_lock
 
 # The worker records heartbeats itself (see `heartbeat`): Optuna's reminder that study.optimize would do it is moot.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+
+
+class EnvironmentFault(RuntimeError):
+    """This host cannot train (data missing, device gone): the worker stops and its trial is re-queued."""
+
+
+class StudiesHalted(RuntimeError):
+    """Some studies stopped taking trials after consecutive failures: the worker exits non-zero and says why."""
 
 
 class WorkerStopped(KeyboardInterrupt):
@@ -103,20 +113,33 @@ class Objective:
             reason = "worker stopped by signal" if isinstance(e, WorkerStopped) else f"{type(e).__name__}: {e}"
             trial.set_user_attr("fail_reason", reason[:500])
             _record(trial, None, history, t0)
+            if isinstance(e, (DataError, FileNotFoundError)):
+                raise EnvironmentFault(reason) from e
             raise
         _record(trial, result, history, t0)
         return result["val"][get_selection(self.exp.selection).key]
 
 
-def trial_counts(study: optuna.Study) -> dict[str, int]:
-    """Trial states of one study; `used`: trials that count toward the search budget (a retried lineage once)."""
+MAX_CONSECUTIVE_FAILURES = 3  # a study whose last trials all failed is halted, not run into the ground
+
+
+def trial_counts(study: optuna.Study) -> dict:
+    """Trial states of one study. `used`: trials that count toward the search budget — a retried lineage once, a
+    failed trial not at all (a failure is not a result). `halted`: the reason the study takes no more trials (its
+    last MAX_CONSECUTIVE_FAILURES finished trials all failed), or None."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
     counts = {s.name.lower(): 0 for s in TrialState}
     for t in trials:
         counts[t.state.name.lower()] += 1
     counts["retried"] = sum(1 for t in trials if t.number in retried)
-    counts["used"] = len(trials) - counts["retried"]
+    counts["used"] = sum(t.state != TrialState.FAIL for t in trials)
+    done = sorted((t for t in trials if t.state.is_finished() and t.number not in retried), key=lambda t: t.number)
+    last = done[-MAX_CONSECUTIVE_FAILURES:]
+    counts["halted"] = (f"{len(last)} consecutive failed trials, the last: "
+                        f"{last[-1].user_attrs.get('fail_reason', 'no reason recorded')}"
+                        if len(last) == MAX_CONSECUTIVE_FAILURES and all(t.state == TrialState.FAIL for t in last)
+                        else None)
     return counts
 
 
@@ -154,7 +177,7 @@ class Phase:
         self.study, self.search, self.objective, self.budget = study, search, objective, budget
 
     def has_work(self, c: dict) -> bool:
-        return bool(c["waiting"]) or (self.search and c["used"] < self.budget)
+        return not c["halted"] and (bool(c["waiting"]) or (self.search and c["used"] < self.budget))
 
     def claim(self, storage) -> optuna.Trial | None:
         """Under the study's lock: a waiting trial if there is one, else a newly sampled one while the search budget
@@ -173,6 +196,10 @@ def run_trial(phase: Phase, trial: optuna.Trial, storage) -> optuna.trial.Frozen
             value = phase.objective(trial, prune=phase.search)
     except optuna.TrialPruned:
         return study.tell(trial, state=TrialState.PRUNED)
+    except EnvironmentFault:  # this host cannot train it: not the trial's fault, so it runs again elsewhere
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        storage.get_heartbeat_stale_trial_callback()(study, frozen)
+        raise
     except WorkerStopped:
         for sig in (signal.SIGTERM, signal.SIGINT):  # a burst of Ctrl-C must not cut the re-queue short
             signal.signal(sig, signal.SIG_IGN)
@@ -189,8 +216,11 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
     """Run trials until every study of the experiment has met its budget, no seed-phase run waits and none is
     running. Returns 0."""
     exp, studies, seeds = load_experiment(storage, experiment, seeds=True)
+    # An environment fault (no such device, data missing on this host) stops this worker before it takes a trial:
+    # it is not a result, and must not fail the experiment's trials one after another.
+    resolve_device(device)
+    splits_cache: dict = {d: exp.load_splits(d) for d in exp.datasets}
     seed = sampler_seed if sampler_seed is not None else (os.getpid() * 7919 + time.time_ns()) % 2**31
-    splits_cache: dict = {}
     phases = []
     for i, s in enumerate(studies):  # pruners are not stored: every worker builds the same one
         dataset, method = s.user_attrs["dataset"], s.user_attrs["method"]
@@ -217,6 +247,9 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                 if any(c["running"] for c in counts.values()):
                     time.sleep(poll_seconds)  # a running trial may still fail and need a retry
                     continue
+                halted = [f"{name} ({c['halted']})" for name, c in counts.items() if c["halted"]]
+                if halted:
+                    raise StudiesHalted(f"halted, fix the cause and run init --replace or delete: {'; '.join(halted)}")
                 log(f"worker {os.getpid()}: all budgets met")
                 return 0
             # waiting (re-queued or seed-phase) trials first, then the study with the fewest used trials
@@ -229,6 +262,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                 continue  # other workers took them first: count again
             try:
                 t = run_trial(phase, trial, storage)
+            except EnvironmentFault as e:
+                raise EnvironmentFault(f"this worker cannot train (its trial {trial.number} was re-queued): {e}") from None
             except Exception:
                 if getattr(storage, "_gave_up", None):  # the database stayed down: say that, not what broke on it
                     raise StorageUnavailable(storage._gave_up) from None
@@ -236,6 +271,7 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
             log(f"worker {os.getpid()}: {phase.study.study_name} trial {t.number} {t.state.name} "
                 f"value {t.value if t.value is not None else '-'} {t.user_attrs.get('fail_reason', '')}")
     except WorkerStopped:
+        old = dict.fromkeys(old, signal.SIG_IGN)  # more signals of an impatient burst change nothing now
         log(f"worker {os.getpid()}: stopped by signal (a running trial was failed and re-queued)")
         return 0
     finally:

@@ -9,7 +9,6 @@ from optuna.trial import TrialState
 
 from conftest import start_worker, study_cli
 from study.experiment import Experiment, make_pruner
-from study.report import collect
 from test_study import init, storage_for, studies_of
 from trainer import TrainConfig, fit
 from trainer.data import load_splits

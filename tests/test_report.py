@@ -2,13 +2,11 @@
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 from optuna.distributions import FloatDistribution

@@ -93,6 +93,21 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**common, method_params=params)
 
 
+def check_output(path: str | os.PathLike) -> None:
+    """The result can be written there: not a folder, its parent a folder (made if missing) we can write in."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"--output {path}: is a folder, not a file")
+    parent = path.parent
+    for p in (parent, *parent.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"--output {path}: {p} is a file, not a folder")
+            if not os.access(p, os.W_OK):
+                raise ValueError(f"--output {path}: {p} is not writable")
+            break
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write atomically: a crash never leaves a half-written result."""
     path = Path(path)
@@ -108,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     try:
+        if args.output:
+            check_output(args.output)  # before training: a result is never trained and then lost
         result = fit(config_from_args(args), progress=args.progress)
     except (ValueError, DataError, NonFiniteLossError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,292 @@
+"""Reliability, round two: a careless input or a single bad host never burns an experiment, destroys a file or
+leaks a secret. Each test names the defect it guards; storages are the real PostgreSQL where one is involved."""
+import hashlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import start_worker, study_cli
+from test_study import _running_with_progress, _wait_for, init, storage_for, studies_of
+
+
+def one_line_error(p, expect: str, code: int = 2):
+    assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expect in last, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# 1. an environment fault is not a result
+def test_worker_on_a_host_without_the_device_stops_before_taking_a_trial(pg_url):
+    init(pg_url, "--experiment", "dev", "--datasets", "synthetic", "--methods", "erm", "--trials", "2", "--epochs", "1")
+    w = start_worker(pg_url, "dev", "--device", "cuda:0")
+    out = w.communicate(timeout=120)[0]
+    assert w.returncode == 2 and out.strip().splitlines()[-1] == (
+        "error: device 'cuda:0' requested but CUDA is not available"), out
+    (study,) = [s for n, s in studies_of(pg_url, "dev").items() if not n.endswith("/seeds")]
+    assert [t.state for t in study.trials] == [TrialState.WAITING]  # the reference trial, untouched
+
+
+def test_worker_without_the_data_stops_and_fails_nothing(pg_url, waterbirds_dir):
+    data = waterbirds_dir
+    init(pg_url, "--experiment", "nodata", "--datasets", "waterbirds", "--methods", "erm", "--trials", "2",
+         "--data-dir", str(data), "--model", "resnet18", "--epochs", "1", "--image-size", "32")
+    data.rename(data.with_name(data.name + "-moved"))  # the data is not on this worker's host
+    w = start_worker(pg_url, "nodata")
+    out = w.communicate(timeout=120)[0]
+    assert w.returncode == 2 and "data directory not found" in out.strip().splitlines()[-1], out
+    study = studies_of(pg_url, "nodata")["nodata/waterbirds/erm"]
+    assert all(t.state == TrialState.WAITING for t in study.trials)
+
+
+def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
+    from study.experiment import Experiment, init_experiment
+    init_experiment(storage_for(pg_url), Experiment(name="nan", datasets=["synthetic"], methods=["erm"], trials=5,
+                                                    epochs=2, space={"train": {"lr": [1e11, 1e12]}}))
+    w = start_worker(pg_url, "nan")
+    out = w.communicate(timeout=300)[0]
+    assert w.returncode == 3, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("error: halted") and "nan/synthetic/erm (3 consecutive failed trials" in last, out
+    assert "all budgets met" not in out
+    trials = studies_of(pg_url, "nan")["nan/synthetic/erm"].trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3  # 3 failures, not the budget of 5
+    assert all("NonFiniteLossError" in t.user_attrs["fail_reason"] for t in trials)
+    p = study_cli("status", "--storage", pg_url, "--experiment", "nan")
+    assert p.returncode == 0 and "3 consecutive failed trials" in p.stdout, p.stdout
+
+
+# 2. init checks every setting and bound against what the trainer and the method accept
+@pytest.mark.parametrize("args, toml, expect", [
+    (["--patience", "-1"], None, "patience must be an integer from 0"),
+    (["--seed", "-1"], None, "seed must be an integer from 0"),
+    (["--seed", str(2**64)], None, "seed must be an integer from 0 to 2**31 - 1"),
+    (["--model", "foo"], None, "unknown model 'foo'"),
+    (["--image-size", "0"], None, "image_size must be an integer from 1"),
+    ([], "epochs = 1.5", "epochs must be an integer from 1"),
+    ([], "[space.fim]\nrho = [1.5, 2]", "fim.rho: value 1.5 is not accepted"),
+    ([], "[space.fim]\nrho = [0.1, inf]", "fim.rho: bound inf is not a finite number"),
+    ([], '[space.fim]\nscope = ["bogus"]', "fim.scope: value 'bogus' is not accepted"),
+    ([], "[space.train]\nbatch_size = [0, 64]", "fim.batch_size: value 0 is not accepted"),
+    ([], "[space.fim]\nwarmup_epochs = [0.5, 2]", "warmup_epochs: bound 0.5 is not an integer"),
+    ([], 'trials = "5"', "trials must be an integer"),
+    ([], "datasets = 5", "datasets must be a non-empty list"),
+    ([], "space = 5", "space must be tables"),
+    ([], '[space.train]\nlr = ["a", "b"]', "train.lr: bound 'a' is not a finite number"),
+    (["--methods", "erm,erm"], None, "methods lists a name twice"),
+    (["--experiment", "x" * 500], None, "experiment name must be 1 to 120 characters"),
+])
+def test_init_refuses_what_the_trainer_would_reject(pg_url, tmp_path, args, toml, expect):
+    base = {"--experiment": "bad", "--datasets": "synthetic", "--methods": "fim"}
+    for k, v in zip(args[::2], args[1::2]):
+        base[k] = v
+    flags = [x for kv in base.items() for x in kv]
+    if toml is not None:
+        cfg = tmp_path / "e.toml"
+        header = [f"{k} = {v}" for k, v in (("name", '"bad"'), ("datasets", '["synthetic"]'), ("methods", '["fim"]'))
+                  if not toml.startswith(k)]
+        cfg.write_text("\n".join(header) + "\n" + toml + "\n")
+        flags = ["--config", str(cfg)]
+    p = study_cli("init", "--storage", pg_url, *flags)
+    one_line_error(p, expect)
+    assert optuna.get_all_study_names(storage_for(pg_url)) == []
+
+
+def test_toml_without_a_name_is_one_line(tmp_path, pg_url):
+    cfg = tmp_path / "e.toml"
+    cfg.write_text('datasets = ["synthetic"]\nmethods = ["erm"]\n')
+    one_line_error(study_cli("init", "--storage", pg_url, "--config", str(cfg)), "no experiment name")
+
+
+# 3. a wrongly set experiment can be removed, and the command says what it removes
+def test_delete_says_what_it_removes_and_protects_finished_trials(pg_url):
+    init(pg_url, "--experiment", "oops", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
+         "--epochs", "1")
+    assert start_worker(pg_url, "oops").wait(timeout=120) == 0
+    one_line_error(study_cli("delete", "--storage", pg_url, "--experiment", "oops"),
+                   "experiment 'oops' holds 2 studies, 1 trials (1 finished): add --yes to delete them")
+    p = study_cli("delete", "--storage", pg_url, "--experiment", "oops", "--yes")
+    assert p.returncode == 0 and p.stdout.strip() == "deleted experiment 'oops': 2 studies, 1 trials (1 finished)"
+    init(pg_url, "--experiment", "oops", "--datasets", "synthetic", "--methods", "erm", "--trials", "3")
+
+
+# 4. the demo checks everything before it deletes anything, and never deletes another experiment's storage
+def test_demo_never_deletes_a_storage_it_did_not_make(tmp_path, pg_url):
+    keep = tmp_path / "keep.db"
+    init(f"sqlite:///{keep}", "--experiment", "mine", "--datasets", "synthetic", "--methods", "erm")
+    before = digest(keep)
+    one_line_error(study_cli("demo", "--storage", f"sqlite:///{keep}", "--trials", "0"), "trials must be an integer")
+    one_line_error(study_cli("demo", "--storage", f"sqlite:///{keep}"), "holds other experiments (mine/")
+    one_line_error(study_cli("demo", "--storage", f"sqlite:///{keep}", "--workers", "0"), "--workers must be >= 1")
+    assert digest(keep) == before
+    notes = tmp_path / "notes.db"
+    notes.write_text("my notes\n")
+    one_line_error(study_cli("demo", "--storage", f"sqlite:///{notes}"), "is not a demo storage")
+    assert notes.read_text() == "my notes\n"
+
+
+# 5. the report never overwrites the storage or a file that is not a report
+def test_report_never_overwrites_the_storage_or_other_files(tmp_path):
+    db = tmp_path / "victim.db"
+    url = f"sqlite:///{db}"
+    init(url, "--experiment", "r", "--datasets", "synthetic", "--methods", "erm")
+    before = digest(db)
+    rep = lambda *a: subprocess.run([sys.executable, "-m", "study.report", "--storage", url, "--experiment", "r", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    one_line_error(rep("--format", "csv", "--out", str(db)), "that is the storage itself")
+    assert digest(db) == before
+    other = tmp_path / "thesis.md"
+    other.write_text("# my thesis\n")
+    good = tmp_path / "r.html"
+    one_line_error(rep("--out", str(good), "--out", str(other)), "exists and is not a markdown report")
+    assert other.read_text() == "# my thesis\n" and not good.exists()  # nothing written before the refusal
+    assert rep("--out", str(tmp_path / "r.md")).returncode == 0
+    assert rep("--out", str(tmp_path / "r.md")).returncode == 0  # a report may be replaced by a newer one
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+# 6. the trainer checks its output path before it trains
+def test_trainer_checks_the_output_path_before_training(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for out, expect in ((tmp_path / "afile" / "r.json", "is a file, not a folder"), (tmp_path, "is a folder")):
+        p = subprocess.run([sys.executable, "-m", "trainer", "--dataset", "synthetic", "--epochs", "1", "--output",
+                            str(out)], capture_output=True, text=True, timeout=120)
+        one_line_error(p, expect)
+        assert "epoch" not in p.stdout  # refused before training, not after
+
+
+# 7. an init cut off half-way is detected and completed
+def test_half_created_experiment_is_detected_and_completed(pg_url):
+    s = storage_for(pg_url)
+    optuna.create_study(study_name="half/synthetic/erm", storage=s)  # init killed before it wrote the settings
+    for cmd in (["status"], ["replicate"], ["report"]):
+        one_line_error(study_cli(*cmd, "--storage", pg_url, "--experiment", "half"), "not completely created")
+    w = start_worker(pg_url, "half")
+    assert w.wait(timeout=60) == 2 and "not completely created" in w.stdout.read()
+    init(pg_url, "--experiment", "half", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
+         "--epochs", "1")
+    assert start_worker(pg_url, "half").wait(timeout=120) == 0
+    assert study_cli("status", "--storage", pg_url, "--experiment", "half").returncode == 0
+
+
+# 8. an impatient Ctrl-C burst still re-queues the trial; a stopped demo leaves no orphan workers
+def test_a_burst_of_sigints_requeues_the_trial_without_a_traceback(pg_url):
+    init(pg_url, "--experiment", "burst", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
+         "--epochs", "30", "--patience", "0", "--pruner", "none")
+    w = start_worker(pg_url, "burst")
+    doomed = _wait_for(_running_with_progress(pg_url, "burst/cmnist/erm"))
+    for _ in range(5):
+        w.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+    out = w.communicate(timeout=60)[0]
+    assert w.returncode == 0 and "Traceback" not in out and "stopped by signal" in out, out
+    study = studies_of(pg_url, "burst")["burst/cmnist/erm"]
+    assert next(t for t in study.trials if t.number == doomed.number).state == TrialState.FAIL
+    assert [t.system_attrs["failed_trial"] for t in study.trials if t.state == TrialState.WAITING] == [doomed.number]
+
+
+def test_sigterm_to_the_demo_stops_its_workers(tmp_path):
+    demo = subprocess.Popen([sys.executable, "-m", "study", "demo", "--storage", f"sqlite:///{tmp_path / 'd.db'}",
+                             "--epochs", "30", "--html", str(tmp_path / "d.html")], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "d.worker0.log"
+    _wait_for(lambda: log.exists() and "sampler seed" in log.read_text(), timeout=120)
+    children = subprocess.run(["pgrep", "-P", str(demo.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    demo.send_signal(signal.SIGTERM)
+    _, err = demo.communicate(timeout=90)
+    assert demo.returncode == 2 and err.strip().splitlines()[-1] == (
+        "error: demo interrupted; its workers were stopped and their trials re-queued"), err
+    alive = [c for c in children if Path(f"/proc/{c}").exists() and "zombie" not in
+             Path(f"/proc/{c}/status").read_text().lower()]
+    assert alive == []
+
+
+# 9. no credential form is ever printed
+@pytest.mark.parametrize("url, secret", [
+    ("postgresql://postgres@127.0.0.1:1/db?password=s3cret-pw", "s3cret-pw"),
+    ("postgresql://postgres:p@ss-s3cret@127.0.0.1:1/db", "ss-s3cret"),
+    ("postgresql://postgres:s3cret-pw@127.0.0.1:1/db?sslpassword=other-s3cret", "s3cret"),
+])
+def test_credentials_are_masked_in_every_form(url, secret):
+    p = study_cli("status", "--storage", url, "--experiment", "x", "--storage-timeout", "1")
+    assert p.returncode == 2 and secret not in p.stdout + p.stderr, p.stderr
+    assert "***" in p.stderr
+
+
+# 10. no runaway loops, no writes from read-only commands
+def test_storage_timeout_is_validated_and_readonly_files_fail_at_once(tmp_path):
+    one_line_error(study_cli("status", "--storage", "sqlite:///x.db", "--experiment", "x", "--storage-timeout",
+                             "nan"), "storage timeout nan")
+    db = tmp_path / "ro.db"
+    init(f"sqlite:///{db}", "--experiment", "ro", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
+         "--epochs", "1")
+    db.chmod(0o444)
+    tmp_path.chmod(0o555)
+    try:
+        t0 = time.time()
+        w = start_worker(f"sqlite:///{db}", "ro")
+        out = w.communicate(timeout=120)[0]
+        if os.geteuid() != 0:  # root writes read-only files anyway
+            assert w.returncode == 2 and "readonly" in out.strip().splitlines()[-1], out
+        assert time.time() - t0 < 60  # not the 600 s of an outage
+    finally:
+        tmp_path.chmod(0o755)
+
+
+def test_read_only_commands_never_create_or_migrate_a_file(tmp_path):
+    missing = tmp_path / "typo.db"
+    for cmd in (["status"], ["report"]):
+        one_line_error(study_cli(*cmd, "--storage", f"sqlite:///{missing}", "--experiment", "x"), "no such file")
+    assert not missing.exists()
+    foreign = tmp_path / "app.db"
+    with sqlite3.connect(foreign) as conn:
+        conn.execute("CREATE TABLE users (name TEXT)")
+    before = digest(foreign)
+    one_line_error(study_cli("status", "--storage", f"sqlite:///{foreign}", "--experiment", "x"),
+                   "is not an Optuna storage")
+    assert digest(foreign) == before
+
+
+# 11 and 12. one line naming the bad value, for every bad flag
+@pytest.mark.parametrize("args, expect", [
+    (["worker", "--experiment", "x", "--device", "foo"], "unknown device 'foo'"),
+    (["worker", "--experiment", "x", "--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["worker", "--experiment", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["dashboard", "--port", "99999"], "--port must be from 1 to 65535, got 99999"),
+    (["status", "--experiment", "x", "--storage", "sqlite://"], "keeps nothing (an in-memory database)"),
+    (["status", "--experiment", "x", "--heartbeat-interval", "0"], "--heartbeat-interval 0"),
+])
+def test_bad_flags_are_one_line(args, expect, tmp_path):
+    url = f"sqlite:///{tmp_path / 'f.db'}"
+    init(url, "--experiment", "x", "--datasets", "synthetic", "--methods", "erm")
+    if "--storage" not in args:
+        args = [*args, "--storage", url]
+    one_line_error(study_cli(*args, env={"STUDY_GPUS": ""}), expect)
+
+
+def test_bad_environment_values_are_named():
+    p = study_cli("status", "--experiment", "x", "--storage", "sqlite:///x.db",
+                  env={"STUDY_HEARTBEAT_INTERVAL": "soon"})
+    one_line_error(p, "STUDY_HEARTBEAT_INTERVAL='soon'")
+
+
+def test_two_inits_at_once_on_a_new_sqlite_file(tmp_path):
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    args = ["init", "--storage", url, "--experiment", "x", "--datasets", "synthetic", "--methods", "erm"]
+    procs = [subprocess.Popen([sys.executable, "-m", "study", *args], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
