@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             print(delete_experiment(_storage(args), args.experiment, args.yes))
         elif args.command == "worker":
             from .worker import run_worker
+            if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2**31:
+                raise ValueError(f"--sampler-seed must be from 0 to 2**31 - 1, got {args.sampler_seed}")
             if args.threads is not None and args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             if args.threads:

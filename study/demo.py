@@ -87,7 +87,6 @@ def _refuse_foreign(db: Path) -> None:
 def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 3,
              html: str | None = "demo-report.html", methods: str = ",".join(DEFAULT_METHODS)) -> int:
     started = time.time()
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop the workers, say so in one line
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
         raise ValueError(f"the demo recreates its storage: give a sqlite:///FILE URL, not {storage_url!r}")
@@ -105,6 +104,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
         old.unlink(missing_ok=True)
     storage = make_storage(storage_url)
     init_experiment(storage, exp)
+    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop the workers, say so in one line
     print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
           f"{workers} workers, up to {epochs} epochs per trial, then the top {top_k} configurations of each "
           f"with {seeds} seeds")

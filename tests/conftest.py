@@ -1,6 +1,7 @@
 """Shared fixtures: small image datasets written in the official layouts."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -85,6 +86,29 @@ def _admin(sql: str) -> None:
     conn.close()
 
 
+import fcntl  # noqa: E402
+
+# Tests run in parallel (pytest-xdist); the tests that stop the PostgreSQL cluster must run alone. Every test holds
+# a shared lock on this file while it runs; a test marked `stops_cluster` holds it exclusively.
+CLUSTER_LOCK = Path(tempfile.gettempdir()) / "debias-test-cluster.lock"
+
+
+@contextlib.contextmanager
+def cluster_lock(exclusive: bool = False):
+    with open(CLUSTER_LOCK, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@pytest.fixture(autouse=True)
+def _cluster_guard(request):
+    with cluster_lock(exclusive=request.node.get_closest_marker("stops_cluster") is not None):
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_databases():
     """Factory of fresh databases; all are dropped at the end of the session."""
@@ -97,8 +121,9 @@ def pg_databases():
         return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
 
     yield new
-    for name in created:
-        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with cluster_lock():
+        for name in created:
+            _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture
@@ -115,3 +140,19 @@ def start_worker(url: str, experiment: str, *extra, env=None, log=None) -> subpr
     return subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", experiment, "--storage", url,
                              "--threads", "1", *extra], stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, **(env or {})})
+
+
+def study_main(*args) -> subprocess.CompletedProcess:
+    """`python -m study ...` in this process, for refusals that never start a worker or training: the same code
+    path as the subprocess without paying for a fresh interpreter (and torch import) per case."""
+    import contextlib
+    import io
+
+    from study.cli import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse refusals
+            code = e.code
+    return subprocess.CompletedProcess(["study", *args], code, out.getvalue(), err.getvalue())

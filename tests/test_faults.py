@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_cli
+from conftest import start_worker, study_cli, study_main
 from test_study import _running_with_progress, _wait_for, init, storage_for, studies_of
 
 
@@ -99,7 +99,7 @@ def test_init_refuses_what_the_trainer_would_reject(pg_url, tmp_path, args, toml
                   if not toml.startswith(k)]
         cfg.write_text("\n".join(header) + "\n" + toml + "\n")
         flags = ["--config", str(cfg)]
-    p = study_cli("init", "--storage", pg_url, *flags)
+    p = study_main("init", "--storage", pg_url, *flags)
     one_line_error(p, expect)
     assert optuna.get_all_study_names(storage_for(pg_url)) == []
 
@@ -107,7 +107,7 @@ def test_init_refuses_what_the_trainer_would_reject(pg_url, tmp_path, args, toml
 def test_toml_without_a_name_is_one_line(tmp_path, pg_url):
     cfg = tmp_path / "e.toml"
     cfg.write_text('datasets = ["synthetic"]\nmethods = ["erm"]\n')
-    one_line_error(study_cli("init", "--storage", pg_url, "--config", str(cfg)), "no experiment name")
+    one_line_error(study_main("init", "--storage", pg_url, "--config", str(cfg)), "no experiment name")
 
 
 # 3. a wrongly set experiment can be removed, and the command says what it removes
@@ -127,13 +127,13 @@ def test_demo_never_deletes_a_storage_it_did_not_make(tmp_path, pg_url):
     keep = tmp_path / "keep.db"
     init(f"sqlite:///{keep}", "--experiment", "mine", "--datasets", "synthetic", "--methods", "erm")
     before = digest(keep)
-    one_line_error(study_cli("demo", "--storage", f"sqlite:///{keep}", "--trials", "0"), "trials must be an integer")
-    one_line_error(study_cli("demo", "--storage", f"sqlite:///{keep}"), "holds other experiments (mine/")
-    one_line_error(study_cli("demo", "--storage", f"sqlite:///{keep}", "--workers", "0"), "--workers must be >= 1")
+    one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}", "--trials", "0"), "trials must be an integer")
+    one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}"), "holds other experiments (mine/")
+    one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}", "--workers", "0"), "--workers must be >= 1")
     assert digest(keep) == before
     notes = tmp_path / "notes.db"
     notes.write_text("my notes\n")
-    one_line_error(study_cli("demo", "--storage", f"sqlite:///{notes}"), "is not a demo storage")
+    one_line_error(study_main("demo", "--storage", f"sqlite:///{notes}"), "is not a demo storage")
     assert notes.read_text() == "my notes\n"
 
 
@@ -172,7 +172,7 @@ def test_half_created_experiment_is_detected_and_completed(pg_url):
     s = storage_for(pg_url)
     optuna.create_study(study_name="half/synthetic/erm", storage=s)  # init killed before it wrote the settings
     for cmd in (["status"], ["replicate"], ["report"]):
-        one_line_error(study_cli(*cmd, "--storage", pg_url, "--experiment", "half"), "not completely created")
+        one_line_error(study_main(*cmd, "--storage", pg_url, "--experiment", "half"), "not completely created")
     w = start_worker(pg_url, "half")
     assert w.wait(timeout=60) == 2 and "not completely created" in w.stdout.read()
     init(pg_url, "--experiment", "half", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
@@ -221,14 +221,14 @@ def test_sigterm_to_the_demo_stops_its_workers(tmp_path):
     ("postgresql://postgres:s3cret-pw@127.0.0.1:1/db?sslpassword=other-s3cret", "s3cret"),
 ])
 def test_credentials_are_masked_in_every_form(url, secret):
-    p = study_cli("status", "--storage", url, "--experiment", "x", "--storage-timeout", "1")
+    p = study_main("status", "--storage", url, "--experiment", "x", "--storage-timeout", "1")
     assert p.returncode == 2 and secret not in p.stdout + p.stderr, p.stderr
     assert "***" in p.stderr
 
 
 # 10. no runaway loops, no writes from read-only commands
 def test_storage_timeout_is_validated_and_readonly_files_fail_at_once(tmp_path):
-    one_line_error(study_cli("status", "--storage", "sqlite:///x.db", "--experiment", "x", "--storage-timeout",
+    one_line_error(study_main("status", "--storage", "sqlite:///x.db", "--experiment", "x", "--storage-timeout",
                              "nan"), "storage timeout nan")
     db = tmp_path / "ro.db"
     init(f"sqlite:///{db}", "--experiment", "ro", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
@@ -249,13 +249,13 @@ def test_storage_timeout_is_validated_and_readonly_files_fail_at_once(tmp_path):
 def test_read_only_commands_never_create_or_migrate_a_file(tmp_path):
     missing = tmp_path / "typo.db"
     for cmd in (["status"], ["report"]):
-        one_line_error(study_cli(*cmd, "--storage", f"sqlite:///{missing}", "--experiment", "x"), "no such file")
+        one_line_error(study_main(*cmd, "--storage", f"sqlite:///{missing}", "--experiment", "x"), "no such file")
     assert not missing.exists()
     foreign = tmp_path / "app.db"
     with sqlite3.connect(foreign) as conn:
         conn.execute("CREATE TABLE users (name TEXT)")
     before = digest(foreign)
-    one_line_error(study_cli("status", "--storage", f"sqlite:///{foreign}", "--experiment", "x"),
+    one_line_error(study_main("status", "--storage", f"sqlite:///{foreign}", "--experiment", "x"),
                    "is not an Optuna storage")
     assert digest(foreign) == before
 
@@ -265,21 +265,24 @@ def test_read_only_commands_never_create_or_migrate_a_file(tmp_path):
     (["worker", "--experiment", "x", "--device", "foo"], "unknown device 'foo'"),
     (["worker", "--experiment", "x", "--threads", "-1"], "--threads must be >= 1, got -1"),
     (["worker", "--experiment", "x", "--threads", "0"], "--threads must be >= 1, got 0"),
+    (["worker", "--experiment", "x", "--sampler-seed", "-1"], "--sampler-seed must be from 0 to 2**31 - 1, got -1"),
     (["dashboard", "--port", "99999"], "--port must be from 1 to 65535, got 99999"),
     (["status", "--experiment", "x", "--storage", "sqlite://"], "keeps nothing (an in-memory database)"),
     (["status", "--experiment", "x", "--heartbeat-interval", "0"], "--heartbeat-interval 0"),
 ])
-def test_bad_flags_are_one_line(args, expect, tmp_path):
+def test_bad_flags_are_one_line(args, expect, tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'f.db'}"
-    init(url, "--experiment", "x", "--datasets", "synthetic", "--methods", "erm")
+    assert study_main("init", "--storage", url, "--experiment", "x", "--datasets", "synthetic", "--methods",
+                      "erm").returncode == 0
     if "--storage" not in args:
         args = [*args, "--storage", url]
-    one_line_error(study_cli(*args, env={"STUDY_GPUS": ""}), expect)
+    monkeypatch.setenv("STUDY_GPUS", "")
+    one_line_error(study_main(*args), expect)
 
 
-def test_bad_environment_values_are_named():
-    p = study_cli("status", "--experiment", "x", "--storage", "sqlite:///x.db",
-                  env={"STUDY_HEARTBEAT_INTERVAL": "soon"})
+def test_bad_environment_values_are_named(monkeypatch):
+    monkeypatch.setenv("STUDY_HEARTBEAT_INTERVAL", "soon")
+    p = study_main("status", "--experiment", "x", "--storage", "sqlite:///x.db")
     one_line_error(p, "STUDY_HEARTBEAT_INTERVAL='soon'")
 
 

@@ -45,6 +45,7 @@ def assert_complete(url, experiment, budget):
 
 
 @pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs the local PostgreSQL cluster")
+@pytest.mark.stops_cluster
 def test_database_restart_mid_study_loses_nothing(pg_url, restores_cluster):
     init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "2",
          "--epochs", "4", "--patience", "0", "--pruner", "none")
@@ -64,6 +65,7 @@ def test_database_restart_mid_study_loses_nothing(pg_url, restores_cluster):
 
 
 @pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs the local PostgreSQL cluster")
+@pytest.mark.stops_cluster
 def test_database_down_too_long_stops_the_worker_with_one_line(pg_url, restores_cluster):
     init(pg_url, "--experiment", "down", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
          "--epochs", "6", "--patience", "0", "--pruner", "none")

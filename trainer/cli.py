@@ -5,7 +5,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import MISSING
 from pathlib import Path
 
 from .config import COMPILE_MIN_STEPS, IMAGE_LOADERS, TrainConfig
