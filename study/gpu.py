@@ -34,9 +34,9 @@ def gpu_indices() -> list[int]:
 
 
 def _key(host: str, index: int) -> int:
-    """A signed 64-bit advisory-lock key per (host, GPU index)."""
-    return int.from_bytes(hashlib.sha256(f"debias-study-gpu:{host}:{index}".encode()).digest()[:8], "big",
-                          signed=True)
+    """The advisory-lock key of (host, GPU index)."""
+    from .storage import advisory_key
+    return advisory_key(f"debias-study-gpu:{host}:{index}")
 
 
 class PostgresGpuLock:

@@ -9,7 +9,6 @@ that failed stays failed: the report shows it).
 """
 from __future__ import annotations
 
-from .experiment import load_experiment
 from .report import collect, ranked
 from .worker import trial_counts
 
@@ -24,23 +23,21 @@ def replicate(storage, experiment: str, seeds: int = SEEDS, top_k: int = TOP_K) 
     if top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {top_k}")
     exp, results = collect(storage, experiment)
-    _, studies, seed_studies = load_experiment(storage, experiment, seeds=True)
-    by_name = {s.study_name: s for s in studies}
     unfinished = []
     for r in results:  # the ranking must be final before it is replicated
-        c = trial_counts(by_name[r.name])
+        c = trial_counts(r.study)
         if c["used"] < exp.trials or c["running"] or c["waiting"]:
             unfinished.append(f"{r.name} ({c['used']}/{exp.trials} trials, {c['running']} running, "
                               f"{c['waiting']} waiting)")
         elif r.best is None:
             unfinished.append(f"{r.name} (no finished trial)")
-        elif r.name not in seed_studies:
+        elif r.seeds_study is None:
             unfinished.append(f"{r.name} (no seed-phase study: created by this version's init)")
     if unfinished:
         raise ValueError(f"search not finished, nothing enqueued: {'; '.join(unfinished)}")
     out = {}
     for r in results:
-        study = seed_studies[r.name]
+        study = r.seeds_study
         have = {(c.searched.number, t.user_attrs["seed"]) for c in r.configs for t in c.reruns}
         new = []
         for rank, t in enumerate(ranked(r.search)[:top_k], start=1):

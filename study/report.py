@@ -11,6 +11,7 @@ import argparse
 import html
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +97,8 @@ class StudyResult:
     search: list[FrozenTrial]               # searched trials, a retry lineage counted once
     configs: list[Config] = field(default_factory=list)  # the seed phase's top-k configurations, by search rank
     compute_s: float = 0.0                  # train seconds of every trial, retried and seed-phase ones included
+    study: Any = None                       # the search study and its seed-phase sibling (None before this
+    seeds_study: Any = None                 # version's init), as loaded: for the seed phase to enqueue into
 
     @property
     def cls(self):
@@ -146,7 +149,7 @@ def collect(storage, experiment: str):
     for s in studies:
         trials = s.get_trials(deepcopy=False)
         r = StudyResult(name=s.study_name, dataset=s.user_attrs["dataset"], method=s.user_attrs["method"],
-                        search=_kept(trials))
+                        search=_kept(trials), study=s, seeds_study=seeds.get(s.study_name))
         seed_trials = seeds[s.study_name].get_trials(deepcopy=False) if s.study_name in seeds else []
         by_number = {t.number: t for t in r.search}
         for t in _kept(seed_trials):

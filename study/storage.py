@@ -265,8 +265,7 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
     else:
         raise StorageError(f"unsupported storage {mask_url(url)!r}: use postgresql:// or sqlite:///")
 
-    retry = CleanRetry(max_retry=max_retry)
-    retry._url, retry._timeout = url, timeout
+    retry = CleanRetry(max_retry=max_retry, url=url, timeout=timeout)
 
     def open_storage(_):
         # Two processes creating Optuna's tables in one new SQLite file race (UNIQUE constraint failed:
@@ -294,6 +293,10 @@ class CleanRetry(RetryHeartbeatStaleTrialCallback):
     idempotent: a connection error while adding it is ridden out and the retry is added once, not zero or two times.
     """
 
+    def __init__(self, max_retry: int | None, url: str, timeout: float):
+        super().__init__(max_retry=max_retry)
+        self._url, self._timeout = url, timeout  # how long a re-queue rides out an outage, and what it names
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
         if self._max_retry is not None and self._max_retry < len(history):
@@ -308,7 +311,7 @@ class CleanRetry(RetryHeartbeatStaleTrialCallback):
                                for t in study.get_trials(deepcopy=False)):
                 return  # the cut-off attempt had committed
             study.add_trial(template)
-        ride_out(add, getattr(self, "_url", ""), getattr(self, "_timeout", STORAGE_TIMEOUT), " (re-queue)")
+        ride_out(add, self._url, self._timeout, " (re-queue)")
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
@@ -318,16 +321,20 @@ def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
         return {n for t in trials for n in RetryHeartbeatStaleTrialCallback.retry_history(t)}
 
 
+def advisory_key(text: str) -> int:
+    """A signed 64-bit PostgreSQL advisory-lock key named by `text`."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big", signed=True)
+
+
 @contextlib.contextmanager
 def study_lock(storage: RDBStorage, study_name: str):
     """Serialises the claim of a study's next trial across every worker, so that counting the budget and taking or
     creating the trial happen as one step: a transaction-level advisory lock on PostgreSQL (released by the server
     if the worker dies), an flock on a file beside the temp directory for an SQLite file (released by the kernel)."""
     if storage.engine.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"debias-study-claim:{study_name}".encode()).digest()[:8], "big",
-                             signed=True)
         with storage.engine.begin() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"),
+                         {"k": advisory_key(f"debias-study-claim:{study_name}")})
             yield
         return
     with _file_lock(storage.engine.url.database + ".claim"):
