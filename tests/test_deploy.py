@@ -167,7 +167,7 @@ def test_five_workers_share_four_gpus_one_each(pg_databases, tmp_path):
         fifth = start()
         _lines_until(fifth, r"all GPUs \[0, 1, 2, 3\] are claimed by other workers; waiting")
         locks = _advisory_locks(url)
-        assert len(locks) == 4
+        assert locks == [0, 1, 2, 3]  # one GPU claim per worker, each held by its session
         claimed[2].send_signal(signal.SIGTERM)  # a worker leaves: its GPU is released with its connection
         assert claimed[2].wait(timeout=120) == 0
         assert int(_lines_until(fifth, r"claimed GPU (\d)").group(1)) == 2
@@ -179,13 +179,18 @@ def test_five_workers_share_four_gpus_one_each(pg_databases, tmp_path):
                 p.wait()
 
 
-def _advisory_locks(url: str) -> list:
+def _advisory_locks(url: str, host: str = "gpu-host") -> list:
     import psycopg2
     conn = psycopg2.connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT objid FROM pg_locks WHERE locktype = 'advisory' AND granted")
-            return cur.fetchall()
+            # this database's GPU claims only: pg_locks lists every database's locks, and workers also take
+            # short transaction-level advisory locks while they claim a trial
+            cur.execute("SELECT classid::bigint, objid::bigint FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")
+            held = {(c << 32) | o for c, o in cur.fetchall()}
+            from study.gpu import _key
+            return [i for i in range(8) if _key(host, i) & (2**64 - 1) in held]  # host: the compose file's
     finally:
         conn.close()
 
