@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 from optuna.trial import TrialState
 
 COLORS = {"ERM": "#7f7f7f", "DRO": "#1f77b4", "Ours": "#d62728"}
@@ -87,20 +88,36 @@ def val_curves(results) -> go.Figure:
 
 
 def lambda_share(results) -> go.Figure | None:
-    """Share of the multipliers' mass held by each training group, per epoch, for Ours' best trial."""
-    fig, any_data = go.Figure(), False
+    """Where Ours' constraint mass goes, per epoch of its best trial: top, the share of the multipliers' mass held by
+    each training group; bottom, the enrichment of that mass on bias-conflicting samples (the paper's hypothesis:
+    > 1) and the share of updated multipliers at the cap and at zero (saturation)."""
+    fig, any_data = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                                  specs=[[{}], [{"secondary_y": True}]]), False
     for r in results:
-        shares = (r.best.user_attrs.get("lambda_share") if r.best else None) or []
+        attrs = r.best.user_attrs if r.best else {}
+        shares = attrs.get("lambda_share") or []
         epochs = [e for e, s in enumerate(shares, start=1) if s]
         if not epochs:
             continue
-        any_data = True
+        any_data, name = True, _name(r, results)
         for g in range(len(shares[epochs[0] - 1])):
             fig.add_scatter(x=epochs, y=[100 * shares[e - 1][g] for e in epochs], stackgroup=r.name, mode="lines",
-                            name=f"{_name(r, results)} group {g}")
+                            name=f"{name} group {g}", row=1, col=1)
+        for key, label, dash, secondary in (("lambda_enrichment", "λ enrichment on bias-conflicting", "solid", False),
+                                            ("at_cap_frac", "share at λ_max", "dot", True),
+                                            ("at_zero_frac", "share at 0", "dash", True)):
+            values = attrs.get(key) or []
+            points = [(e, v) for e, v in enumerate(values, start=1) if v is not None]
+            if points:
+                x, y = zip(*points)
+                fig.add_scatter(x=x, y=[100 * v for v in y] if secondary else y, mode="lines+markers",
+                                line=dict(dash=dash), name=f"{name} {label}", row=2, col=1, secondary_y=secondary)
     if not any_data:
         return None
-    return fig.update_layout(xaxis_title="epoch", yaxis_title="share of total λ (%)")
+    fig.update_yaxes(title_text="share of total λ (%)", row=1, col=1)
+    fig.update_yaxes(title_text="enrichment (×)", row=2, col=1, secondary_y=False)
+    fig.update_yaxes(title_text="multipliers (%)", row=2, col=1, secondary_y=True)
+    return fig.update_xaxes(title_text="epoch", row=2, col=1)
 
 
 def figures(results, avg: str = "train_weighted") -> dict[str, go.Figure]:
@@ -112,8 +129,9 @@ def figures(results, avg: str = "train_weighted") -> dict[str, go.Figure]:
                          avg_vs_worst(results, AVG[avg][0])),
         "groups": ("Per-group test accuracy of each method's best trial", group_accuracy(results)),
         "val-curves": ("Val selection metric per epoch of every trial (pruned trials dotted)", val_curves(results)),
-        "lambda-share": ("Lambda share: where Ours' constraint mass goes, per training group",
+        "lambda-share": ("Lambda share: where Ours' constraint mass goes — per training group, enrichment on "
+                         "bias-conflicting samples, saturation",
                          lambda_share(results)),
     }
-    return {k: fig.update_layout(title=title, template="plotly_white", height=420)
+    return {k: fig.update_layout(title=title, template="plotly_white", height=640 if k == "lambda-share" else 420)
             for k, (title, fig) in out.items() if fig is not None}

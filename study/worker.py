@@ -54,12 +54,16 @@ def _metrics(m: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
 
 
+LAMBDA_LOG = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
+
+
 def _record(trial: optuna.Trial, result: dict | None, history: list[dict], t0: float) -> None:
     """Small user attrs (the dashboard re-reads them every few seconds)."""
     trial.set_user_attr("epochs_run", len(history))
     trial.set_user_attr("train_seconds", round(time.time() - t0, 2))
-    if history and "lambda_share" in history[-1]:
-        trial.set_user_attr("lambda_share", [h.get("lambda_share") for h in history])
+    if history and "lambda_share" in history[-1]:  # per epoch, None before the constraints start
+        for key in LAMBDA_LOG:
+            trial.set_user_attr(key, [h.get(key) for h in history])
     if result:
         for key in ("best_epoch", "first_own_epoch", "selection", "device", "data_checksum"):
             trial.set_user_attr(key, result[key])

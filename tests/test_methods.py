@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -5,12 +6,12 @@ import torch
 from torch import nn
 
 from trainer import NonFiniteLossError, TrainConfig, fit
-from trainer.data import load_splits
+from trainer.data import TensorGroupDataset, load_splits
 from trainer.fisher import last_layer_trace, logit_trace
 from trainer.methods import METHODS
 from trainer.methods.fim import FIMParams, FisherConstrained
 from trainer.methods.groupdro import GroupDRO, GroupDROParams
-from trainer.metrics import group_metrics
+from trainer.metrics import bias_conflicting, group_metrics
 
 CASES = [("erm", {}), ("groupdro", {}), ("fim", {"scope": "logits"}), ("fim", {"scope": "last_layer"})]
 
@@ -108,28 +109,113 @@ def test_groupdro_weights_stay_on_simplex_and_move_to_worst_group():
     assert torch.allclose(w, torch.full((8,), 0.5))
 
 
-def test_fim_multipliers_nonnegative_and_only_active_move():
-    torch.manual_seed(0)
-    n = 16
-    m = FisherConstrained(FIMParams(rho=0.25, dual_lr=5.0, warmup_epochs=0), n_train=n, n_groups=4,
-                          train_groups=torch.arange(n) % 4)
-    model = nn.Sequential(nn.Linear(3, 2))
-    x, y = torch.randn(n, 3), torch.randint(0, 2, (n,))
-    wrapped = lambda: iter([(model(x), x, y)])  # noqa: E731
-    m.start_epoch(0, model, wrapped)
-    assert m.constrained and float(m.eps) > 0
-    idx = torch.arange(100, 100 + 8) % n
-    for step in range(5):
-        logits = model(x[idx])
-        before = m.lam.clone()
-        trace = logit_trace(logits, y[idx])
-        _, logs = m.loss(logits, x[idx], y[idx], None, idx)
-        changed = (m.lam != before).nonzero().flatten()
-        active = set(idx[trace.topk(2).indices].tolist())
-        assert set(changed.tolist()) <= active
-        assert torch.all(m.lam >= 0) and torch.all(m.lam <= m.params.lambda_max)
-        assert "penalty" in logs
-    assert float(m.lam.sum()) > 0
+def _fim(**kw):
+    n, conflicting = kw.pop("n", 4), kw.pop("conflicting", None)
+    return FisherConstrained(FIMParams(**kw), n_train=n, n_groups=4, train_groups=torch.arange(n) % 4,
+                             conflicting=conflicting)
+
+
+def _binary_logits(margins):
+    """Logits of class 0 (the label) over class 1 with these margins: the trace is 2 (1 - sigmoid(margin))^2."""
+    m = torch.tensor(margins, dtype=torch.float64)
+    return torch.stack([m, torch.zeros_like(m)], 1), torch.zeros(len(m), dtype=torch.long)
+
+
+def test_fim_multipliers_move_up_and_down_and_only_active_ones():
+    # eps = the median of the active traces: half of the active samples satisfy their constraint, half violate it
+    m = _fim(n=8, rho=0.5, eps_quantile=0.5, dual_lr=0.5, warmup_epochs=1)
+    logits, y = _binary_logits([8.0, 6.0, 4.0, 2.0, 1.0, 0.0, -1.0, -3.0])
+    trace = 2 * (1 - torch.sigmoid(logits[:, 0])) ** 2
+    m.start_epoch(1, None, lambda: iter([(logits, None, y)]))
+    active = trace.topk(4).indices  # samples 4..7
+    assert float(m.eps) == pytest.approx(float(trace[active].median() + trace[active].sort().values[2]) / 2)
+    m.lam.fill_(1.0)
+    m.loss(logits, None, y, None, torch.arange(8))
+    moved = m.lam - 1.0
+    assert torch.all(moved[:4] == 0)                              # inactive: untouched
+    assert torch.all(moved[[4, 5]] < 0) and torch.all(moved[[6, 7]] > 0)  # feasible down, violated up
+    assert float(moved.abs().max()) <= 0.5 + 1e-9                 # one visit moves a multiplier at most dual_lr
+
+
+def test_fim_saturation_diagnostics_on_a_hand_made_batch():
+    # traces 2 (1 - sigmoid(a))^2 for margins 10, 2, 0, -5: about 0, 0.0284, 0.5, 1.973; rho = 1, so eps is the
+    # median (0.0284 + 0.5) / 2 = 0.264. Slack (T - eps) / eps, capped at 1: -1, -0.8924, +0.8924, +1.
+    m = _fim(rho=1.0, eps_quantile=0.5, dual_lr=1.0, lambda_max=1.0, warmup_epochs=1,
+             conflicting=torch.tensor([False, False, True, False]))
+    logits, y = _binary_logits([10.0, 2.0, 0.0, -5.0])
+    m.start_epoch(1, None, lambda: iter([(logits, None, y)]))
+    assert float(m.eps) == pytest.approx(0.2642, abs=1e-3)
+    m.lam.copy_(torch.tensor([0.0, 0.95, 0.5, 0.0]))
+    m.loss(logits, None, y, None, torch.arange(4))
+    # 0 - 1 -> 0 (at zero); 0.95 - 0.8924 = 0.0576 (free); 0.5 + 0.89 -> 1 (cap); 0 + 1 = 1 (cap)
+    assert m.lam.tolist() == pytest.approx([0.0, 0.0576, 1.0, 1.0], abs=1e-4)
+    stats = m.epoch_stats()
+    assert stats["at_cap_frac"] == 0.5 and stats["at_zero_frac"] == 0.25 and stats["violated_frac"] == 0.5
+    # sample 2 is the one bias-conflicting sample (1/4 of the set) and holds 1 / 2.0576 of the mass
+    assert stats["lambda_enrichment"] == pytest.approx((1 / 2.0576) / 0.25, rel=1e-3)
+    m.start_epoch(2, None, None)  # a new epoch: the counters restart, eps stays
+    assert m.n_active == 0 and float(m.eps) == pytest.approx(0.2642, abs=1e-3)
+
+
+def test_fim_fixed_penalty_ablation_puts_lambda_max_on_the_active_set():
+    m = _fim(n=8, rho=0.25, fixed_penalty=True, lambda_max=3.0, warmup_epochs=1)
+    logits, y = _binary_logits([8.0, 6.0, 4.0, 2.0, 1.0, 0.0, -1.0, -3.0])
+    m.start_epoch(1, None, lambda: iter([(logits, None, y)]))
+    m.loss(logits, None, y, None, torch.arange(8))
+    assert m.lam.tolist() == [0.0] * 6 + [3.0, 3.0] and m.epoch_stats()["at_cap_frac"] == 1.0
+
+
+def test_fim_refuses_to_calibrate_an_untrained_model():
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 1"):
+        _fim(warmup_epochs=0)
+    with pytest.raises(ValueError, match="warmup_epochs must be >= 1"):
+        fit(TrainConfig(dataset="synthetic", method="fim", epochs=2, method_params={"warmup_epochs": 0}), log=None)
+    assert FisherConstrained.space_for(20)["warmup_epochs"].low == 1
+
+
+class _Marked(TensorGroupDataset):
+    """Training augmentation the test can see: +100 on every pixel."""
+
+    def batch_transform(self, x, train, generator=None):
+        return x + 100.0 if train else x
+
+
+def test_fim_calibrates_on_the_view_the_constraint_uses(monkeypatch):
+    s = load_splits("synthetic")
+    t = s.train
+    splits = dataclasses.replace(s, train=_Marked(t.x, t.y, t.a, t.n_classes, t.n_attr))
+    seen, bn_before, bn_after = [], [], []
+    original = FisherConstrained.start_epoch
+
+    def start_epoch(self, epoch, model, train_batches):
+        calibrating = epoch == self.params.warmup_epochs
+        buffers = lambda: [b.clone() for b in model.buffers()]  # noqa: E731
+        if calibrating:
+            bn_before.extend(buffers())
+            hook = model.register_forward_pre_hook(
+                lambda mod, args: seen.append((mod.training, float(args[0].mean()) > 50)))
+        original(self, epoch, model, train_batches)
+        if calibrating:
+            hook.remove()
+            bn_after.extend(buffers())
+
+    monkeypatch.setattr(FisherConstrained, "start_epoch", start_epoch)
+    r = fit(TrainConfig(dataset="synthetic", method="fim", model="cnn", epochs=2, method_params={"warmup_epochs": 1}),
+            splits=splits, log=None)
+    assert r["history"][-1]["constrained"]
+    n_batches = -(-len(t) // r["hparams"]["batch_size"])
+    # every calibration forward ran as a training step does: train-mode BatchNorm on augmented batches of its size
+    assert seen == [(True, True)] * n_batches
+    # ... and looking did not change the model: BatchNorm running statistics are restored
+    assert len(bn_before) > 0 and all(torch.equal(a, b) for a, b in zip(bn_before, bn_after))
+
+
+def test_bias_conflicting_groups():
+    y, a = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1]), torch.tensor([0, 0, 1, 1, 1, 1, 0, 0])
+    # P(y=0)=3/8: P(0|a=0)=2/4 above, P(0|a=1)=1/4 below; P(y=1)=5/8: P(1|a=1)=3/4 above, P(1|a=0)=2/4 below
+    assert bias_conflicting(y, a).tolist() == [False, False, True, False, False, False, True, True]
+    cm = load_splits("cmnist").train
+    assert torch.equal(bias_conflicting(cm.y, cm.a), cm.y != cm.a)  # colour disagreeing with the label
 
 
 def test_fim_rejects_bad_params():

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import COMPILE_MIN_STEPS, TrainConfig
 from .data import Splits, TensorGroupDataset, load_splits, make_loader
 from .methods import get_method
-from .metrics import get_selection, group_metrics, selection_key
+from .metrics import bias_conflicting, get_selection, group_metrics, selection_key
 from .models import build_model
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
@@ -78,6 +78,24 @@ def predict(model, loader, device, autocast, channels_last=False, transform=None
         yield logits.float(), h.float(), y, a
 
 
+@torch.no_grad()
+def training_view(net, model, loader, device, autocast, channels_last, transform):
+    """Yields (logits, features, y) as a training step sees them — augmented inputs, BatchNorm in train mode (batch
+    statistics) — without gradients, and restores the BatchNorm running statistics afterwards: looking does not
+    change the model."""
+    saved = [b.clone() for b in model.buffers()]
+    net.train()
+    try:
+        for x, y, _, _ in loader:
+            x, y = _batch(device, x, y, transform=transform, channels_last=channels_last)
+            with autocast():
+                logits, h = net(x, return_features=True)
+            yield logits.float(), h.float(), y
+    finally:
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+
+
 def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
     ds = _place(ds, device)
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
@@ -113,7 +131,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     method_cls = get_method(cfg.method)
     params = method_cls.Params(**cfg.method_params)
     method = method_cls(params, n_train=len(train), n_groups=splits.n_groups, train_groups=train.g,
-                        grad_clip=cfg.grad_clip).to(device)
+                        grad_clip=cfg.grad_clip, conflicting=bias_conflicting(train.y, train.a)).to(device)
     first_own = method_cls.first_own_epoch(params)  # earlier epochs (a warm-up) are never the selected model
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -132,11 +150,12 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
                                        batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
                                        num_workers=workers)
 
-    def train_batches():  # deterministic pass over the training set, for methods that calibrate on it
-        loader = make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw)
-        for logits, h, y, _ in predict(net, loader, device, autocast, cuda,
-                                       functools.partial(train.batch_transform, train=False)):
-            yield logits, h, y
+    def train_batches():  # the training step's view of the training set, for methods that calibrate on it
+        gen_view = torch.Generator().manual_seed(cfg.seed + 1)  # its own draws: the training stream is untouched
+        loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen_view, **loader_kw)
+        view = functools.partial(train.batch_transform, train=True,
+                                 generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
+        return training_view(net, model, loader, device, autocast, cuda, view)
 
     history, best, best_state, stale = [], None, None, 0
     for epoch in range(1, cfg.epochs + 1):
@@ -193,7 +212,10 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
 def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
     extra = ""
     if "violated_frac" in r:
-        extra = f"  violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f}"
+        enr = r.get("lambda_enrichment")
+        extra = (f"  violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f} "
+                 f"at cap {r['at_cap_frac']:.2f} at 0 {r['at_zero_frac']:.2f}"
+                 f"{'' if enr is None else f' enrichment {enr:.1f}x'}")
     elif "q" in r:
         extra = f"  q {r['q']}"
     return (f"epoch {r['epoch']:3d}/{epochs}{'' if r['own'] else ' (warm-up)'}  loss {r['train_loss']:.4f}  "

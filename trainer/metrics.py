@@ -37,6 +37,15 @@ def group_metrics(correct: torch.Tensor, g: torch.Tensor, n_groups: int, train_c
     return out
 
 
+def bias_conflicting(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Per sample: is its group bias-conflicting, i.e. does its attribute make its label rarer than the base rate,
+    P(y | a) < P(y)? Waterbirds: waterbirds on land, landbirds on water; cmnist: colour disagreeing with the label."""
+    y, a = y.long().cpu(), a.long().cpu()
+    n_y, n_a = torch.bincount(y), torch.bincount(a)
+    n_ya = torch.bincount(y * len(n_a) + a, minlength=len(n_y) * len(n_a)).view(len(n_y), len(n_a))
+    return (n_ya[y, a] * len(y) < n_y[y] * n_a[a])
+
+
 @dataclass(frozen=True)
 class Selection:
     """A model-selection metric: early stopping, best epoch, pruning, the search objective and the seed phase."""

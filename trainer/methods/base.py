@@ -63,11 +63,25 @@ class Method(nn.Module):
     proposed: ClassVar[bool] = False  # the paper's method: compared against every other row
     control: ClassVar[bool] = False   # the reference every other method is compared with (ERM)
 
-    def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor, grad_clip: float = 0.0):
+    def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor, grad_clip: float = 0.0,
+                 conflicting: torch.Tensor | None = None):
         super().__init__()
         self.params, self.n_train, self.n_groups = params, n_train, n_groups
         self.grad_clip = grad_clip  # max gradient norm, a training setting shared by every method; 0 = off
         self.register_buffer("train_groups", train_groups.long().clone(), persistent=False)
+        # per training sample: bias-conflicting (metrics.bias_conflicting)? For logging only, like train_groups.
+        self.register_buffer("conflicting", None if conflicting is None else conflicting.bool().clone(),
+                             persistent=False)
+
+    def enrichment(self, weights: torch.Tensor) -> float | None:
+        """Share of `weights` (per training sample) on bias-conflicting samples over their share of the training
+        set: 1 = no preference, > 1 = the mass goes to the minority groups. None when undefined."""
+        if self.conflicting is None or not self.conflicting.any() or self.conflicting.all():
+            return None
+        total = float(weights.sum())
+        if total <= 0:
+            return None
+        return round(float(weights[self.conflicting].sum()) / total / float(self.conflicting.float().mean()), 4)
 
     def loss(self, logits, h, y, g, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
