@@ -38,6 +38,8 @@ def _trial(state, value=None, *, val_avg=0.9, test=None, epochs=4, seed=0, lr=0.
         attrs["fail_reason"] = "NonFiniteLossError: training loss became non-finite in epoch 2"
     if share:
         attrs["lambda_share"] = [None] + [[0.45, 0.05, 0.05, 0.45]] * (epochs - 1)
+        attrs.update(lambda_enrichment=[None] + [4.5] * (epochs - 1), at_cap_frac=[None] + [0.25] * (epochs - 1),
+                     at_zero_frac=[None] + [0.1] * (epochs - 1))
     curve = {e: (value or 0.3) * e / epochs for e in range(1, epochs + 1)}
     return create_trial(state=state, value=value, params={"lr": lr}, distributions=DIST, user_attrs=attrs,
                         system_attrs=system_attrs or {}, intermediate_values=curve)
@@ -213,6 +215,8 @@ def test_html_is_self_contained_with_all_figures(storage, tmp_path):
                   "Lambda share"):
         assert title in page
     assert "<table" in page and "Ours − ERM" in page
+    for trace in ("group 0", "λ enrichment on bias-conflicting", "share at λ_max", "share at 0"):  # the λ figure
+        assert trace in page
 
 
 def test_figures_into_the_dashboard(storage):

@@ -64,6 +64,10 @@ def test_three_workers_started_together_meet_every_budget_exactly(pg_url, tmp_pa
                 "data_checksum", "command", "seed"} <= set(t.user_attrs)
         assert t.user_attrs["command"].startswith("python -m trainer --dataset synthetic")
         assert t.value == t.user_attrs["val"]["wga"] and sorted(t.intermediate_values) == [1, 2][:len(t.intermediate_values)]
+        if name.endswith("/fim"):  # the λ log per epoch, None during the warm-up
+            for key in ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac"):
+                log = t.user_attrs[key]
+                assert len(log) == t.user_attrs["epochs_run"] and log[0] is None and log[-1] is not None, (key, log)
 
 
 def test_command_recorded_in_trial_reproduces_it(pg_url, tmp_path):

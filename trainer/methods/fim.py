@@ -4,7 +4,7 @@
 
 solved through L = mean_i l_i + mean_{i in K} lambda_i (T_i - eps), one multiplier lambda_i >= 0 per training
 sample (indexed by dataset index), primal descent on theta and projected dual ascent on the batch's
-active set K = top-ceil(rho * B) samples by T:  lambda_i <- clip(lambda_i + eta (T_i - eps) / eps, 0, lambda_max).
+active set K = top-ceil(rho * B) samples by T:  lambda_i <- clip(lambda_i + eta min((T_i - eps) / eps, 1), 0, lambda_max).
 
 eps is well defined by construction: after `warmup_epochs` (>= 1) of plain ERM, one pass over the training set as the
 training step sees it (augmented batches of the training size, BatchNorm in train mode; loop.py restores the
@@ -34,7 +34,7 @@ from .base import Choice, Float, Int, Method, param
 class FIMParams:
     scope: str = param("logits", "per-sample Fisher trace: logits = ||p-e_y||^2, last_layer = "
                        "||p-e_y||^2 (||h||^2+1) scaled by the running mean of ||h||^2+1", choices=SCOPES)
-    rho: float = param(0.25, "fraction of each batch, by largest trace, that is constrained (active set)")
+    rho: float = param(0.1, "fraction of each batch, by largest trace, that is constrained (active set)")
     eps_quantile: float = param(0.5, "eps = this quantile of the active-set traces after warm-up")
     dual_lr: float = param(1.0, "dual ascent step on the normalised slack (T - eps) / eps")
     warmup_epochs: int = param(1, "epochs of plain ERM before eps is set and the constraints start (>= 1: "
@@ -47,7 +47,7 @@ class FisherConstrained(Method):
     Params = FIMParams
     SPACE = {
         "scope": Choice(SCOPES),                 # default logits
-        "rho": Float(0.05, 0.5),                 # default 0.25
+        "rho": Float(0.05, 0.5),                 # default 0.1
         "eps_quantile": Float(0.25, 0.75),       # default 0.5: active samples on both sides of eps
         "dual_lr": Float(0.05, 5.0, log=True),   # default 1
         "warmup_epochs": Int(1, 3),              # default 1
