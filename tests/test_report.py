@@ -215,7 +215,7 @@ def test_html_is_self_contained_with_all_figures(storage, tmp_path):
                   "Lambda share"):
         assert title in page
     assert "<table" in page and "Ours − ERM" in page
-    for trace in ("group 0", "λ enrichment on bias-conflicting", "share at λ_max", "share at 0"):  # the λ figure
+    for trace in ("group 0", "enrichment on bias-conflicting", "share at 0", "multipliers (%)"):  # the λ figure
         assert trace in page
 
 

@@ -169,19 +169,19 @@ def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
 def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('name = "toml"\ndatasets = ["synthetic"]\nmethods = ["fim"]\ntrials = 2\n'
-                   '[space.fim]\nrho = [0.3, 0.1]\n')
+                   '[space.fim]\nrho = [0.3, 0.05]\n')
     p = study_cli("init", "--storage", pg_url, "--config", str(cfg))
     assert p.returncode != 0 and p.stderr.strip() == (
-        "error: space override fim.rho: invalid bounds [0.3, 0.1] (need low < high)")
+        "error: space override fim.rho: invalid bounds [0.3, 0.05] (need low < high)")
     p = study_cli("init", "--storage", pg_url, "--experiment", "x", "--datasets", "synthetic",
                   "--methods", "erm,jtt")
     assert p.returncode != 0 and p.stderr.strip().startswith("error: unknown method 'jtt'")
     assert optuna.get_all_study_names(storage_for(pg_url)) == []
-    cfg.write_text(cfg.read_text().replace("[0.3, 0.1]", "[0.1, 0.3]"))
+    cfg.write_text(cfg.read_text().replace("[0.3, 0.05]", "[0.05, 0.3]"))
     init(pg_url, "--config", str(cfg))
     study = studies_of(pg_url, "toml")["toml/synthetic/fim"]
-    assert study.user_attrs["experiment"]["space"] == {"fim": {"rho": [0.1, 0.3]}}
-    assert study.trials[0].system_attrs["fixed_params"]["rho"] == 0.25  # the reference recipe lies inside the overridden space
+    assert study.user_attrs["experiment"]["space"] == {"fim": {"rho": [0.05, 0.3]}}
+    assert study.trials[0].system_attrs["fixed_params"]["rho"] == 0.1  # the reference recipe lies inside the overridden space
 
 
 def _free_port():
