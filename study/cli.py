@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="comma-separated methods, or 'all' for every registered method")
     demo.add_argument("--seeds", type=int, default=6,
                       help="seeds per top configuration in the seed phase, the searched run included (0: none)")
-    demo.add_argument("--top-k", type=int, default=3, help="configurations carried into the seed phase")
+    demo.add_argument("--top-k", type=int, default=2, help="configurations carried into the seed phase")
     demo.add_argument("--html", default="demo-report.html", help="where to write the HTML report")
     return p
 

@@ -84,7 +84,7 @@ def _refuse_foreign(db: Path) -> None:
                          "another --storage)")
 
 
-def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 3,
+def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 2,
              html: str | None = "demo-report.html", methods: str = ",".join(DEFAULT_METHODS)) -> int:
     started = time.time()
     url = make_url(storage_url)
