@@ -11,10 +11,8 @@ bias-conflicting samples (1 = none; group labels are read for this log only).
 """
 from __future__ import annotations
 
-import argparse
-
 import pandas as pd
-from methods_cmnist import pm, runs
+from methods_cmnist import parse_args, pm, runs
 
 from study.report import t_interval
 
@@ -30,11 +28,7 @@ VARIANTS = [
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's")
-    p.add_argument("--jobs", type=int, default=2)
-    args = p.parse_args()
+    args = parse_args(__doc__)
     if args.seeds < 2:
         raise SystemExit(f"error: --seeds must be >= 2 for a paired interval, got {args.seeds}")
     df = runs(VARIANTS, args.seeds, args.epochs, args.jobs)

@@ -45,12 +45,17 @@ def pm(df: pd.DataFrame, col: str, order: list[str]) -> list[str]:
     return [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(agg["mean"], agg["std"])]
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str) -> argparse.Namespace:
+    """The flags every cmnist bench of this kind takes: --seeds, --epochs, --jobs."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=None, help="default: the dataset's")
     p.add_argument("--jobs", type=int, default=2)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def main():
+    args = parse_args(__doc__)
     df = runs(RUNS, args.seeds, args.epochs, args.jobs)
     order = [label for label, *_ in RUNS]
     table = pd.DataFrame({"test Avg (train-weighted)": pm(df, "avg", order), "test Avg (plain)": pm(df, "avg_plain", order),
