@@ -1,4 +1,4 @@
-"""Time per training step of ERM, GroupDRO and fim (each trace scope), as ratios to ERM, in one run.
+"""Time per training step of every registered method (fim in each trace scope), as ratios to ERM, in one run.
 
     python bench/step_cost.py [--device auto] [--steps 50] [--compile]
 
@@ -6,7 +6,8 @@
 
 CUDA: ResNet-50, batch 128, 224 px, bf16 autocast, channels_last. CPU: the small CNN, batch 64, 28 px.
 The batch is already on the device (this measures the step, not the data path: see bench/epoch_cost.py).
-fim is timed in its constrained phase (eps calibrated), where it does its extra work. Methods are timed in
+Each method is timed in its own phase (fim with eps calibrated, after its warm-up), where it does its extra work;
+LfF's step includes its biased model's. Methods are timed in
 interleaved rounds so that clock or thermal drift affects every method alike.
 """
 from __future__ import annotations
@@ -19,24 +20,29 @@ import pandas as pd
 import torch
 
 from trainer.loop import _autocast, resolve_device
-from trainer.methods import get_method
+from trainer.methods import METHODS, RunContext, get_method
 from trainer.models import build_model
 
-RUNS = [("ERM", "erm", {}), ("GroupDRO", "groupdro", {}), ("fim (logits)", "fim", {"scope": "logits"}),
-        ("fim (last_layer)", "fim", {"scope": "last_layer"})]
+RUNS = [(name, name, {}) for name in METHODS] + [("fim (last_layer)", "fim", {"scope": "last_layer"})]
 
 
 def setup(method: str, params: dict, device, model_name: str, batch: int, size: int, n_train: int, compile_: bool):
     torch.manual_seed(0)
-    model = build_model(model_name, 2, pretrained=False).to(device)
     cuda = device.type == "cuda"
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+
+    def new_model():
+        m = build_model(model_name, 2, pretrained=False).to(device)
+        return m.to(memory_format=torch.channels_last) if cuda else m
+
+    def new_optimizer(parameters):
+        return torch.optim.SGD(parameters, lr=1e-3, momentum=0.9, weight_decay=1e-4)
+
+    model = new_model()
     net = torch.compile(model) if compile_ else model
     groups = torch.arange(n_train) % 4
     cls = get_method(method)
-    m = cls(cls.Params(**params), n_train=n_train, n_groups=4, train_groups=groups).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    m = cls(cls.Params(**params), n_train=n_train, n_groups=4, train_groups=groups, train_labels=groups // 2).to(device)
+    opt = new_optimizer(model.parameters())
     x = torch.randn(batch, 3, size, size, device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -44,15 +50,15 @@ def setup(method: str, params: dict, device, model_name: str, batch: int, size: 
     a = torch.randint(0, 2, (batch,), device=device)
     idx = torch.randperm(n_train, device=device)[:batch]
     autocast = _autocast(device)
-    if method == "fim":  # calibrate eps as after warm-up, so every step runs the constrained update
+    m.setup(RunContext(new_model, new_optimizer, device, autocast))
 
-        def batches():
-            with torch.no_grad(), autocast():
-                logits, h = net(x, return_features=True)
-            yield logits.float(), h.float(), y
+    def batches():
+        with torch.no_grad(), autocast():
+            logits, h = net(x, return_features=True)
+        yield logits.float(), h.float(), y
 
-        m.start_epoch(m.params.warmup_epochs, net, batches)
-        assert m.constrained
+    for epoch in range(cls.first_own_epoch(m.params)):  # through any warm-up: fim calibrates eps here
+        m.start_epoch(epoch, net, batches)
     net.train()
 
     def step():
@@ -77,7 +83,7 @@ def main():
     model, batch, size = ("resnet50", 128, 224) if cuda else ("cnn", 64, 28)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     steps = {}
-    runs = [(*r, False) for r in RUNS] + ([("ERM + torch.compile", "erm", {}, True)] if args.compile else [])
+    runs = [(*r, False) for r in RUNS] + ([("erm + torch.compile", "erm", {}, True)] if args.compile else [])
     for label, method, params, compile_ in runs:
         t0 = time.time()
         steps[label] = setup(method, params, device, model, batch, size, 4795, compile_)
@@ -95,7 +101,7 @@ def main():
             sync(device)
             assert torch.isfinite(loss)
             times[label].append((time.perf_counter() - t0) / args.steps)
-    erm = statistics.median(times["ERM"])
+    erm = statistics.median(times["erm"])
     rows = [{"method": label, "ms/step": round(1000 * statistics.median(t), 2),
              "img/s": round(batch / statistics.median(t)), "ratio to ERM": round(statistics.median(t) / erm, 3)}
             for label, t in times.items()]

@@ -27,7 +27,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     init.add_argument("--config", help="TOML file with the experiment's settings (flags override it)")
     init.add_argument("--experiment", help="experiment name")
     init.add_argument("--datasets", help="comma-separated dataset names, e.g. cmnist")
-    init.add_argument("--methods", help="comma-separated method names, e.g. erm,groupdro,fim")
+    init.add_argument("--methods", help="comma-separated method names (python -m trainer --help lists them), or 'all'")
     init.add_argument("--trials", type=int, help="trial budget per (dataset, method) study (default 20)")
     init.add_argument("--epochs", type=int, help="max epochs per trial (default: the dataset's)")
     init.add_argument("--pruner", help="median, hyperband or none (default median)")
@@ -81,8 +81,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--trials", type=int, default=6, help="trials per method")
     demo.add_argument("--epochs", type=int, default=20)
-    demo.add_argument("--methods", default="erm,groupdro,fim",
-                      help="comma-separated methods, or 'all' for every registered method")
+    demo.add_argument("--methods", help="comma-separated methods, or 'all' for every registered method "
+                                        "(default: the paper's comparison, the control, GroupDRO and Ours)")
     demo.add_argument("--seeds", type=int, default=6,
                       help="seeds per top configuration in the seed phase, the searched run included (0: none)")
     demo.add_argument("--top-k", type=int, default=2, help="configurations carried into the seed phase")

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 from tqdm import tqdm
 
-from trainer.methods import METHODS
+from trainer.methods import COMPARISON
 
 from .experiment import Experiment, init_experiment, load_experiment
 from .replicate import replicate
@@ -62,9 +62,6 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
         raise ValueError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
 
 
-DEFAULT_METHODS = ("erm", "groupdro", "fim")
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -85,7 +82,7 @@ def _refuse_foreign(db: Path) -> None:
 
 
 def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 2,
-             html: str | None = "demo-report.html", methods: str = ",".join(DEFAULT_METHODS)) -> int:
+             html: str | None = "demo-report.html", methods: str | None = None) -> int:
     started = time.time()
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
@@ -96,7 +93,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if seeds == 1 or seeds < 0:
         raise ValueError(f"--seeds must be 0 (no seed phase) or >= 2 (the searched run counts as one), got {seeds}")
-    names = list(METHODS) if methods == "all" else methods.split(",")
+    names = list(COMPARISON) if methods is None else methods.split(",")  # "all" is expanded by Experiment
     exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=names, trials=trials, epochs=epochs)
     db = Path(url.database)
     _refuse_foreign(db)

@@ -13,7 +13,7 @@ import torch
 
 from trainer.config import default_patience
 from trainer.data import get_dataset, load_splits
-from trainer.methods import get_method
+from trainer.methods import METHODS, get_method
 from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
 from trainer.models import MODELS
@@ -46,6 +46,8 @@ class Experiment:
     space: dict = field(default_factory=dict)  # bound overrides: {METHOD: {param: [low, high]}, "train": {...}}
 
     def __post_init__(self):
+        if self.methods == ["all"]:  # every registered method, in the registry's order
+            self.methods = list(METHODS)
         if not isinstance(self.name, str) or not self.name or "/" in self.name or len(self.name) > MAX_NAME:
             raise ValueError(f"experiment name must be 1 to {MAX_NAME} characters without '/', got {self.name!r}")
         for key in ("datasets", "methods"):
@@ -188,7 +190,7 @@ def check_space(space: dict, method: str) -> None:
                     TrainConfig(dataset="synthetic", method=method, **{name: value}).resolved()
                 else:
                     params = cls.Params(**{name: value})
-                    cls(params, n_train=4, n_groups=4, train_groups=torch.arange(4))
+                    cls(params, n_train=4, n_groups=4, train_groups=torch.arange(4), train_labels=torch.arange(4) % 2)
             except (ValueError, TypeError) as e:
                 raise ValueError(f"search space {method}.{name}: value {value!r} is not accepted ({e})") from None
 

@@ -167,6 +167,10 @@ def collect(storage, experiment: str):
     return exp, results
 
 
+# Which group labels a method trains on (Method.group_labels), as the table says it.
+TRAIN_LABELS = {"none": "no", "train": "yes", "val": "val split"}
+
+
 def _pct(values) -> tuple[float, float]:
     """Mean and sample std (NaN for one value) in percent."""
     v = 100 * np.asarray(values, dtype=float)
@@ -181,7 +185,7 @@ def summary(exp, results: list[StudyResult], avg: str = "train_weighted") -> pd.
         runs = r.runs()
         row = dict.fromkeys(COLUMNS, np.nan) | {
             "dataset": r.dataset, "method": r.label, "seeds finished": len(runs), "seeds asked": r.asked,
-            "train group labels": "yes" if r.cls.uses_group_labels else "no",
+            "train group labels": TRAIN_LABELS[r.cls.group_labels],
             "selection group labels": "yes" if selection.uses_group_labels else "no",
             "trials complete": r.count(TrialState.COMPLETE), "trials pruned": r.count(TrialState.PRUNED),
             "trials failed": r.count(TrialState.FAIL), "compute (s)": round(r.compute_s)}

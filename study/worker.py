@@ -19,6 +19,7 @@ from trainer import TrainConfig, fit
 from trainer.data import DataError
 from trainer.loop import resolve_device
 from trainer.cli import command_for
+from trainer.methods import get_method
 from trainer.metrics import get_selection
 
 from .experiment import Experiment, load_experiment, make_pruner, search_space
@@ -54,16 +55,12 @@ def _metrics(m: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
 
 
-LAMBDA_LOG = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
-
-
-def _record(trial: optuna.Trial, result: dict | None, history: list[dict], t0: float) -> None:
+def _record(trial: optuna.Trial, method: str, result: dict | None, history: list[dict], t0: float) -> None:
     """Small user attrs (the dashboard re-reads them every few seconds)."""
     trial.set_user_attr("epochs_run", len(history))
     trial.set_user_attr("train_seconds", round(time.time() - t0, 2))
-    if history and "lambda_share" in history[-1]:  # per epoch, None before the constraints start
-        for key in LAMBDA_LOG:
-            trial.set_user_attr(key, [h.get(key) for h in history])
+    for key in get_method(method).LOGGED:  # the method's diagnostics, one value per epoch (None where undefined)
+        trial.set_user_attr(key, [h.get(key) for h in history])
     if result:
         for key in ("best_epoch", "first_own_epoch", "selection", "device", "data_checksum"):
             trial.set_user_attr(key, result[key])
@@ -111,16 +108,16 @@ class Objective:
 
             result = fit(cfg, callback=report, splits=self.splits(), log=None)
         except optuna.TrialPruned:
-            _record(trial, None, history, t0)
+            _record(trial, self.method, None, history, t0)
             raise
         except (Exception, KeyboardInterrupt) as e:
             reason = "worker stopped by signal" if isinstance(e, WorkerStopped) else f"{type(e).__name__}: {e}"
             trial.set_user_attr("fail_reason", reason[:500])
-            _record(trial, None, history, t0)
+            _record(trial, self.method, None, history, t0)
             if isinstance(e, (DataError, FileNotFoundError)):
                 raise EnvironmentFault(reason) from e
             raise
-        _record(trial, result, history, t0)
+        _record(trial, self.method, result, history, t0)
         return result["val"][get_selection(self.exp.selection).key]
 
 

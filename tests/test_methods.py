@@ -13,7 +13,7 @@ from trainer.methods.fim import FIMParams, FisherConstrained
 from trainer.methods.groupdro import GroupDRO, GroupDROParams
 from trainer.metrics import bias_conflicting, group_metrics
 
-CASES = [("erm", {}), ("groupdro", {}), ("fim", {"scope": "logits"}), ("fim", {"scope": "last_layer"})]
+CASES = [(name, {}) for name in METHODS] + [("fim", {"scope": "last_layer"})]
 
 
 @pytest.fixture(scope="module")

@@ -66,8 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         for f in cls.param_fields():
             if owners[f.name][0] != mname:
                 continue  # shared name: the first owner declares the flag
-            kw = {"help": f"{f.metadata['help']} (default: {f.default}; {', '.join(owners[f.name])})",
-                  "default": None}
+            defaults = ", ".join(f"{m} {next(g.default for g in METHODS[m].param_fields() if g.name == f.name)}"
+                                 for m in owners[f.name])
+            kw = {"help": f"{f.metadata['help']} (default: {defaults})", "default": None}
             if f.type in ("bool", bool):
                 kw["action"] = argparse.BooleanOptionalAction
             else:

@@ -12,14 +12,14 @@ import torch.nn.functional as F
 SCOPES = ("logits", "last_layer")
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))  # bf16 activations -> fp32, fp64 stays fp64
 
 
 def logit_trace(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    p = _at_least_fp32(logits).softmax(1)
+    p = at_least_fp32(logits).softmax(1)
     return (p - F.one_hot(y, logits.shape[1]).to(p.dtype)).pow(2).sum(1)
 
 
 def last_layer_trace(logits: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return logit_trace(logits, y) * (_at_least_fp32(h).pow(2).sum(1) + 1.0)
+    return logit_trace(logits, y) * (at_least_fp32(h).pow(2).sum(1) + 1.0)

@@ -14,9 +14,9 @@ from tqdm.auto import tqdm
 
 from .config import COMPILE_MIN_STEPS, TrainConfig
 from .data import Splits, TensorGroupDataset, load_splits, make_loader
-from .methods import get_method
+from .methods import RunContext, get_method
 from .metrics import bias_conflicting, get_selection, group_metrics, selection_key
-from .models import build_model
+from .models import buffers_kept, build_model
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
 
@@ -83,17 +83,13 @@ def training_view(net, model, loader, device, autocast, channels_last, transform
     """Yields (logits, features, y) as a training step sees them — augmented inputs, BatchNorm in train mode (batch
     statistics) — without gradients, and restores the BatchNorm running statistics afterwards: looking does not
     change the model."""
-    saved = [b.clone() for b in model.buffers()]
-    net.train()
-    try:
+    with buffers_kept(model):
+        net.train()
         for x, y, _, _ in loader:
             x, y = _batch(device, x, y, transform=transform, channels_last=channels_last)
             with autocast():
                 logits, h = net(x, return_features=True)
             yield logits.float(), h.float(), y
-    finally:
-        for b, s in zip(model.buffers(), saved):
-            b.copy_(s)
 
 
 def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
@@ -125,22 +121,32 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     cuda = device.type == "cuda"
     autocast = _autocast(device)
 
-    model = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights, splits.in_channels).to(device)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    def new_model():
+        m = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights, splits.in_channels).to(device)
+        return m.to(memory_format=torch.channels_last) if cuda else m
+
+    def new_optimizer(parameters):
+        return torch.optim.SGD(parameters, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    model = new_model()
     method_cls = get_method(cfg.method)
     params = method_cls.Params(**cfg.method_params)
     method = method_cls(params, n_train=len(train), n_groups=splits.n_groups, train_groups=train.g,
-                        grad_clip=cfg.grad_clip, conflicting=bias_conflicting(train.y, train.a)).to(device)
-    first_own = method_cls.first_own_epoch(params)  # earlier epochs (a warm-up) are never the selected model
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
+                        grad_clip=cfg.grad_clip, conflicting=bias_conflicting(train.y, train.a),
+                        train_labels=train.y).to(device)
+    method.setup(RunContext(new_model, new_optimizer, device, autocast))
+    first_own = method_cls.first_own_epoch(params)  # earlier epochs (a warm-up, a first stage) are never selected
+    optimizer = new_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(cfg.seed)
-    weights = method.sampling_weights()
     workers = 0 if isinstance(train, TensorGroupDataset) else cfg.num_workers
     loader_kw = dict(num_workers=workers, pin_memory=cuda)
-    train_loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen,
-                               weights=None if weights is None else weights.cpu(), **loader_kw)
+
+    def epoch_loader(weights):  # one generator for every epoch's sampler: one reproducible stream
+        return make_loader(train, cfg.batch_size, shuffle=True, generator=gen,
+                           weights=None if weights is None else weights.cpu(), **loader_kw)
+
+    weights = method.sampling_weights()
+    train_loader = epoch_loader(weights)
     steps = cfg.epochs * len(train_loader)
     compiled = cfg.compile if cfg.compile is not None else cuda and steps >= COMPILE_MIN_STEPS
     net = torch.compile(model) if compiled else model  # `model` keeps the plain state_dict keys
@@ -161,6 +167,12 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     for epoch in range(1, cfg.epochs + 1):
         t_epoch = time.time()
         method.start_epoch(epoch - 1, net, train_batches)
+        if method.new_stage(epoch - 1):  # a fresh model and optimiser; the method keeps what it learned
+            model.load_state_dict(new_model().state_dict())
+            optimizer = new_optimizer(model.parameters())
+        now = method.sampling_weights()  # re-read every epoch; the loader is rebuilt only when they change
+        if not (now is weights or (now is not None and weights is not None and torch.equal(now, weights))):
+            weights, train_loader = now, epoch_loader(now)
         net.train()
         sums: dict[str, torch.Tensor] = {}
         finite = torch.ones((), dtype=torch.bool, device=device)
@@ -190,7 +202,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
         elif epoch >= first_own:
             stale += 1
         if log:
-            log(_epoch_line(record, cfg.epochs, improved))
+            log(_epoch_line(record, cfg.epochs, improved, method_cls.describe(record)))
         if callback:
             callback(epoch, record)
         if cfg.patience and stale >= cfg.patience:
@@ -199,25 +211,23 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
             break
 
     model.load_state_dict(best_state)
+    val_loader = make_loader(_place(splits.val, device), cfg.batch_size * 2, shuffle=False, **loader_kw)
+    val_transform = functools.partial(splits.val.batch_transform, train=False)
+    refit = method.after_fit(net, lambda: predict(net, val_loader, device, autocast, cuda, val_transform))
+    if refit is not None:  # the method changed the model: its own val metrics, on data it was not fit on
+        best = (best[0], refit)
     test = evaluate_split(splits.test)
     return {
         "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "hparams": cfg.to_dict(),
-        "uses_group_labels": method_cls.uses_group_labels, "selection": cfg.selection, "best_epoch": best[0],
+        "group_labels": method_cls.group_labels, "uses_group_labels": method_cls.group_labels == "train",
+        "selection": cfg.selection, "best_epoch": best[0],
         "first_own_epoch": first_own, "epochs_run": len(history),
         "seconds": round(time.time() - t_start, 2), "compiled": compiled, "device": str(device) if not cuda else torch.cuda.get_device_name(device),
         "data_checksum": splits.checksum, "val": best[1], "test": test, "history": history,
     }
 
 
-def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
-    extra = ""
-    if "violated_frac" in r:
-        enr = r.get("lambda_enrichment")
-        extra = (f"  violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f} "
-                 f"at cap {r['at_cap_frac']:.2f} at 0 {r['at_zero_frac']:.2f}"
-                 f"{'' if enr is None else f' enrichment {enr:.1f}x'}")
-    elif "q" in r:
-        extra = f"  q {r['q']}"
+def _epoch_line(r: dict, epochs: int, improved: bool, extra: str) -> str:
     return (f"epoch {r['epoch']:3d}/{epochs}{'' if r['own'] else ' (warm-up)'}  loss {r['train_loss']:.4f}  "
             f"val wga {r['val_wga']:.4f} worst class {r['val_worst_class']:.4f} avg {r['val_avg_plain']:.4f}"
-            f"{' *' if improved else '  '}{extra}  {r['seconds']:.1f}s")
+            f"{' *' if improved else '  '}{'  ' + extra if extra else ''}  {r['seconds']:.1f}s")

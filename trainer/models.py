@@ -1,6 +1,7 @@
 """Classifiers split into a feature backbone and a linear head (the Fisher trace needs the features)."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,6 +21,18 @@ class Classifier(nn.Module):
         h = self.backbone(x)
         logits = self.head(h)
         return (logits, h) if return_features else logits
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """Forwards inside change no buffer (BatchNorm running statistics): they are restored on exit."""
+    saved = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(model.buffers(), saved):
+                b.copy_(s)
 
 
 def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["cnn"]) -> tuple[nn.Module, int]:

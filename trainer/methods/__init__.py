@@ -1,10 +1,16 @@
 """The one method registry: the study layer and the CLI look methods up here by name."""
-from .base import Method
+from .base import Method, RunContext
+from .egr import EGR
 from .erm import ERM
 from .fim import FisherConstrained
+from .fisher_penalty import FisherPenalty
 from .groupdro import GroupDRO
+from .lff import LfF
+from .sam import SAM
 
-METHODS: dict[str, type[Method]] = {"erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained}
+METHODS: dict[str, type[Method]] = {"erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained, "sam": SAM,
+                                    "fisher_penalty": FisherPenalty, "egr": EGR, "lff": LfF}
+COMPARISON = ("erm", "groupdro", "fim")  # the paper's table: the control, the group-label baseline, the proposal
 
 
 def get_method(name: str) -> type[Method]:
@@ -13,4 +19,4 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["METHODS", "Method", "get_method"]
+__all__ = ["COMPARISON", "METHODS", "Method", "RunContext", "get_method"]

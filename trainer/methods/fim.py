@@ -52,7 +52,7 @@ class FisherConstrained(Method):
         "dual_lr": Float(0.05, 5.0, log=True),   # default 1
         "warmup_epochs": Int(1, 3),              # default 1
     }
-    uses_group_labels = False
+    LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
     label, order, proposed = "Ours", 2, True
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
     COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero")
@@ -156,3 +156,12 @@ class FisherConstrained(Method):
             "lambda_share": [round(v, 4) for v in (share / total if total > 0 else share).tolist()],
             "lambda_enrichment": self.enrichment(self.lam),
         }
+
+    @classmethod
+    def describe(cls, r):
+        if not r.get("constrained"):
+            return ""
+        enr = r.get("lambda_enrichment")
+        return (f"violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f} "
+                f"at cap {r['at_cap_frac']:.2f} at 0 {r['at_zero_frac']:.2f}"
+                f"{'' if enr is None else f' enrichment {enr:.1f}x'}")

@@ -20,7 +20,7 @@ class GroupDRO(Method):
         "eta_q": Float(1e-3, 1.0, log=True),   # default 0.01
         "adjustment": Float(0.0, 4.0),         # default 0 (Sagawa et al. search 0..5)
     }
-    uses_group_labels = True
+    group_labels = "train"
     label, order = "DRO", 1
 
     def __init__(self, params: GroupDROParams, **kw):
@@ -50,3 +50,7 @@ class GroupDRO(Method):
 
     def epoch_stats(self):
         return {"q": [round(v, 4) for v in self.q.tolist()]}
+
+    @classmethod
+    def describe(cls, stats):
+        return f"q {stats['q']}"
