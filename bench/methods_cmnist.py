@@ -1,4 +1,5 @@
-"""ERM, GroupDRO and fim (both trace scopes) on cmnist, several seeds each, early stopping on val WGA.
+"""Every registered method (fim in both trace scopes) on cmnist with its default recipe, several seeds each, early
+stopping on val WGA.
 
     python bench/methods_cmnist.py [--seeds 5] [--epochs 20] [--jobs 2]
 
@@ -15,8 +16,10 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-RUNS = [("ERM", "erm", {}), ("GroupDRO", "groupdro", {}), ("fim (logits)", "fim", {"scope": "logits"}),
-        ("fim (last_layer)", "fim", {"scope": "last_layer"})]
+from trainer.methods import METHODS
+
+RUNS = [(f"{cls.label} ({name})", name, {}) for name, cls in METHODS.items()] + [
+    ("Ours (fim, last_layer)", "fim", {"scope": "last_layer"})]
 
 
 def run_one(job):

@@ -5,7 +5,7 @@ import torch
 from trainer import TrainConfig, fit
 from trainer.data import load_splits, make_loader
 from trainer.loop import _autocast
-from trainer.methods import get_method
+from trainer.methods import METHODS, RunContext, get_method
 from trainer.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -23,24 +23,32 @@ def test_device_augmentation_and_centre_crop(waterbirds_dir):
     assert outs[0].shape == (8, 3, 24, 24) and outs[0].is_cuda and torch.equal(*outs)
 
 
-@pytest.mark.parametrize("method,params", [("erm", {}), ("groupdro", {}), ("fim", {"scope": "logits"}),
-                                           ("fim", {"scope": "last_layer"})])
+@pytest.mark.parametrize("method,params", [(name, {}) for name in METHODS] + [("fim", {"scope": "last_layer"})])
 def test_training_step_never_waits_for_the_host(waterbirds_dir, method, params):
     s = load_splits("waterbirds", data_dir=str(waterbirds_dir), image_size=24)
     train = s.train.on(CUDA)
-    model = build_model("resnet18", 2, pretrained=False).to(CUDA).to(memory_format=torch.channels_last)
-    cls = get_method(method)
-    m = cls(cls.Params(**params), n_train=len(train), n_groups=4, train_groups=train.g).to(CUDA)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    def new_model():
+        return build_model("resnet18", 2, pretrained=False).to(CUDA).to(memory_format=torch.channels_last)
+
+    def new_optimizer(parameters):
+        return torch.optim.SGD(parameters, lr=1e-3, momentum=0.9)
+
+    model, cls = new_model(), get_method(method)
+    m = cls(cls.Params(**params), n_train=len(train), n_groups=4, train_groups=train.g, train_labels=train.y,
+            conflicting=train.a != train.y).to(CUDA)
+    opt = new_optimizer(model.parameters())
     gen, autocast = torch.Generator(CUDA).manual_seed(0), _autocast(CUDA)
+    m.setup(RunContext(new_model, new_optimizer, CUDA, autocast))
     batches = list(make_loader(train, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    if method == "fim":
-        def calib():
-            for xb, yb, _, _ in batches:
-                with torch.no_grad(), autocast():
-                    logits, h = model(train.batch_transform(xb, train=False), return_features=True)
-                yield logits.float(), h.float(), yb
-        m.start_epoch(m.params.warmup_epochs, model, calib)
+
+    def calib():
+        for xb, yb, _, _ in batches:
+            with torch.no_grad(), autocast():
+                logits, h = model(train.batch_transform(xb, train=False), return_features=True)
+            yield logits.float(), h.float(), yb
+
+    for epoch in range(cls.first_own_epoch(m.params)):  # through any warm-up (fim calibrates eps)
+        m.start_epoch(epoch, model, calib)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside the step raises
     try:

@@ -25,8 +25,9 @@ class FisherPenaltyParams:
 
 def sampled_label_penalty(logits: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(||grad of the batch-mean CE at labels drawn from softmax(logits)||^2, the drawn labels)."""
-    with torch.no_grad():
-        yhat = torch.multinomial(at_least_fp32(logits.detach()).softmax(1), 1).squeeze(1)
+    with torch.no_grad():  # Gumbel-max: an exact draw from softmax(logits), with no host sync on CUDA
+        u = torch.rand_like(logits, dtype=at_least_fp32(logits).dtype).clamp_(min=1e-12)
+        yhat = (at_least_fp32(logits.detach()) - torch.log(-torch.log(u))).argmax(1)
     return grad_sq_norm(F.cross_entropy(at_least_fp32(logits), yhat), params), yhat
 
 

@@ -55,15 +55,15 @@ class LfF(Method):
     def setup(self, ctx):
         if self.train_labels is None:
             raise ValueError("lff needs the training labels (train_labels) for its class-wise normalisation")
+        self.n_classes = int(self.train_labels.max()) + 1  # once: no host sync in the step
         self.biased = ctx.new_model()
         self.biased_optimizer = ctx.new_optimizer(self.biased.parameters())
 
     def relative_difficulty(self, idx: torch.Tensor) -> torch.Tensor:
         """w for the samples `idx` from the current EMAs, each normalised by its class's maximum."""
-        y, n_classes = self.train_labels, int(self.train_labels.max()) + 1
-        scores = []
+        y, scores = self.train_labels, []
         for ema in (self.ema_b, self.ema_d):
-            class_max = torch.zeros(n_classes, device=ema.device).scatter_reduce(0, y, ema, "amax")
+            class_max = torch.zeros(self.n_classes, device=ema.device).scatter_reduce(0, y, ema, "amax")
             scores.append(ema[idx] / class_max[y[idx]].clamp(min=1e-12))
         return scores[0] / (scores[0] + scores[1] + 1e-8)
 
