@@ -55,7 +55,7 @@ def setup(method: str, params: dict, device, model_name: str, batch: int, size: 
     def batches():
         with torch.no_grad(), autocast():
             logits, h = net(x, return_features=True)
-        yield logits.float(), h.float(), y
+        yield logits.float(), h.float(), y, idx
 
     for epoch in range(cls.first_own_epoch(m.params)):  # through any warm-up: fim calibrates eps here
         m.start_epoch(epoch, net, batches)

@@ -282,11 +282,12 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
                     f"1 seed (seed {exp.seed}); `python -m study replicate` adds the seed phase.")
     patience = (f"{exp.patience}" if exp.patience is not None else
                 "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
+    notes = "".join(f" {note}" for note in dict.fromkeys(r.cls.val_note for r in results if r.cls.val_note))
     return (f"Experiment {exp.name!r} on {', '.join(exp.datasets)}: test accuracy (%). {protocol} "
             f"Avg = {AVG[avg][1]}; Worst = worst-group accuracy. Selection: {exp.selection_text()}; ties: higher "
             f"val average, then fewer epochs; early-stopping patience {patience} epochs. Trials: a retried trial "
             "counts once; failed trials never enter the table. Compute: train seconds of every trial of the "
-            "search and the seed phase.")
+            f"search and the seed phase.{notes}")
 
 
 def contrast_caption(diffs: pd.DataFrame) -> str:

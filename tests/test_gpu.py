@@ -42,10 +42,10 @@ def test_training_step_never_waits_for_the_host(waterbirds_dir, method, params):
     batches = list(make_loader(train, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
 
     def calib():
-        for xb, yb, _, _ in batches:
+        for xb, yb, _, ib in batches:
             with torch.no_grad(), autocast():
                 logits, h = model(train.batch_transform(xb, train=False), return_features=True)
-            yield logits.float(), h.float(), yb
+            yield logits.float(), h.float(), yb, ib
 
     for epoch in range(cls.first_own_epoch(m.params)):  # through any warm-up (fim calibrates eps)
         m.start_epoch(epoch, model, calib)

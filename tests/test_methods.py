@@ -126,7 +126,7 @@ def test_fim_multipliers_move_up_and_down_and_only_active_ones():
     m = _fim(n=8, rho=0.5, eps_quantile=0.5, dual_lr=0.5, warmup_epochs=1)
     logits, y = _binary_logits([8.0, 6.0, 4.0, 2.0, 1.0, 0.0, -1.0, -3.0])
     trace = 2 * (1 - torch.sigmoid(logits[:, 0])) ** 2
-    m.start_epoch(1, None, lambda: iter([(logits, None, y)]))
+    m.start_epoch(1, None, lambda: iter([(logits, None, y, torch.arange(len(y)))]))
     active = trace.topk(4).indices  # samples 4..7
     assert float(m.eps) == pytest.approx(float(trace[active].median() + trace[active].sort().values[2]) / 2)
     m.lam.fill_(1.0)
@@ -143,7 +143,7 @@ def test_fim_saturation_diagnostics_on_a_hand_made_batch():
     m = _fim(rho=1.0, eps_quantile=0.5, dual_lr=1.0, lambda_max=1.0, warmup_epochs=1,
              conflicting=torch.tensor([False, False, True, False]))
     logits, y = _binary_logits([10.0, 2.0, 0.0, -5.0])
-    m.start_epoch(1, None, lambda: iter([(logits, None, y)]))
+    m.start_epoch(1, None, lambda: iter([(logits, None, y, torch.arange(len(y)))]))
     assert float(m.eps) == pytest.approx(0.2642, abs=1e-3)
     m.lam.copy_(torch.tensor([0.0, 0.95, 0.5, 0.0]))
     m.loss(logits, None, y, None, torch.arange(4))
@@ -160,7 +160,7 @@ def test_fim_saturation_diagnostics_on_a_hand_made_batch():
 def test_fim_fixed_penalty_ablation_puts_lambda_max_on_the_active_set():
     m = _fim(n=8, rho=0.25, fixed_penalty=True, lambda_max=3.0, warmup_epochs=1)
     logits, y = _binary_logits([8.0, 6.0, 4.0, 2.0, 1.0, 0.0, -1.0, -3.0])
-    m.start_epoch(1, None, lambda: iter([(logits, None, y)]))
+    m.start_epoch(1, None, lambda: iter([(logits, None, y, torch.arange(len(y)))]))
     m.loss(logits, None, y, None, torch.arange(8))
     assert m.lam.tolist() == [0.0] * 6 + [3.0, 3.0] and m.epoch_stats()["at_cap_frac"] == 1.0
 

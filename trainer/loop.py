@@ -69,27 +69,27 @@ def _place(ds, device):
 
 @torch.no_grad()
 def predict(model, loader, device, autocast, channels_last=False, transform=None):
-    """Yields (logits, features, y, a) batch by batch in eval mode."""
+    """Yields (logits, features, y, a, idx) batch by batch in eval mode."""
     model.eval()
-    for x, y, a, _ in loader:
-        x, y, a = _batch(device, x, y, a, transform=transform, channels_last=channels_last)
+    for x, y, a, idx in loader:
+        x, y, a, idx = _batch(device, x, y, a, idx, transform=transform, channels_last=channels_last)
         with autocast():
             logits, h = model(x, return_features=True)
-        yield logits.float(), h.float(), y, a
+        yield logits.float(), h.float(), y, a, idx
 
 
 @torch.no_grad()
 def training_view(net, model, loader, device, autocast, channels_last, transform):
-    """Yields (logits, features, y) as a training step sees them — augmented inputs, BatchNorm in train mode (batch
-    statistics) — without gradients, and restores the BatchNorm running statistics afterwards: looking does not
-    change the model."""
+    """Yields (logits, features, y, idx) as a training step sees them — augmented inputs, BatchNorm in train mode
+    (batch statistics) — without gradients, and restores the BatchNorm running statistics afterwards: looking does
+    not change the model."""
     with buffers_kept(model):
         net.train()
-        for x, y, _, _ in loader:
-            x, y = _batch(device, x, y, transform=transform, channels_last=channels_last)
+        for x, y, _, idx in loader:
+            x, y, idx = _batch(device, x, y, idx, transform=transform, channels_last=channels_last)
             with autocast():
                 logits, h = net(x, return_features=True)
-            yield logits.float(), h.float(), y
+            yield logits.float(), h.float(), y, idx
 
 
 def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
@@ -97,7 +97,7 @@ def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, chan
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
     correct, groups, labels = [], [], []
     transform = functools.partial(ds.batch_transform, train=False)
-    for logits, _, y, a in predict(model, loader, device, autocast, channels_last, transform):
+    for logits, _, y, a, _ in predict(model, loader, device, autocast, channels_last, transform):
         correct.append(logits.argmax(1) == y)
         groups.append(y * n_attr + a)
         labels.append(y)
@@ -142,7 +142,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     loader_kw = dict(num_workers=workers, pin_memory=cuda)
 
     def epoch_loader(weights):  # one generator for every epoch's sampler: one reproducible stream
-        return make_loader(train, cfg.batch_size, shuffle=True, generator=gen,
+        return make_loader(train, cfg.batch_size, shuffle=True, generator=gen, replacement=method.replacement,
                            weights=None if weights is None else weights.cpu(), **loader_kw)
 
     weights = method.sampling_weights()
@@ -156,7 +156,14 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
                                        batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
                                        num_workers=workers)
 
-    def train_batches():  # the training step's view of the training set, for methods that calibrate on it
+    def train_batches(eval: bool = False):
+        """(logits, features, y, idx) over the training set as a training step sees it (shuffled batches of the
+        training size, augmented, BatchNorm in train mode), or with eval=True as evaluation sees it (in order,
+        not augmented, eval mode): for methods that calibrate on, or select from, the training set."""
+        if eval:
+            loader = make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw)
+            plain = functools.partial(train.batch_transform, train=False)
+            return ((lo, h, y, i) for lo, h, y, _, i in predict(net, loader, device, autocast, cuda, plain))
         gen_view = torch.Generator().manual_seed(cfg.seed + 1)  # its own draws: the training stream is untouched
         loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen_view, **loader_kw)
         view = functools.partial(train.batch_transform, train=True,
@@ -213,7 +220,8 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     model.load_state_dict(best_state)
     val_loader = make_loader(_place(splits.val, device), cfg.batch_size * 2, shuffle=False, **loader_kw)
     val_transform = functools.partial(splits.val.batch_transform, train=False)
-    refit = method.after_fit(net, lambda: predict(net, val_loader, device, autocast, cuda, val_transform))
+    refit = method.after_fit(net, lambda: ((lo, h, y, a) for lo, h, y, a, _ in
+                                           predict(net, val_loader, device, autocast, cuda, val_transform)))
     if refit is not None:  # the method changed the model: its own val metrics, on data it was not fit on
         best = (best[0], refit)
     test = evaluate_split(splits.test)

@@ -113,10 +113,13 @@ class _TensorBatches:
 
 
 def make_loader(ds: GroupDataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,
-                weights: torch.Tensor | None = None, num_workers: int = 0, pin_memory: bool = False):
-    """Batches of (x, y, a, idx). `weights` draws a weighted sample with replacement (group balancing)."""
+                weights: torch.Tensor | None = None, replacement: bool = True, num_workers: int = 0,
+                pin_memory: bool = False):
+    """Batches of (x, y, a, idx). `weights` draws a weighted sample of len(ds) with replacement (group balancing);
+    with replacement=False every sample of weight > 0 is drawn exactly once, in a random order (a subset)."""
     if weights is not None:
-        sampler = WeightedRandomSampler(weights.double(), num_samples=len(ds), replacement=True, generator=generator)
+        n = len(ds) if replacement else int((weights > 0).sum())
+        sampler = WeightedRandomSampler(weights.double(), num_samples=n, replacement=replacement, generator=generator)
     elif shuffle:
         sampler = RandomSampler(ds, generator=generator)
     else:

@@ -1,15 +1,24 @@
 """The one method registry: the study layer and the CLI look methods up here by name."""
 from .base import Method, RunContext
+from .dfr import DFR
 from .egr import EGR
 from .erm import ERM
 from .fim import FisherConstrained
 from .fisher_penalty import FisherPenalty
 from .groupdro import GroupDRO
+from .jtt import JTT
 from .lff import LfF
+from .resample import Resample, ResampleClass
+from .reweight import Reweight, ReweightClass
 from .sam import SAM
+from .subsample import Subsample, SubsampleClass
 
-METHODS: dict[str, type[Method]] = {"erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained, "sam": SAM,
-                                    "fisher_penalty": FisherPenalty, "egr": EGR, "lff": LfF}
+METHODS: dict[str, type[Method]] = {
+    "erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained,
+    "sam": SAM, "fisher_penalty": FisherPenalty, "egr": EGR, "lff": LfF, "jtt": JTT, "dfr": DFR,
+    "resample": Resample, "resample_class": ResampleClass, "reweight": Reweight, "reweight_class": ReweightClass,
+    "subsample": Subsample, "subsample_class": SubsampleClass,
+}
 COMPARISON = ("erm", "groupdro", "fim")  # the paper's table: the control, the group-label baseline, the proposal
 
 

@@ -95,6 +95,9 @@ class Method(nn.Module):
     SPACE: ClassVar[dict] = {}  # searched parameters: name -> Float/Int/Choice (defaults live in Params)
     group_labels: ClassVar[str] = "none"  # trains on group labels of: none, val (the validation split), train
     LOGGED: ClassVar[tuple] = ()  # epoch_stats keys the study records per epoch in the trial (dashboard, figures)
+    replacement: ClassVar[bool] = True  # sampling_weights: N draws with replacement; False: each sample of
+                                        # weight > 0 exactly once per epoch (a subset)
+    val_note: ClassVar[str] = ""  # what the row's val number means, when not the selected epoch's (the caption)
     label: ClassVar[str] = ""        # the report's row label (default: the registry name)
     order: ClassVar[int] = 100       # row order in the report (lower first)
     proposed: ClassVar[bool] = False  # the paper's method: compared against every other row
@@ -133,8 +136,9 @@ class Method(nn.Module):
         return None
 
     def start_epoch(self, epoch: int, model: nn.Module, train_batches) -> None:
-        """Called before each training epoch (0-based), with `train_batches()`: an iterator over the training set
-        as a training step sees it (see loop.training_view), for methods that calibrate on it."""
+        """Called before each training epoch (0-based), with `train_batches(eval=False)`: (logits, features, y, idx)
+        over the training set as a training step sees it (loop.training_view), or with eval=True in eval mode,
+        un-augmented and in order — for methods that calibrate on, or select from, the training set."""
 
     def new_stage(self, epoch: int) -> bool:
         """True before the (0-based) epoch that starts a new stage: the loop then re-initialises the model and the

@@ -109,8 +109,8 @@ class FisherConstrained(Method):
         # Calibrate on the view the constraint uses: train_batches() is the training step's view of the data.
         batches = list(train_batches())
         if self.params.scope == "last_layer":
-            self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _ in batches]).mean())
-        active = [t[self.active(t)] for t in (self.trace(logits, h, y) for logits, h, y in batches)]
+            self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
+        active = [t[self.active(t)] for t in (self.trace(logits, h, y) for logits, h, y, _ in batches)]
         self.eps.fill_(torch.quantile(torch.cat(active).float(), self.params.eps_quantile).clamp(min=1e-8))
         self._eps_value = float(self.eps)
 

@@ -1,0 +1,37 @@
+"""Balanced resampling (SubpopBench's ReSample, BalancingGroups' rwg / rwy): ERM on batches drawn with replacement
+with probability proportional to 1 / n_g of each sample's group (`resample`) or 1 / n_y of its class
+(`resample_class`, which reads no group label), N draws per epoch."""
+from __future__ import annotations
+
+import torch
+
+from .base import Method
+
+
+def inverse_frequency(keys: torch.Tensor) -> torch.Tensor:
+    """Per sample: 1 / (number of training samples sharing its key)."""
+    return 1.0 / torch.bincount(keys)[keys].float()
+
+
+class Resample(Method):
+    group_labels = "train"
+    label, order = "ReSample", 30
+
+    def keys(self) -> torch.Tensor:
+        """What is balanced: the group of each training sample."""
+        return self.train_groups
+
+    def sampling_weights(self):
+        return inverse_frequency(self.keys())
+
+    def loss(self, logits, h, y, g, idx):
+        nll = torch.nn.functional.cross_entropy(logits, y)
+        return nll, {"nll": nll}
+
+
+class ResampleClass(Resample):
+    group_labels = "none"
+    label, order = "ReSample (class)", 31
+
+    def keys(self):
+        return self.train_labels
