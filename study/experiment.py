@@ -84,7 +84,7 @@ class Experiment:
                              f"experiment ({', '.join(self.methods)})")
         for d in self.datasets:
             for m in self.methods:
-                check_space(search_space(self, d, m), m)
+                check_space(search_space(self, d, m), m, self.epochs_for(d))
 
     def study_name(self, dataset: str, method: str) -> str:
         return f"{self.name}/{dataset}/{method}"
@@ -176,7 +176,7 @@ def search_space(exp: Experiment, dataset: str, method: str) -> dict:
     return space
 
 
-def check_space(space: dict, method: str) -> None:
+def check_space(space: dict, method: str, epochs: int) -> None:
     """Every value the search can draw must be one the trainer and the method accept: each searched parameter is
     tried at its bounds (each choice) in a real TrainConfig and a real method instance, before anything is written."""
     from trainer.config import TrainConfig
@@ -187,7 +187,11 @@ def check_space(space: dict, method: str) -> None:
                 if name in ("lr", "weight_decay", "batch_size"):
                     if name == "batch_size" and not (_is_int(value) and value >= 1):
                         raise ValueError(f"batch_size must be an integer >= 1, got {value!r}")
-                    TrainConfig(dataset="synthetic", method=method, **{name: value}).resolved()
+                    # the method's defaults for the others, except those searched (they are drawn inside the space)
+                    fixed = {n: s.low for n, s in space.items() if isinstance(s, Int) and n in
+                             {f.name for f in cls.param_fields()}}
+                    TrainConfig(dataset="synthetic", method=method, epochs=epochs, method_params=fixed,
+                                **{name: value}).resolved()
                 else:
                     params = cls.Params(**{name: value})
                     cls(params, n_train=4, n_groups=4, train_groups=torch.arange(4), train_labels=torch.arange(4) % 2)

@@ -243,6 +243,24 @@ def test_study_without_finished_trials_and_empty_experiment(storage):
     assert html.returncode == 0 and "no finished trial" in html.stdout
 
 
+def test_every_method_gets_a_row_with_its_group_label_use(storage):
+    from trainer.methods import METHODS
+    s, url = storage
+    exp = Experiment(name="all", datasets=["synthetic"], methods=["all"], trials=2, epochs=4)
+    assert exp.methods == list(METHODS)  # --methods all: every registered method
+    init_experiment(s, exp, check_data=False)
+    for m in ("erm", "dfr", "jtt", "resample", "resample_class"):
+        optuna.load_study(study_name=f"all/synthetic/{m}", storage=s).add_trial(
+            _trial(C, 0.6, test=(0.5, 0.9, 0.9)))
+    p = report(url, "--experiment", "all")
+    assert p.returncode == 0, p.stderr
+    rows = {r[1]: r for r in markdown_rows(p.stdout) if len(r) == 10}
+    assert set(rows) == {c.label for c in METHODS.values()}  # every method has its row, finished or not
+    assert [rows[label][6] for label in ("ERM", "DFR", "JTT", "ReSample", "ReSample (class)")] == [
+        "no", "val split", "no", "yes", "no"]  # train group labels: none, the val split, training
+    assert "DFR: its val is the worst-group accuracy on a held-out half of val" in p.stdout
+
+
 def test_unknown_experiment_is_one_line_error(storage, tmp_path):
     s, url = storage
     fill(s, seed_phase=False)

@@ -76,7 +76,7 @@ class TrainConfig:
         cfg.method_params = asdict(method_cls.Params(**cfg.method_params))
         first = method_cls.first_own_epoch(method_cls.Params(**cfg.method_params))
         if first > cfg.epochs:
-            raise ValueError(f"method {cfg.method!r} trains its own epochs from epoch {first} (after its warm-up), "
+            raise ValueError(f"method {cfg.method!r} trains its own epochs from epoch {first} (after its warm-up or first stage), "
                              f"but epochs is {cfg.epochs}")
         return cfg
 
