@@ -52,7 +52,7 @@ def setup(method: str, params: dict, device, model_name: str, batch: int, size: 
     autocast = _autocast(device)
     m.setup(RunContext(new_model, new_optimizer, device, autocast))
 
-    def batches():
+    def batches(eval=False):
         with torch.no_grad(), autocast():
             logits, h = net(x, return_features=True)
         yield logits.float(), h.float(), y, idx

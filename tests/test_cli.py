@@ -46,8 +46,8 @@ def test_cli_bad_input_is_one_line_error(args, message, tmp_path):
 
 
 def test_cli_unknown_method_rejected():
-    p = run_trainer("--method", "jtt")
-    assert p.returncode != 0 and "invalid choice: 'jtt'" in p.stderr
+    p = run_trainer("--method", "irm")
+    assert p.returncode != 0 and "invalid choice: 'irm'" in p.stderr
 
 
 def test_resnet_without_weights_says_how_to_provide_them(tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ def test_training_step_never_waits_for_the_host(waterbirds_dir, method, params):
     m.setup(RunContext(new_model, new_optimizer, CUDA, autocast))
     batches = list(make_loader(train, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
 
-    def calib():
+    def calib(eval=False):
         for xb, yb, _, ib in batches:
             with torch.no_grad(), autocast():
                 logits, h = model(train.batch_transform(xb, train=False), return_features=True)

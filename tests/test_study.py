@@ -174,8 +174,8 @@ def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):
     assert p.returncode != 0 and p.stderr.strip() == (
         "error: space override fim.rho: invalid bounds [0.3, 0.05] (need low < high)")
     p = study_cli("init", "--storage", pg_url, "--experiment", "x", "--datasets", "synthetic",
-                  "--methods", "erm,jtt")
-    assert p.returncode != 0 and p.stderr.strip().startswith("error: unknown method 'jtt'")
+                  "--methods", "erm,irm")
+    assert p.returncode != 0 and p.stderr.strip().startswith("error: unknown method 'irm'")
     assert optuna.get_all_study_names(storage_for(pg_url)) == []
     cfg.write_text(cfg.read_text().replace("[0.3, 0.05]", "[0.05, 0.3]"))
     init(pg_url, "--config", str(cfg))
