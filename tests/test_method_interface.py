@@ -335,4 +335,6 @@ def test_hooks_setup_weights_stages_and_after_fit_through_the_loop(monkeypatch):
 def test_every_registered_method_says_which_group_labels_it_trains_on():
     for name, cls in METHODS.items():
         assert cls.group_labels in ("none", "val", "train"), name
-    assert {n for n, c in METHODS.items() if c.group_labels == "train"} == {"groupdro"}
+    assert {n for n, c in METHODS.items() if c.group_labels == "train"} == {"groupdro", "resample", "reweight",
+                                                                           "subsample"}
+    assert {n for n, c in METHODS.items() if c.group_labels == "val"} == {"dfr"}
