@@ -167,6 +167,20 @@ def collect(storage, experiment: str):
     return exp, results
 
 
+def untrained(r: StudyResult) -> str | None:
+    """Why a row's model is no trained baseline, or None: in every seed it predicts a single class (test worst-class
+    accuracy 0), or its selected epoch is the method's first own epoch (training never improved on it). Such a
+    row flatters every method compared with it."""
+    runs = r.runs()
+    if not runs:
+        return None
+    if all(t.user_attrs.get("test", {}).get("worst_class") == 0 for t in runs):
+        return "predicts a single class"
+    if all(t.user_attrs.get("best_epoch") == t.user_attrs.get("first_own_epoch", 1) for t in runs):
+        return "its best epoch is its first"
+    return None
+
+
 # Which group labels a method trains on (Method.group_labels), as the table says it.
 TRAIN_LABELS = {"none": "no", "train": "yes", "val": "val split"}
 
@@ -254,7 +268,8 @@ def _seeds(r: StudyResult, finished: int) -> str:
 
 def display(exp, table: pd.DataFrame, results: list[StudyResult]) -> pd.DataFrame:
     """The numbers as the paper prints them: '97.3' or '97.3 ± 0.4'; counts as complete/pruned/failed."""
-    out = pd.DataFrame({"dataset": table["dataset"], "method": table["method"]})
+    out = pd.DataFrame({"dataset": table["dataset"],
+                        "method": [m + (" †" if untrained(r) else "") for m, r in zip(table["method"], results)]})
     out["Avg"] = [_pm(m, s) for m, s in zip(table["Avg"], table["Avg std"])]
     for col, name in (("Worst", "Worst"), ("val", exp.selection)):
         out[name] = ["" if np.isnan(m) else _pm(m, s) for m, s in zip(table[col], table[f"{col} std"])]
@@ -283,6 +298,9 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
     patience = (f"{exp.patience}" if exp.patience is not None else
                 "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
     notes = "".join(f" {note}" for note in dict.fromkeys(r.cls.val_note for r in results if r.cls.val_note))
+    notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
+                     "rate and epochs); differences against it overstate the other methods."
+                     for r in results if (why := untrained(r)))
     return (f"Experiment {exp.name!r} on {', '.join(exp.datasets)}: test accuracy (%). {protocol} "
             f"Avg = {AVG[avg][1]}; Worst = worst-group accuracy. Selection: {exp.selection_text()}; ties: higher "
             f"val average, then fewer epochs; early-stopping patience {patience} epochs. Trials: a retried trial "

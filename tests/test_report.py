@@ -261,6 +261,25 @@ def test_every_method_gets_a_row_with_its_group_label_use(storage):
     assert "DFR: its val is the worst-group accuracy on a held-out half of val" in p.stdout
 
 
+def test_an_untrained_baseline_is_flagged(storage):
+    s, url = storage
+    init_experiment(s, Experiment(name="flat", datasets=["synthetic"], methods=["erm", "fim", "groupdro"], trials=2,
+                                  epochs=4), check_data=False)
+    study = {m: optuna.load_study(study_name=f"flat/synthetic/{m}", storage=s) for m in ("erm", "fim", "groupdro")}
+    # ERM: selected at its first epoch and never better; Ours: trained (best epoch 4 after a 1-epoch warm-up);
+    # DRO: a single predicted class (worst-class accuracy 0) at a later epoch
+    study["erm"].add_trial(_trial(C, 0.0, test=(0.0, 0.55, 0.9), epochs=1, attrs={"first_own_epoch": 1}))
+    study["fim"].add_trial(_trial(C, 0.7, test=(0.7, 0.9, 0.9), attrs={"first_own_epoch": 2}))
+    collapsed = _trial(C, 0.0, test=(0.0, 0.5, 0.5))
+    collapsed.user_attrs["test"]["worst_class"] = 0.0
+    study["groupdro"].add_trial(collapsed)
+    p = report(url, "--experiment", "flat")
+    assert p.returncode == 0, p.stderr
+    assert [r[1] for r in markdown_rows(p.stdout) if len(r) == 10] == ["ERM †", "DRO †", "Ours"]
+    assert "† synthetic/ERM: its best epoch is its first in every seed — not a trained baseline" in p.stdout
+    assert "† synthetic/DRO: predicts a single class in every seed" in p.stdout and "synthetic/Ours:" not in p.stdout
+
+
 def test_unknown_experiment_is_one_line_error(storage, tmp_path):
     s, url = storage
     fill(s, seed_phase=False)
