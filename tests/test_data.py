@@ -91,3 +91,21 @@ def test_cmnist_is_a_spurious_benchmark():
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'imagenet'"):
         load_splits("imagenet")
+
+
+def test_checksum_changes_when_an_image_changes_at_the_same_name_and_size(waterbirds_dir):
+    before = load_splits("waterbirds", data_dir=str(waterbirds_dir), decoded=False).checksum
+    img = next(waterbirds_dir.glob("*/img_3.jpg"))
+    data = bytearray(img.read_bytes())
+    data[-3] ^= 0xFF  # one byte inside the image: same name, same size, different content
+    img.write_bytes(bytes(data))
+    assert load_splits("waterbirds", data_dir=str(waterbirds_dir), decoded=False).checksum != before
+
+
+def test_decoded_cache_key_includes_the_decoder_versions(waterbirds_dir):
+    from trainer.data.decoded import cache_key, decoder_versions
+    paths = sorted(waterbirds_dir.glob("*/*.jpg"))
+    assert cache_key(paths, 32) == cache_key(paths, 32, decoder_versions())  # the installed versions by default
+    import PIL
+    other = decoder_versions().replace(f"pillow {PIL.__version__}", "pillow 0.0.1")
+    assert other != decoder_versions() and cache_key(paths, 32, other) != cache_key(paths, 32)  # a cache miss

@@ -40,10 +40,19 @@ def stored_size(image_size: int) -> int:
     return int(round(image_size * 256 / 224))
 
 
-def cache_key(paths: list[Path], size: int) -> str:
+def decoder_versions() -> str:
+    """The libraries whose decoding and resizing make the cached pixels."""
+    import PIL
+    import torchvision
+    return f"pillow {PIL.__version__}, torchvision {torchvision.__version__}"
+
+
+def cache_key(paths: list[Path], size: int, versions: str | None = None) -> str:
     """Changes when the split's image list from the metadata (order included), an image's size or modification
-    time, or the stored size changes. Labels are not cached, so a label edit costs no re-decode."""
-    h = hashlib.sha256(f"{CACHE_VERSION}:{size}".encode())
+    time, the stored size, or the Pillow / torchvision versions (`versions`, default the installed ones) change.
+    Labels are not cached, so a label edit costs no re-decode."""
+    versions = decoder_versions() if versions is None else versions
+    h = hashlib.sha256(f"{CACHE_VERSION}:{size}:{versions}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
