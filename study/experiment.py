@@ -181,15 +181,14 @@ def check_space(space: dict, method: str, epochs: int) -> None:
     tried at its bounds (each choice) in a real TrainConfig and a real method instance, before anything is written."""
     from trainer.config import TrainConfig
     cls = get_method(method)
+    # a method's searched integers (warm-ups, stages) at their lowest, so that its defaults fit the epoch budget
+    fixed = {n: s.low for n, s in space.items() if isinstance(s, Int) and n in {f.name for f in cls.param_fields()}}
     for name, spec in space.items():
         for value in spec.choices if isinstance(spec, Choice) else (spec.low, spec.high):
             try:
                 if name in ("lr", "weight_decay", "batch_size"):
                     if name == "batch_size" and not (_is_int(value) and value >= 1):
                         raise ValueError(f"batch_size must be an integer >= 1, got {value!r}")
-                    # the method's defaults for the others, except those searched (they are drawn inside the space)
-                    fixed = {n: s.low for n, s in space.items() if isinstance(s, Int) and n in
-                             {f.name for f in cls.param_fields()}}
                     TrainConfig(dataset="synthetic", method=method, epochs=epochs, method_params=fixed,
                                 **{name: value}).resolved()
                 else:

@@ -20,8 +20,6 @@ from torch import nn
 
 from ..fisher import at_least_fp32
 
-GROUP_LABELS = ("none", "val", "train")  # which group labels a method trains on (see Method.group_labels)
-
 
 @dataclass
 class NoParams:
@@ -81,7 +79,7 @@ def param(default, help: str, **kw):
 
 
 class Method(nn.Module):
-    """Subclasses set `Params` and implement `loss` (or own `training_step`). State (GroupDRO weights, multipliers,
+    """Subclasses set `Params` and override `loss` (default: mean cross-entropy) or own `training_step`. State (GroupDRO weights, multipliers,
     auxiliary models) lives in buffers and submodules.
 
     `train_groups` (group id per training sample) and `conflicting` are given to every method for logging only;
@@ -126,7 +124,9 @@ class Method(nn.Module):
         return round(float(weights[self.conflicting].sum()) / total / float(self.conflicting.float().mean()), 4)
 
     def loss(self, logits, h, y, g, idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        raise NotImplementedError
+        """The batch's mean cross-entropy (ERM's loss; methods that change the objective override it)."""
+        nll = nn.functional.cross_entropy(logits, y)
+        return nll, {"nll": nll}
 
     def setup(self, ctx: RunContext) -> None:
         """Called once before training: build auxiliary models and their optimisers here."""

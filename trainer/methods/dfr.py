@@ -83,10 +83,6 @@ class DFR(Method):
             raise ValueError(f"refits must be an integer >= 1, got {params.refits!r}")
         self.chosen_c = None
 
-    def loss(self, logits, h, y, g, idx):
-        nll = torch.nn.functional.cross_entropy(logits, y)
-        return nll, {"nll": nll}
-
     @torch.no_grad()
     def after_fit(self, model, val_batches):
         batches = list(val_batches())

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .base import Float, Int, Method, param
 
@@ -65,10 +64,6 @@ class JTT(Method):
         if self.stage == 1:
             return None
         return 1.0 + (self.params.up - 1.0) * self.errors.float()
-
-    def loss(self, logits, h, y, g, idx):
-        nll = F.cross_entropy(logits, y)
-        return nll, {"nll": nll}
 
     def epoch_stats(self):
         if self.stage == 1:

@@ -24,10 +24,6 @@ class Resample(Method):
     def sampling_weights(self):
         return inverse_frequency(self.keys())
 
-    def loss(self, logits, h, y, g, idx):
-        nll = torch.nn.functional.cross_entropy(logits, y)
-        return nll, {"nll": nll}
-
 
 class ResampleClass(Resample):
     group_labels = "none"

@@ -5,7 +5,6 @@ so an epoch is K x min_k n_k samples: on Waterbirds 4 x 56 = 224 images — give
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import Method
 
@@ -39,10 +38,6 @@ class Subsample(Method):
 
     def sampling_weights(self):
         return self.mask
-
-    def loss(self, logits, h, y, g, idx):
-        nll = F.cross_entropy(logits, y)
-        return nll, {"nll": nll}
 
 
 class SubsampleClass(Subsample):
