@@ -40,6 +40,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     init.add_argument("--selection", help="model-selection metric: val_wga (default; reads val group labels), "
                                           "val_worst_class or val_avg (no group label)")
     init.add_argument("--grad-clip", type=float, help="max gradient norm for every method (default: the dataset's)")
+    for name, text in (("pretrained", "start ResNets from ImageNet weights"),
+                       ("augment", "random resized crop + flip of training images"),
+                       ("freeze-bn", "BatchNorm statistics frozen while training (pretrained models)")):
+        init.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=f"{text} (default: the recipe)")
+    init.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
+                      help="deterministic CUDA algorithms in every trial (default off)")
     _storage_args(init)
 
     worker = sub.add_parser("worker", help="run trials until every study meets its budget")
@@ -101,7 +107,7 @@ def _storage(args):
 def _experiment_from_args(args):
     from .experiment import Experiment
     keys = ("datasets", "methods", "trials", "epochs", "pruner", "data_dir", "model", "image_size", "patience",
-            "seed", "selection", "grad_clip")
+            "seed", "selection", "grad_clip", "pretrained", "augment", "freeze_bn", "deterministic")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.config:
         return Experiment.from_toml(args.config, name=args.experiment, **given)

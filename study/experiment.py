@@ -12,7 +12,7 @@ import optuna
 import torch
 
 from trainer.config import default_patience
-from trainer.data import get_dataset, load_splits
+from trainer.data import get_dataset, load_splits, recipe
 from trainer.methods import METHODS, get_method
 from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
@@ -37,6 +37,10 @@ class Experiment:
     pruner: str = "median"         # median, hyperband or none (every worker builds the same one)
     data_dir: str | None = None    # root of on-disk datasets (fixed, not searched)
     model: str | None = None       # architecture; None = the dataset's default
+    pretrained: bool | None = None  # ImageNet weights (ResNets); None = the dataset's recipe for the model
+    augment: bool | None = None    # crop + flip of training images; None = the dataset's recipe
+    freeze_bn: bool | None = None  # BatchNorm statistics frozen in training; None = the dataset's recipe
+    deterministic: bool = False    # deterministic CUDA algorithms: every trial's command reproduces it exactly
     image_size: int | None = None  # None = the dataset's default
     patience: int | None = None    # early stopping in the method's own epochs; None = max(10, epochs // 4)
     seed: int = 0                  # training seed of every searched trial (the seed phase adds seed+1, ...)
@@ -70,6 +74,11 @@ class Experiment:
             raise ValueError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
         if self.model is not None and self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
+        for key in ("pretrained", "augment", "freeze_bn", "deterministic"):
+            value = getattr(self, key)
+            if not (isinstance(value, bool) or (value is None and key != "deterministic")):
+                raise ValueError(f"{key} must be true or false{'' if key == 'deterministic' else ' or unset'}, "
+                                 f"got {value!r}")
         get_selection(self.selection)
         if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and not isinstance(
                 self.grad_clip, bool) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
@@ -83,8 +92,18 @@ class Experiment:
             raise ValueError(f"space override for {', '.join(sorted(unknown))}: not 'train' or a method of this "
                              f"experiment ({', '.join(self.methods)})")
         for d in self.datasets:
+            self.recipe(d).resolved()  # the fixed settings are valid for every dataset (model, augment, freeze_bn)
             for m in self.methods:
                 check_space(search_space(self, d, m), m, self.epochs_for(d))
+
+    def recipe(self, dataset: str):
+        """The settings every trial on `dataset` shares (model, pretrained, augmentation, BatchNorm, ...), as a
+        TrainConfig whose unset fields resolve to the dataset's recipe for the experiment's model."""
+        from trainer.config import TrainConfig
+        return TrainConfig(dataset=dataset, data_dir=self.data_dir, model=self.model, pretrained=self.pretrained,
+                           image_size=self.image_size, epochs=self.epochs, patience=self.patience,
+                           selection=self.selection, grad_clip=self.grad_clip, data_seed=self.data_seed,
+                           augment=self.augment, freeze_bn=self.freeze_bn, deterministic=self.deterministic)
 
     def study_name(self, dataset: str, method: str) -> str:
         return f"{self.name}/{dataset}/{method}"
@@ -134,9 +153,9 @@ class Experiment:
         return cls(**data)
 
 
-def train_space(dataset: str) -> dict:
-    """Searched for every method, around the dataset's published recipe."""
-    d = get_dataset(dataset)[1]
+def train_space(exp: Experiment, dataset: str) -> dict:
+    """Searched for every method, around the dataset's recipe for the experiment's model."""
+    d = recipe(dataset, exp.model, exp.pretrained)
     return {
         "lr": Float(d.lr / 10, d.lr * 10, log=True),
         "weight_decay": Float(1e-5, 1.0, log=True),  # GroupDRO's strong-regularisation recipe uses 1.0
@@ -152,7 +171,7 @@ def _number(scope: str, name: str, v, integer: bool):
 
 
 def search_space(exp: Experiment, dataset: str, method: str) -> dict:
-    space = {**train_space(dataset), **get_method(method).space_for(exp.epochs_for(dataset))}
+    space = {**train_space(exp, dataset), **get_method(method).space_for(exp.epochs_for(dataset))}
     for scope in ("train", method):
         for name, bounds in exp.space.get(scope, {}).items():
             if name not in space:
@@ -200,7 +219,7 @@ def check_space(space: dict, method: str, epochs: int) -> None:
 
 def reference_params(exp: Experiment, dataset: str, method: str) -> dict:
     """The published recipe as trial parameters (enqueued first), restricted to values inside the space."""
-    d, params = get_dataset(dataset)[1], dataclasses.asdict(get_method(method).Params())
+    d, params = recipe(dataset, exp.model, exp.pretrained), dataclasses.asdict(get_method(method).Params())
     ref = {"lr": d.lr, "weight_decay": d.weight_decay, "batch_size": d.batch_size, **params}
     out = {}
     for name, spec in search_space(exp, dataset, method).items():
@@ -252,7 +271,8 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
         if "experiment" not in attrs:
             half.add(name)
             continue
-        diff = _diff(attrs["experiment"], settings)
+        defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
+        diff = _diff({**defaults, **attrs["experiment"]}, settings)  # a setting added since: its default
         if diff:
             raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(diff)}")
     others = [n for n in existing if n.startswith(exp.name + "/") and n not in ours]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
@@ -68,6 +69,9 @@ def _record(trial: optuna.Trial, method: str, result: dict | None, history: list
         trial.set_user_attr("test", _metrics(result["test"]))
 
 
+RECIPE_KEYS = ("model", "pretrained", "image_size", "epochs", "augment", "freeze_bn", "grad_clip", "deterministic")
+
+
 class Objective:
     def __init__(self, exp: Experiment, dataset: str, method: str, device: str, splits_cache: dict):
         self.exp, self.dataset, self.method, self.device = exp, dataset, method, device
@@ -81,12 +85,10 @@ class Objective:
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
         params = {name: spec.suggest(trial, name) for name, spec in self.space.items()}
-        e = self.exp
-        return TrainConfig(dataset=self.dataset, method=self.method, data_dir=e.data_dir, model=e.model,
-                           image_size=e.image_size, epochs=e.epochs, patience=e.patience, selection=e.selection,
-                           grad_clip=e.grad_clip, seed=trial.user_attrs.get("seed", e.seed), data_seed=e.data_seed,
-                           device=self.device, lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
-                           batch_size=params.pop("batch_size"), method_params=params)
+        return dataclasses.replace(
+            self.exp.recipe(self.dataset), method=self.method, seed=trial.user_attrs.get("seed", self.exp.seed),
+            device=self.device, lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
+            batch_size=params.pop("batch_size"), method_params=params)
 
     def __call__(self, trial: optuna.Trial, prune: bool) -> float:
         """Trains one trial; returns its selection metric at the best epoch. Seed-phase runs are never pruned."""
@@ -94,6 +96,8 @@ class Objective:
         try:
             cfg = self.config(trial)
             trial.set_user_attr("command", command_for(cfg))
+            resolved = cfg.resolved()  # the recipe the trial ran with, readable in the dashboard beside its command
+            trial.set_user_attr("recipe", {k: getattr(resolved, k) for k in RECIPE_KEYS})
             trial.set_user_attr("seed", cfg.seed)
             trial.set_user_attr("code_version", code_version())
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

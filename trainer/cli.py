@@ -58,6 +58,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="decoded: images decoded once, cached, augmented on the device; pil: per-item PIL")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help=f"torch.compile the model (default: on for CUDA runs of >= {COMPILE_MIN_STEPS} steps)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="random resized crop + flip of training images (default: the dataset's recipe)")
+    p.add_argument("--freeze-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep BatchNorm statistics frozen while training a pretrained model (default: the recipe)")
+    p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="deterministic CUDA algorithms, so that the recorded command reproduces the run exactly")
     p.add_argument("--output", help="write the result JSON here")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
     owners = method_flags()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .data import get_dataset
+from .data import IMAGE_DATASETS, SCRATCH_MODELS, recipe
 from .methods import get_method
 from .metrics import get_selection
 from .models import MODELS
@@ -47,14 +47,25 @@ class TrainConfig:
     num_workers: int = 4             # DataLoader processes of the PIL image loader
     image_loader: str = "decoded"    # decoded: cached uint8 tensors, augmented on the device; pil: per-item PIL
     compile: bool | None = None      # torch.compile the model; None = on for CUDA runs of >= COMPILE_MIN_STEPS
+    augment: bool | None = None      # random resized crop + flip of training images; None = the dataset's recipe
+    freeze_bn: bool | None = None    # BatchNorm statistics frozen in training (pretrained models); None = the recipe
+    deterministic: bool = False      # deterministic algorithms (CUDA): a recorded command reproduces its run exactly
     method_params: dict = field(default_factory=dict)  # the method's own hyperparameters (see its Params)
 
     def resolved(self) -> "TrainConfig":
         """Fill unset fields from the dataset's defaults, validate, and expand method params to all fields."""
-        _, defaults = get_dataset(self.dataset)
+        defaults = recipe(self.dataset, self.model, self.pretrained)
         method_cls = get_method(self.method)
-        filled = {f.name: getattr(defaults, f.name) for f in fields(defaults) if getattr(self, f.name) is None}
+        filled = {f.name: getattr(defaults, f.name) for f in fields(defaults)
+                  if hasattr(self, f.name) and getattr(self, f.name) is None}
         cfg = replace(self, **filled)
+        if cfg.model in SCRATCH_MODELS and cfg.pretrained:
+            raise ValueError(f"model {cfg.model!r} has no pretrained weights (use --no-pretrained or a ResNet)")
+        if cfg.augment and cfg.dataset not in IMAGE_DATASETS:
+            raise ValueError(f"dataset {cfg.dataset!r} has no augmentation (image datasets: {', '.join(IMAGE_DATASETS)})")
+        if cfg.freeze_bn and not cfg.pretrained:
+            raise ValueError(f"freeze_bn needs a pretrained model: a randomly initialised {cfg.model}'s BatchNorm "
+                             "statistics would stay at their initial 0 and 1")
         if cfg.patience is None:
             cfg.patience = default_patience(cfg.epochs)
         get_selection(cfg.selection)

@@ -47,6 +47,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def deterministic_mode(on: bool):
+    """torch's deterministic algorithms and cuDNN's deterministic, non-benchmarked kernels for the run; restored
+    afterwards (a worker's next trial may not ask for them). cuBLAS needs CUBLAS_WORKSPACE_CONFIG before its first
+    handle: set here if unset, and in the Dockerfile."""
+    if not on:
+        yield
+        return
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[1], saved[2]
+
+
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
@@ -107,22 +128,28 @@ def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, chan
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
         progress: bool = False, log: Callable[[str], None] | None = print) -> dict:
     """Train one model with one method; return the result record (see README for its keys)."""
-    t_start = time.time()
     cfg = cfg.resolved()
+    with deterministic_mode(cfg.deterministic):
+        return _fit(cfg, callback, splits, progress, log)
+
+
+def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
+    t_start = time.time()
     selection = get_selection(cfg.selection)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if splits is None:
         splits = load_splits(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
                              data_seed=cfg.data_seed, train_agreement=cfg.train_agreement,
-                             decoded=cfg.image_loader == "decoded")
+                             decoded=cfg.image_loader == "decoded", augment=cfg.augment)
     train, n_attr = _place(splits.train, device), splits.train.n_attr
     train_counts = train.group_counts()
     cuda = device.type == "cuda"
     autocast = _autocast(device)
 
     def new_model():
-        m = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights, splits.in_channels).to(device)
+        m = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights, splits.in_channels,
+                        cfg.freeze_bn).to(device)
         return m.to(memory_format=torch.channels_last) if cuda else m
 
     def new_optimizer(parameters):
@@ -151,7 +178,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
     compiled = cfg.compile if cfg.compile is not None else cuda and steps >= COMPILE_MIN_STEPS
     net = torch.compile(model) if compiled else model  # `model` keeps the plain state_dict keys
     augment_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # crops and flips, drawn on the device
-    augment = functools.partial(train.batch_transform, train=True, generator=augment_gen)
+    augment = functools.partial(train.batch_transform, train=cfg.augment, generator=augment_gen)
     evaluate_split = functools.partial(evaluate, net, n_attr=n_attr, train_counts=train_counts, device=device,
                                        batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
                                        num_workers=workers)
@@ -166,7 +193,7 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
             return ((lo, h, y, i) for lo, h, y, _, i in predict(net, loader, device, autocast, cuda, plain))
         gen_view = torch.Generator().manual_seed(cfg.seed + 1)  # its own draws: the training stream is untouched
         loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen_view, **loader_kw)
-        view = functools.partial(train.batch_transform, train=True,
+        view = functools.partial(train.batch_transform, train=cfg.augment,
                                  generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
         return training_view(net, model, loader, device, autocast, cuda, view)
 

@@ -12,10 +12,34 @@ MODELS = ("cnn", "cnn_narrow", "resnet18", "resnet50")
 CNN_WIDTHS = {"cnn": (32, 64, 128), "cnn_narrow": (8, 16, 32)}
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions: AdaptiveAvgPool2d(1)'s value, but its CUDA backward is deterministic
+    (AdaptiveAvgPool2d's is refused under torch.use_deterministic_algorithms)."""
+
+    def __init__(self, flatten: bool = True):
+        super().__init__()
+        self.flatten = flatten
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((2, 3), keepdim=not self.flatten)
+
+
 class Classifier(nn.Module):
-    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int):
+    """`freeze_bn`: BatchNorm layers stay in eval mode (running statistics fixed, affine weights still trained) even
+    while the model trains — SubpopBench's pretrained-ResNet convention; group_DRO, JTT and DFR train them."""
+
+    def __init__(self, backbone: nn.Module, n_features: int, n_classes: int, freeze_bn: bool = False):
         super().__init__()
         self.backbone, self.head = backbone, nn.Linear(n_features, n_classes)
+        self.freeze_bn = freeze_bn
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         h = self.backbone(x)
@@ -42,7 +66,7 @@ def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["c
         return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
     a, b, c = widths
     body = nn.Sequential(block(in_channels, a), nn.MaxPool2d(2), block(a, b), nn.MaxPool2d(2), block(b, c),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                         GlobalAvgPool())
     return body, c
 
 
@@ -70,7 +94,7 @@ def _pretrained_state(arch: str, weights_path: str | None) -> dict:
 
 
 def build_model(name: str, n_classes: int, pretrained: bool = False, weights_path: str | None = None,
-                in_channels: int = 3) -> Classifier:
+                in_channels: int = 3, freeze_bn: bool = False) -> Classifier:
     if name in CNN_WIDTHS:
         backbone, dim = small_cnn(in_channels, CNN_WIDTHS[name])
     elif name in ("resnet18", "resnet50"):
@@ -87,7 +111,7 @@ def build_model(name: str, n_classes: int, pretrained: bool = False, weights_pat
                 raise ValueError(f"weights for {name} do not match the architecture "
                                  f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         dim = backbone.fc.in_features
-        backbone.fc = nn.Identity()
+        backbone.fc, backbone.avgpool = nn.Identity(), GlobalAvgPool(flatten=False)
     else:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
-    return Classifier(backbone, dim, n_classes)
+    return Classifier(backbone, dim, n_classes, freeze_bn)

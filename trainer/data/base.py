@@ -58,19 +58,24 @@ class TensorGroupDataset(GroupDataset):
     def load(self, idx: int) -> torch.Tensor:
         return self.x[idx]
 
+    pin_batches: bool = False  # batches are gathered on the host and pinned one at a time (see on())
+
     def on(self, device: torch.device, max_fraction: float = 0.25) -> "TensorGroupDataset":
-        """A view of this split with x on `device` when it fits in `max_fraction` of the free GPU memory,
-        else in pinned host memory (batches then travel asynchronously). Placed once, reused by later runs."""
+        """A view of this split with x on `device` when it fits in `max_fraction` of the free GPU memory, else
+        left where it is (a memory-mapped cache stays shared) with each batch pinned, so that it travels
+        asynchronously: a pinned copy of the whole split would be private memory per worker. Placed once, reused
+        by later runs."""
         if device.type != "cuda":
             return self
         key = str(device)
         if key not in self._placed:
             free, _ = torch.cuda.mem_get_info(device)
             fits = self.x.numel() * self.x.element_size() <= max_fraction * free
-            self._placed[key] = self.x.to(device) if fits else self.x.pin_memory()
+            self._placed[key] = self.x.to(device) if fits else self.x
         view = copy.copy(self)
         view.x = self._placed[key]
-        view.y, view.a = (self.y, self.a) if view.x.device.type == "cpu" else (self.y.to(device), self.a.to(device))
+        view.pin_batches = view.x.device.type == "cpu"
+        view.y, view.a = (self.y, self.a) if view.pin_batches else (self.y.to(device), self.a.to(device))
         return view
 
 
@@ -109,7 +114,7 @@ class _TensorBatches:
         order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(x.device, non_blocking=True)
         for idx in order.split(self.batch_size):
             xb = x[idx]
-            yield (xb.pin_memory() if x.is_pinned() else xb), y[idx], a[idx], idx
+            yield (xb.pin_memory() if self.ds.pin_batches else xb), y[idx], a[idx], idx
 
 
 def make_loader(ds: GroupDataset, batch_size: int, *, shuffle: bool, generator: torch.Generator | None = None,

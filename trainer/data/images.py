@@ -1,7 +1,8 @@
 """Image datasets on disk: Waterbirds and CelebA in their official layouts, and a generic folder layout.
 
-decoded=True (default): decoded once into cached uint8 tensors, augmented on the device (see decoded.py).
-decoded=False: the reference PIL path, decoding and augmenting per item in DataLoader workers.
+decoded=True (default): decoded once into cached uint8 tensors, augmented on the device (see decoded.py); whether
+training batches are augmented is the run's `augment` setting, applied in the training loop.
+decoded=False: the reference PIL path, decoding (and, with augment=True, augmenting) per item in DataLoader workers.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def image_transform(train: bool, image_size: int):
-    """ImageNet-style: random resized crop + flip for training, resize + centre crop for evaluation."""
+    """ImageNet-style: random resized crop + flip for training (augmented), resize + centre crop for evaluation
+    and for training without augmentation."""
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return transforms.Compose([
@@ -97,7 +99,7 @@ def _checksum(meta_files: list[Path], paths: list[Path]) -> str:
 
 
 def _build(root: Path, meta_files: list[Path], files: pd.Series, y: pd.Series, a: pd.Series, split: pd.Series,
-           name: str, image_size: int, decoded: bool) -> Splits:
+           name: str, image_size: int, decoded: bool, augment: bool) -> Splits:
     paths = [root / f for f in files]
     missing = [p for p in paths if not p.is_file()]
     if missing:
@@ -116,20 +118,22 @@ def _build(root: Path, meta_files: list[Path], files: pd.Series, y: pd.Series, a
             out[split_name] = DecodedImageDataset(x, ys, as_, n_classes, n_attr, image_size)
         else:
             out[split_name] = ImageGroupDataset(split_paths, ys, as_, n_classes, n_attr,
-                                                image_transform(split_name == "train", image_size))
+                                                image_transform(augment and split_name == "train", image_size))
     return Splits(**out, name=name, checksum=checksum)
 
 
-def load_waterbirds(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, **_) -> Splits:
+def load_waterbirds(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, augment: bool = True,
+                    **_) -> Splits:
     """metadata.csv: img_id,img_filename,y,split,place,place_filename; group = 2*y + place."""
     root = _require_dir(Path(data_dir or "data/waterbirds"))
     meta = root / "metadata.csv"
     df = _read_csv(meta, ["img_id", "img_filename", "y", "split", "place", "place_filename"])
     return _build(root, [meta], df["img_filename"], _int_column(df, "y", meta), _int_column(df, "place", meta),
-                  _split_codes(df["split"], meta), "waterbirds", image_size, decoded)
+                  _split_codes(df["split"], meta), "waterbirds", image_size, decoded, augment)
 
 
-def load_celeba(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, **_) -> Splits:
+def load_celeba(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, augment: bool = True,
+                **_) -> Splits:
     """list_attr_celeba.txt + list_eval_partition.txt + img_align_celeba/; y = Blond_Hair, a = Male."""
     root = _require_dir(Path(data_dir or "data/celeba"))
     attr_file, part_file = root / "list_attr_celeba.txt", root / "list_eval_partition.txt"
@@ -145,10 +149,11 @@ def load_celeba(data_dir: str | None = None, image_size: int = 224, decoded: boo
     y, a = (attrs["Blond_Hair"] == 1).astype(int).reset_index(drop=True), (attrs["Male"] == 1).astype(int).reset_index(drop=True)
     files = "img_align_celeba/" + parts["image_id"].astype(str)
     return _build(root, [attr_file, part_file], files, y, a, _split_codes(parts["partition"], part_file),
-                  "celeba", image_size, decoded)
+                  "celeba", image_size, decoded, augment)
 
 
-def load_folder(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, **_) -> Splits:
+def load_folder(data_dir: str | None = None, image_size: int = 224, decoded: bool = True, augment: bool = True,
+                **_) -> Splits:
     """Users' own data: metadata.csv with filename,y,a,split (split train|val|test or 0/1/2)."""
     if not data_dir:
         raise DataError("dataset 'folder' needs --data-dir pointing at a folder with metadata.csv")
@@ -156,4 +161,4 @@ def load_folder(data_dir: str | None = None, image_size: int = 224, decoded: boo
     meta = root / "metadata.csv"
     df = _read_csv(meta, ["filename", "y", "a", "split"])
     return _build(root, [meta], df["filename"], _int_column(df, "y", meta), _int_column(df, "a", meta),
-                  _split_codes(df["split"], meta), "folder", image_size, decoded)
+                  _split_codes(df["split"], meta), "folder", image_size, decoded, augment)
