@@ -1,8 +1,9 @@
 """Time per training step of every registered method (fim in each trace scope), as ratios to ERM, in one run.
 
-    python bench/step_cost.py [--device auto] [--steps 50] [--compile]
+    python bench/step_cost.py [--device auto] [--steps 50] [--compile] [--deterministic]
 
 --compile adds a row: ERM with torch.compile (its compile time is printed, not counted in the step).
+--deterministic adds rows: ERM, GroupDRO and fim under the trainer's --deterministic mode (its cost).
 
 CUDA: ResNet-50, batch 128, 224 px, bf16 autocast, channels_last. CPU: the small CNN, batch 64, 28 px.
 The batch is already on the device (this measures the step, not the data path: see bench/epoch_cost.py).
@@ -18,7 +19,7 @@ import time
 import pandas as pd
 import torch
 
-from trainer.loop import _autocast, resolve_device
+from trainer.loop import _autocast, deterministic_mode, resolve_device
 from trainer.methods import METHODS, RunContext, get_method
 from trainer.models import build_model
 
@@ -77,28 +78,36 @@ def main():
     p.add_argument("--steps", type=int, default=50, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add ERM with torch.compile (compile time excluded)")
+    p.add_argument("--deterministic", action="store_true", help="add ERM, GroupDRO, fim in deterministic mode")
     args = p.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     model, batch, size = ("resnet50", 128, 224) if cuda else ("cnn", 64, 28)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     steps = {}
-    runs = [(*r, False) for r in RUNS] + ([("erm + torch.compile", "erm", {}, True)] if args.compile else [])
-    for label, method, params, compile_ in runs:
+    runs = [(*r, False, False) for r in RUNS] + ([("erm + torch.compile", "erm", {}, True, False)]
+                                                  if args.compile else [])
+    if args.deterministic:
+        runs += [(f"{m} --deterministic", m, {}, False, True) for m in ("erm", "groupdro", "fim")]
+    modes = {}
+    for label, method, params, compile_, det in runs:
         t0 = time.time()
-        steps[label] = setup(method, params, device, model, batch, size, 4795, compile_)
-        for _ in range(5):  # warm-up (and compilation)
-            steps[label]()
+        modes[label] = det
+        with deterministic_mode(det):
+            steps[label] = setup(method, params, device, model, batch, size, 4795, compile_)
+            for _ in range(5):  # warm-up (and compilation)
+                steps[label]()
         sync(device)
         print(f"{label}: ready in {time.time() - t0:.1f}s", flush=True)
     times = {label: [] for label in steps}
     for _ in range(args.rounds):
         for label, step in steps.items():
             sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                loss = step()
-            sync(device)
+            with deterministic_mode(modes[label]):
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    loss = step()
+                sync(device)
             assert torch.isfinite(loss)
             times[label].append((time.perf_counter() - t0) / args.steps)
     # the fastest round of each: noise from other processes only ever adds time (medians moved ±10% run to run
