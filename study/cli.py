@@ -7,11 +7,13 @@ import os
 import sys
 import warnings
 
-from .storage import DEFAULT_STORAGE, StorageError, mask_url, storage_url
+from .storage import DEFAULT_STORAGE, StorageError, mask_url, read_storage_file, storage_url
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", help=f"storage URL (default: $OPTUNA_STORAGE or {DEFAULT_STORAGE})")
+    p.add_argument("--storage-file", help="a file holding the storage URL, readable only by you (chmod 600); "
+                                          "also $OPTUNA_STORAGE_FILE")
     p.add_argument("--heartbeat-interval", type=int, help="seconds between trial heartbeats (default 60)")
     p.add_argument("--grace-period", type=int, help="seconds of silence before a trial is stale (default 180)")
     p.add_argument("--storage-timeout", type=float,
@@ -58,6 +60,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     worker.add_argument("--sampler-seed", type=int, help="TPE seed (default: different for every worker)")
     worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     _storage_args(worker)
+
+    slurm = sub.add_parser("slurm", help="submit the experiment's workers as a SLURM job array (one GPU each)")
+    slurm.add_argument("--experiment", required=True)
+    slurm.add_argument("--workers", type=int, required=True, help="array tasks, one worker each")
+    slurm.add_argument("--gpus", type=int, default=1, help="GPUs per worker, --gres=gpu:N (0: CPU workers)")
+    slurm.add_argument("--cpus", type=int, default=8, help="CPUs per worker (default 8)")
+    slurm.add_argument("--time", default="24:00:00", help="time limit per array task (default 24:00:00)")
+    slurm.add_argument("--partition")
+    slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="OPTION",
+                       help="another #SBATCH option, e.g. --sbatch-arg=--account=lab (repeatable)")
+    slurm.add_argument("--log-dir", default="slurm-logs", help="the script and the workers' logs (default slurm-logs)")
+    slurm.add_argument("--dry-run", action="store_true", help="write and print the script, submit nothing")
+    _storage_args(slurm)
 
     dash = sub.add_parser("dashboard", help="optuna-dashboard on the storage (no authentication: keep it local)")
     dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -136,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.ERROR)  # trial failures are reported by the worker itself
     args = get_args_parser().parse_args(argv)
     try:
+        storage_file = getattr(args, "storage_file", None) or (
+            os.environ.get("OPTUNA_STORAGE_FILE") if hasattr(args, "storage_file") and not args.storage else None)
+        if storage_file:
+            if args.storage:
+                raise ValueError("give --storage or --storage-file, not both")
+            args.storage = read_storage_file(storage_file)
         if args.command == "init":
             from .experiment import init_experiment
             exp = _experiment_from_args(args)
@@ -159,6 +180,21 @@ def main(argv: list[str] | None = None) -> int:
             device, gpu_lock = select_device(storage_url(args.storage), args.device, share)  # held until exit
             return run_worker(storage, args.experiment, device=device, sampler_seed=args.sampler_seed,
                               between_trials=gpu_lock.keep if gpu_lock else None)
+        elif args.command == "slurm":
+            from .experiment import load_experiment
+            from .slurm import SlurmJob, submit
+            url = storage_url(args.storage)
+            if not url.startswith("postgresql"):
+                raise ValueError(f"storage {mask_url(url)}: workers on several nodes need a PostgreSQL storage "
+                                 "(--storage-file, --storage or $OPTUNA_STORAGE)")
+            load_experiment(_storage(args), args.experiment)  # a typo submits nothing
+            job = SlurmJob(args.experiment, args.workers, args.gpus, args.cpus, args.time, args.partition,
+                           storage_file, args.log_dir, tuple(args.sbatch_arg))
+            # without a file the URL travels in sbatch's exported environment, never in the script
+            path, job_id = submit(job, dry_run=args.dry_run, env=None if storage_file else {"OPTUNA_STORAGE": url})
+            print(path.read_text() if args.dry_run else f"submitted job array {job_id}: {args.workers} workers "
+                  f"({path}); logs in {args.log_dir}/, squeue -j {job_id}; scancel {job_id} stops them (their "
+                  "running trials are re-queued)")
         elif args.command == "dashboard":
             from optuna_dashboard import run_server
             if not 1 <= args.port <= 65535:

@@ -158,6 +158,21 @@ def storage_url(url: str | None = None) -> str:
     return url or os.environ.get("OPTUNA_STORAGE") or DEFAULT_STORAGE
 
 
+def read_storage_file(path: str) -> str:
+    """The storage URL from the first line of a file that only its owner can read (it holds the password)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+        text = p.read_text().strip()
+    except OSError as e:
+        raise StorageError(f"storage file {path}: cannot read it ({e.strerror})") from None
+    if mode & 0o077:
+        raise StorageError(f"storage file {path}: readable by other users (mode {mode & 0o777:o}): chmod 600 {path}")
+    if not text:
+        raise StorageError(f"storage file {path}: empty (expected a storage URL on its first line)")
+    return text.splitlines()[0].strip()
+
+
 _SECRET_KEYS = ("pass", "secret", "token", "key")  # query parameters that carry credentials (password=, sslpassword=)
 
 
