@@ -418,13 +418,7 @@ def to_dashboard(storage, experiment: str, avg: str) -> int:
     return n
 
 
-def main(argv=None) -> int:
-    import warnings
-
-    from optuna.exceptions import ExperimentalWarning
-
-    from .storage import INTERACTIVE_TIMEOUT, StorageError, make_storage
-    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", required=True)
@@ -437,7 +431,17 @@ def main(argv=None) -> int:
                    help="Avg definition: train_weighted (Waterbirds convention) or plain test accuracy")
     p.add_argument("--to-dashboard", action="store_true",
                    help="also save the figures into each study for optuna-dashboard")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    import warnings
+
+    from optuna.exceptions import ExperimentalWarning
+
+    from .storage import INTERACTIVE_TIMEOUT, StorageError, make_storage
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    args = get_args_parser().parse_args(argv)
     try:
         storage = make_storage(args.storage, default_timeout=INTERACTIVE_TIMEOUT, read_only=True)
         outs = check_outputs(args.out, args.format, storage)  # every --out is checked before any is written
