@@ -76,6 +76,12 @@ def test_compose_services_and_their_wiring():
     used = set(re.findall(r"\$\{(\w+)", (ROOT / "docker-compose.yml").read_text())) - {"REPORT_USER"}
     assert used <= set(example), used - set(example)  # every variable is documented
     assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert interpolate(SERVICES["worker"]["environment"]["OPTUNA_STORAGE"], {"POSTGRES_PASSWORD": "p"}) == \
+        "postgresql://optuna:p@db:5432/optuna"  # the stack's own database unless DB_HOST says otherwise
+    public = yaml.safe_load((ROOT / "deploy" / "compose" / "db-public.yml").read_text())
+    assert interpolate(public["services"]["db"]["ports"], {}) == ["5432:5432"] and set(public["services"]) == {"db"}
+    used |= set(re.findall(r"\$\{(\w+)", (ROOT / "deploy" / "compose" / "db-public.yml").read_text()))
+    assert used <= set(example), used - set(example)
 
 
 @pytest.mark.parametrize("service", ["init", "worker", "dashboard", "report"])
@@ -95,10 +101,10 @@ def _free_port() -> int:
 def _compose_env(database: str, **extra) -> dict:
     """The environment of the app services with the compose variables set, `db` pointed at the test server."""
     env = {"POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "unused-by-trust-auth", "POSTGRES_DB": database,
+           "DB_HOST": "127.0.0.1",  # a GPU host's setting in a multi-host setup: the database is elsewhere
            "EXPERIMENT": "stack", "DATASETS": "synthetic", "METHODS": "erm,fim", "TRIALS": "3", "EPOCHS": "2",
            **extra}
     app = interpolate(SERVICES["worker"]["environment"], env)
-    app["OPTUNA_STORAGE"] = app["OPTUNA_STORAGE"].replace("@db:5432", "@127.0.0.1:5432")
     return env, {**os.environ, **app, "STUDY_GPUS": "", "PYTHONUNBUFFERED": "1"}  # this machine has no GPU
 
 

@@ -184,7 +184,10 @@ class _Marked(TensorGroupDataset):
         return x + 100.0 if train else x
 
 
-def test_fim_calibrates_on_the_view_the_constraint_uses(monkeypatch):
+@pytest.mark.parametrize("augment", [False, True])
+def test_fim_calibrates_on_the_view_the_constraint_uses(monkeypatch, augment):
+    import trainer.config
+    monkeypatch.setattr(trainer.config, "IMAGE_DATASETS", ("synthetic",))  # its "augmentation": _Marked's +100
     s = load_splits("synthetic")
     t = s.train
     splits = dataclasses.replace(s, train=_Marked(t.x, t.y, t.a, t.n_classes, t.n_attr))
@@ -204,12 +207,13 @@ def test_fim_calibrates_on_the_view_the_constraint_uses(monkeypatch):
             bn_after.extend(buffers())
 
     monkeypatch.setattr(FisherConstrained, "start_epoch", start_epoch)
-    r = fit(TrainConfig(dataset="synthetic", method="fim", model="cnn", epochs=2, method_params={"warmup_epochs": 1}),
-            splits=splits, log=None)
+    r = fit(TrainConfig(dataset="synthetic", method="fim", model="cnn", epochs=2, augment=augment,
+                        method_params={"warmup_epochs": 1}), splits=splits, log=None)
     assert r["history"][-1]["constrained"]
     n_batches = -(-len(t) // r["hparams"]["batch_size"])
-    # every calibration forward ran as a training step does: train-mode BatchNorm on augmented batches of its size
-    assert seen == [(True, True)] * n_batches
+    # every calibration forward ran as a training step does: train-mode BatchNorm on batches of its size, augmented
+    # exactly when training is
+    assert seen == [(True, augment)] * n_batches
     # ... and looking did not change the model: BatchNorm running statistics are restored
     assert len(bn_before) > 0 and all(torch.equal(a, b) for a, b in zip(bn_before, bn_after))
 
