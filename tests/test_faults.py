@@ -293,3 +293,21 @@ def test_two_inits_at_once_on_a_new_sqlite_file(tmp_path):
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
+
+
+def test_storage_file_must_be_private_and_is_read(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    secret = tmp_path / "url"
+    secret.write_text(url + "\n")
+    secret.chmod(0o640)
+    one_line_error(study_main("init", "--storage-file", str(secret), "--experiment", "f", "--datasets", "synthetic",
+                              "--methods", "erm"), "readable by other users (mode 640): chmod 600")
+    secret.chmod(0o600)
+    done = study_main("init", "--storage-file", str(secret), "--experiment", "f", "--datasets", "synthetic",
+                      "--methods", "erm", "--trials", "1")
+    assert done.returncode == 0, done.stderr
+    assert optuna.get_all_study_names(url) == ["f/synthetic/erm", "f/synthetic/erm/seeds"]
+    one_line_error(study_main("status", "--experiment", "f", "--storage", url, "--storage-file", str(secret)),
+                   "give --storage or --storage-file, not both")
+    one_line_error(study_main("status", "--experiment", "f", "--storage-file", str(tmp_path / "none")),
+                   "cannot read it")
