@@ -1,7 +1,6 @@
 """Shared fixtures: small image datasets written in the official layouts."""
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -86,27 +85,46 @@ def _admin(sql: str) -> None:
     conn.close()
 
 
-import fcntl  # noqa: E402
+class PrivateCluster:
+    """A PostgreSQL server of our own (initdb in a temp folder, its own port), for the tests that stop and restart
+    the database: the shared server the other tests use in parallel keeps running."""
 
-# Tests run in parallel (pytest-xdist); the tests that stop the PostgreSQL cluster must run alone. Every test holds
-# a shared lock on this file while it runs; a test marked `stops_cluster` holds it exclusively.
-CLUSTER_LOCK = Path(tempfile.gettempdir()) / "debias-test-cluster.lock"
+    def __init__(self, root: Path):
+        import shutil
+        import socket
+        bindir = Path(sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))[-1]).parent
+        self.data, self.pg_ctl = root / "pgdata", [str(bindir / "pg_ctl")]
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            shutil.chown(root, "postgres", "postgres")
+            self.pg_ctl = ["runuser", "-u", "postgres", "--", *self.pg_ctl]
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        subprocess.run([*self.pg_ctl[:-1], str(bindir / "initdb"), "-D", str(self.data), "-A", "trust", "-U",
+                        "postgres", "--no-sync"], check=True, capture_output=True, timeout=120)
+        self.opts = f"-p {self.port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def start(self) -> None:
+        subprocess.run([*self.pg_ctl, "-D", str(self.data), "-o", self.opts, "-l", str(self.data.parent / "log"),
+                        "-w", "start"], check=True, capture_output=True, timeout=120)
+
+    def stop(self) -> None:
+        subprocess.run([*self.pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"], check=True,
+                       capture_output=True, timeout=120)
 
 
-@contextlib.contextmanager
-def cluster_lock(exclusive: bool = False):
-    with open(CLUSTER_LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@pytest.fixture(autouse=True)
-def _cluster_guard(request):
-    with cluster_lock(exclusive=request.node.get_closest_marker("stops_cluster") is not None):
-        yield
+@pytest.fixture
+def private_cluster():
+    import shutil
+    if not Path("/usr/lib/postgresql").is_dir():
+        pytest.skip("needs the PostgreSQL server binaries")
+    root = Path(tempfile.mkdtemp(prefix="debias-test-pg-"))  # outside pytest's root-only tmp: postgres reads it
+    c = PrivateCluster(root)
+    yield c
+    subprocess.run([*c.pg_ctl, "-D", str(c.data), "-m", "immediate", "stop"], capture_output=True, timeout=120)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -121,9 +139,8 @@ def pg_databases():
         return PG_ADMIN.rsplit("/", 1)[0] + "/" + name
 
     yield new
-    with cluster_lock():
-        for name in created:
-            _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    for name in created:
+        _admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @pytest.fixture

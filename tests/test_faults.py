@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_cli, study_main
+from conftest import start_worker, study_main
 from test_study import _running_with_progress, _wait_for, init, storage_for, studies_of
 
 
@@ -64,7 +64,7 @@ def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
     trials = studies_of(pg_url, "nan")["nan/synthetic/erm"].trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3  # 3 failures, not the budget of 5
     assert all("NonFiniteLossError" in t.user_attrs["fail_reason"] for t in trials)
-    p = study_cli("status", "--storage", pg_url, "--experiment", "nan")
+    p = study_main("status", "--storage", pg_url, "--experiment", "nan")
     assert p.returncode == 0 and "3 consecutive failed trials" in p.stdout, p.stdout
 
 
@@ -115,9 +115,9 @@ def test_delete_says_what_it_removes_and_protects_finished_trials(pg_url):
     init(pg_url, "--experiment", "oops", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
          "--epochs", "1")
     assert start_worker(pg_url, "oops").wait(timeout=120) == 0
-    one_line_error(study_cli("delete", "--storage", pg_url, "--experiment", "oops"),
+    one_line_error(study_main("delete", "--storage", pg_url, "--experiment", "oops"),
                    "experiment 'oops' holds 2 studies, 1 trials (1 finished): add --yes to delete them")
-    p = study_cli("delete", "--storage", pg_url, "--experiment", "oops", "--yes")
+    p = study_main("delete", "--storage", pg_url, "--experiment", "oops", "--yes")
     assert p.returncode == 0 and p.stdout.strip() == "deleted experiment 'oops': 2 studies, 1 trials (1 finished)"
     init(pg_url, "--experiment", "oops", "--datasets", "synthetic", "--methods", "erm", "--trials", "3")
 
@@ -178,7 +178,7 @@ def test_half_created_experiment_is_detected_and_completed(pg_url):
     init(pg_url, "--experiment", "half", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
          "--epochs", "1")
     assert start_worker(pg_url, "half").wait(timeout=120) == 0
-    assert study_cli("status", "--storage", pg_url, "--experiment", "half").returncode == 0
+    assert study_main("status", "--storage", pg_url, "--experiment", "half").returncode == 0
 
 
 # 8. an impatient Ctrl-C burst still re-queues the trial; a stopped demo leaves no orphan workers

@@ -1,7 +1,6 @@
 """deploy/k8s: every manifest of the kustomization validated offline against the Kubernetes schemas (strict), and
 the wiring checked: references resolve, Services select pods, the app containers' arguments parse with the real
 CLI, security settings, one GPU per worker."""
-import re
 import shlex
 import tomllib
 from pathlib import Path

@@ -7,7 +7,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_cli
+from conftest import start_worker, study_main
 from study.experiment import Experiment, make_pruner
 from test_study import init, storage_for, studies_of
 from trainer import TrainConfig, fit
@@ -19,7 +19,7 @@ def test_waiting_seed_runs_never_become_new_searched_trials(pg_url):
     init(pg_url, "--experiment", "mix", "--datasets", "synthetic", "--methods", "erm,groupdro", "--trials", "2",
          "--epochs", "2", "--pruner", "none")
     assert start_worker(pg_url, "mix").wait(timeout=300) == 0
-    p = study_cli("replicate", "--storage", pg_url, "--experiment", "mix", "--seeds", "2", "--top-k", "1")
+    p = study_main("replicate", "--storage", pg_url, "--experiment", "mix", "--seeds", "2", "--top-k", "1")
     assert p.returncode == 0, p.stderr  # one waiting seed run per method, two in all
     workers = [start_worker(pg_url, "mix") for _ in range(4)]
     outs = [w.communicate(timeout=300)[0] for w in workers]
@@ -69,10 +69,10 @@ def test_label_free_regime_from_init_to_report(pg_url):
                 assert t.value == pytest.approx(t.user_attrs["val"]["worst_class"], abs=1e-6)
                 assert t.user_attrs["selection"] == "val_worst_class"
                 assert "--selection val_worst_class" in t.user_attrs["command"]
-    p = study_cli("replicate", "--storage", pg_url, "--experiment", "free", "--seeds", "2", "--top-k", "1")
+    p = study_main("replicate", "--storage", pg_url, "--experiment", "free", "--seeds", "2", "--top-k", "1")
     assert p.returncode == 0, p.stderr
     assert start_worker(pg_url, "free").wait(timeout=300) == 0
-    r = study_cli("report", "--storage", pg_url, "--experiment", "free", "--format", "csv")
+    r = study_main("report", "--storage", pg_url, "--experiment", "free", "--format", "csv")
     assert r.returncode == 0, r.stderr
     rows = [line.split(",") for line in r.stdout.split("\n\n")[0].strip().splitlines()]
     header = rows[0]
@@ -80,7 +80,7 @@ def test_label_free_regime_from_init_to_report(pg_url):
         cells = dict(zip(header, row))
         assert cells["selection group labels"] == "no" and cells["train group labels"] == "no"
         assert (cells["seeds finished"], cells["seeds asked"]) == ("2", "2")
-    md = study_cli("report", "--storage", pg_url, "--experiment", "free").stdout
+    md = study_main("report", "--storage", pg_url, "--experiment", "free").stdout
     assert "val worst-class accuracy (no group labels)" in md
 
 
@@ -122,7 +122,7 @@ def test_patience_scales_with_the_budget_and_storage_timeouts_are_short_for_peop
     assert TrainConfig(dataset="waterbirds").resolved().patience == 75
     import time
     t0 = time.time()
-    p = study_cli("status", "--storage", "postgresql://postgres@127.0.0.1:1/none", "--experiment", "x")
+    p = study_main("status", "--storage", "postgresql://postgres@127.0.0.1:1/none", "--experiment", "x")
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 2 and last.startswith("error: storage postgresql+psycopg2://postgres@127.0.0.1:1/none"), p.stderr
     assert time.time() - t0 < 40  # 15 s of retries, not the worker's 600 s

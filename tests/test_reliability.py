@@ -1,35 +1,13 @@
 """Faults survived and bad inputs refused, against the real PostgreSQL: a database restart mid-study, a database
 that stays down, and every bad input answered by one line, a non-zero exit and nothing half-created."""
-import subprocess
 import time
-from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_cli
+from conftest import start_worker, study_main
 from test_study import FAST_HEARTBEAT, _running_with_progress, _wait_for, init, storage_for, studies_of
-
-CLUSTER = ["pg_ctlcluster", "--skip-systemctl-redirect", next(Path("/etc/postgresql").iterdir()).name, "main"]
-
-
-def cluster(action: str) -> None:
-    subprocess.run(CLUSTER + [action], check=True, capture_output=True, timeout=120)
-    if action != "stop":
-        for _ in range(60):
-            if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]).returncode == 0:
-                return
-            time.sleep(0.5)
-        raise AssertionError("PostgreSQL did not come back")
-
-
-@pytest.fixture
-def restores_cluster():
-    yield
-    if subprocess.run(["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432"]).returncode != 0:
-        cluster("start")
-
 
 def assert_complete(url, experiment, budget):
     """Every study met its budget; nothing RUNNING or WAITING; every failed trial was retried to the end."""
@@ -44,9 +22,8 @@ def assert_complete(url, experiment, budget):
             assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == budget, (name, states)
 
 
-@pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs the local PostgreSQL cluster")
-@pytest.mark.stops_cluster
-def test_database_restart_mid_study_loses_nothing(pg_url, restores_cluster):
+def test_database_restart_mid_study_loses_nothing(private_cluster):
+    pg_url, cluster = private_cluster.url, private_cluster
     init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "2",
          "--epochs", "4", "--patience", "0", "--pruner", "none")
     # heartbeats every second: storage calls are certain to meet the outage (grace long enough to outlast it)
@@ -54,9 +31,9 @@ def test_database_restart_mid_study_loses_nothing(pg_url, restores_cluster):
     env = {"STUDY_HEARTBEAT_INTERVAL": "1", "STUDY_GRACE_PERIOD": "60", "STUDY_GPUS": "0,1"}
     workers = [start_worker(pg_url, "restart", env=env) for _ in range(2)]
     _wait_for(_running_with_progress(pg_url, "restart/cmnist/erm"), timeout=300)
-    cluster("stop")   # every connection dies; the workers keep training and retry their storage calls
+    cluster.stop()   # every connection dies; the workers keep training and retry their storage calls
     time.sleep(6)
-    cluster("start")
+    cluster.start()
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outs
     assert any("unreachable" in o and "retrying" in o for o in outs), outs  # the outage was met, and ridden out
@@ -64,22 +41,22 @@ def test_database_restart_mid_study_loses_nothing(pg_url, restores_cluster):
     assert_complete(pg_url, "restart", 2)
 
 
-@pytest.mark.skipif(not Path("/etc/postgresql").is_dir(), reason="needs the local PostgreSQL cluster")
-@pytest.mark.stops_cluster
-def test_database_down_too_long_stops_the_worker_with_one_line(pg_url, restores_cluster):
+def test_database_down_too_long_stops_the_worker_with_one_line(private_cluster):
+    pg_url, cluster = private_cluster.url, private_cluster
     init(pg_url, "--experiment", "down", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
          "--epochs", "6", "--patience", "0", "--pruner", "none")
     secret = pg_url.replace("postgres@", "postgres:s3cret-pw@")  # trust auth ignores the password
     w = start_worker(secret, "down", env={"STUDY_STORAGE_TIMEOUT": "5"})
     _wait_for(_running_with_progress(pg_url, "down/cmnist/erm"), timeout=300)
-    cluster("stop")
+    cluster.stop()
     try:
         out = w.communicate(timeout=120)[0]
     finally:
-        cluster("start")
+        cluster.start()
     last = out.strip().splitlines()[-1]
     assert w.returncode == 2, out
-    assert last.startswith("error: storage postgresql+psycopg2://postgres:***@127.0.0.1:5432/") and "unreachable" in last
+    assert last.startswith(f"error: storage postgresql+psycopg2://postgres:***@127.0.0.1:{cluster.port}/")
+    assert "unreachable" in last
     assert "s3cret-pw" not in out and "Traceback" not in out, out
     # nothing lost: the abandoned trial is failed as stale and retried by the next worker
     w2 = start_worker(pg_url, "down", env=FAST_HEARTBEAT)
@@ -120,7 +97,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, pg_url, waterbirds_dir, 
     else:  # trust auth accepts any password here; a wrong role takes the same path as a wrong password
         storage = pg_url.replace("postgres@", "nobody:s3cret-pw@")
         args, expect = syn, 'role "nobody" does not exist'
-    p = study_cli("init", "--storage", storage, "--experiment", "bad", *args)
+    p = study_main("init", "--storage", storage, "--experiment", "bad", *args)
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.count("\n") == 1 and p.stderr.startswith("error: ") and expect in p.stderr, p.stderr
     assert "s3cret-pw" not in p.stderr

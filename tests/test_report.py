@@ -2,8 +2,6 @@
 import csv
 import io
 import json
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -96,8 +94,8 @@ def storage(tmp_path):
 
 
 def report(url, *args):
-    return subprocess.run([sys.executable, "-m", "study.report", "--storage", url, *args], capture_output=True,
-                          text=True, timeout=120)
+    from conftest import study_main
+    return study_main("report", "--storage", url, *args)
 
 
 def markdown_rows(text: str) -> list[list[str]]:
@@ -290,17 +288,17 @@ def test_unknown_experiment_is_one_line_error(storage, tmp_path):
 
 
 def test_seed_phase_end_to_end_with_real_workers(pg_url):
-    from conftest import start_worker, study_cli
-    p = study_cli("init", "--storage", pg_url, "--experiment", "seeds", "--datasets", "synthetic", "--methods",
+    from conftest import start_worker, study_main
+    p = study_main("init", "--storage", pg_url, "--experiment", "seeds", "--datasets", "synthetic", "--methods",
                   "erm,fim", "--trials", "2", "--epochs", "2", "--pruner", "none")
     assert p.returncode == 0, p.stderr
-    early = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3")
+    early = study_main("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3")
     assert early.returncode == 2 and "search not finished" in early.stderr  # nothing enqueued before the end
     assert start_worker(pg_url, "seeds").wait(timeout=300) == 0
-    p = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3", "--top-k", "2")
+    p = study_main("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3", "--top-k", "2")
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.count("enqueued 4 seed-phase runs: #1 seed 1, #1 seed 2, #2 seed 1, #2 seed 2") == 2, p.stdout
-    again = study_cli("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3", "--top-k", "2")
+    again = study_main("replicate", "--storage", pg_url, "--experiment", "seeds", "--seeds", "3", "--top-k", "2")
     assert again.stdout.count("enqueued 0 seed-phase runs (all present)") == 2  # idempotent
     w = start_worker(pg_url, "seeds")
     assert w.wait(timeout=300) == 0, w.stdout.read()

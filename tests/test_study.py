@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_cli
+from conftest import start_worker, study_main
 from study.storage import make_storage
 
 FAST_HEARTBEAT = {"STUDY_HEARTBEAT_INTERVAL": "1", "STUDY_GRACE_PERIOD": "3"}
@@ -32,7 +32,7 @@ def studies_of(url, experiment):
 
 
 def init(url, *args):
-    p = study_cli("init", "--storage", url, *args)
+    p = study_main("init", "--storage", url, *args)
     assert p.returncode == 0, p.stderr
     return p
 
@@ -147,7 +147,7 @@ def test_sigterm_fails_trial_with_reason_and_requeues_it(pg_url):
     assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == doomed.number
     # the retry carries what the trial is (its seed), never what happened to the dead attempt
     assert set(waiting[0].user_attrs) <= {"seed", "reference", "config", "rank"}, waiting[0].user_attrs
-    p = study_cli("status", "--experiment", "term", "--storage", pg_url)
+    p = study_main("status", "--experiment", "term", "--storage", pg_url)
     assert p.returncode == 0 and "| term/cmnist/groupdro |" in p.stdout
 
 
@@ -161,7 +161,7 @@ def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
                              "twice/synthetic/fim/seeds"]
     # the search studies hold the enqueued reference recipe; the seed-phase studies are empty until replicate
     assert [len(optuna.load_study(study_name=n, storage=s).trials) for n in sorted(names)] == [1, 0, 1, 0]
-    p = study_cli("init", "--storage", pg_url, *args[:-1], "5")
+    p = study_main("init", "--storage", pg_url, *args[:-1], "5")
     assert p.returncode != 0
     assert p.stderr.strip() == "error: experiment 'twice' already exists with different settings: trials: 3 -> 5"
 
@@ -170,10 +170,10 @@ def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):
     cfg = tmp_path / "exp.toml"
     cfg.write_text('name = "toml"\ndatasets = ["synthetic"]\nmethods = ["fim"]\ntrials = 2\n'
                    '[space.fim]\nrho = [0.3, 0.05]\n')
-    p = study_cli("init", "--storage", pg_url, "--config", str(cfg))
+    p = study_main("init", "--storage", pg_url, "--config", str(cfg))
     assert p.returncode != 0 and p.stderr.strip() == (
         "error: space override fim.rho: invalid bounds [0.3, 0.05] (need low < high)")
-    p = study_cli("init", "--storage", pg_url, "--experiment", "x", "--datasets", "synthetic",
+    p = study_main("init", "--storage", pg_url, "--experiment", "x", "--datasets", "synthetic",
                   "--methods", "erm,irm")
     assert p.returncode != 0 and p.stderr.strip().startswith("error: unknown method 'irm'")
     assert optuna.get_all_study_names(storage_for(pg_url)) == []
