@@ -151,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("optuna").setLevel(logging.ERROR)  # trial failures are reported by the worker itself
     args = get_args_parser().parse_args(argv)
     try:
-        storage_file = getattr(args, "storage_file", None) or (
-            os.environ.get("OPTUNA_STORAGE_FILE") if hasattr(args, "storage_file") and not args.storage else None)
-        if storage_file:
-            if args.storage:
+        storage_file = None
+        if hasattr(args, "storage_file"):  # the commands with _storage_args; the file's URL becomes --storage
+            if args.storage and args.storage_file:
                 raise ValueError("give --storage or --storage-file, not both")
-            args.storage = read_storage_file(storage_file)
+            storage_file = args.storage_file or (None if args.storage else os.environ.get("OPTUNA_STORAGE_FILE"))
+            if storage_file:
+                args.storage = read_storage_file(storage_file)
         if args.command == "init":
             from .experiment import init_experiment
             exp = _experiment_from_args(args)

@@ -266,12 +266,12 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
     existing = set(optuna.get_all_study_names(storage))
     ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
     half = set()  # studies of an init that was killed before it wrote their settings: completed below
+    defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
     for name in sorted(ours & existing):
         attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
         if "experiment" not in attrs:
             half.add(name)
             continue
-        defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
         diff = _diff({**defaults, **attrs["experiment"]}, settings)  # a setting added since: its default
         if diff:
             raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(diff)}")

@@ -94,10 +94,10 @@ class Objective:
         """Trains one trial; returns its selection metric at the best epoch. Seed-phase runs are never pruned."""
         t0, history = time.time(), []
         try:
-            cfg = self.config(trial)
+            cfg = self.config(trial).resolved()
             trial.set_user_attr("command", command_for(cfg))
-            resolved = cfg.resolved()  # the recipe the trial ran with, readable in the dashboard beside its command
-            trial.set_user_attr("recipe", {k: getattr(resolved, k) for k in RECIPE_KEYS})
+            # the recipe the trial ran with, readable in the dashboard beside its command
+            trial.set_user_attr("recipe", {k: getattr(cfg, k) for k in RECIPE_KEYS})
             trial.set_user_attr("seed", cfg.seed)
             trial.set_user_attr("code_version", code_version())
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")

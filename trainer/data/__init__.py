@@ -80,5 +80,5 @@ def load_splits(name: str, **kwargs) -> Splits:
     return get_dataset(name)[0](**kwargs)
 
 
-__all__ = ["DATASETS", "DataError", "DatasetDefaults", "IMAGE_DATASETS", "SCRATCH_MODELS", "is_pretrained", "recipe", "GroupDataset", "Splits", "TensorGroupDataset",
-           "get_dataset", "load_splits", "make_loader"]
+__all__ = ["DATASETS", "DataError", "DatasetDefaults", "GroupDataset", "IMAGE_DATASETS", "SCRATCH_MODELS", "Splits",
+           "TensorGroupDataset", "get_dataset", "is_pretrained", "load_splits", "make_loader", "recipe"]

@@ -49,6 +49,8 @@ class GroupDataset(Dataset):
 class TensorGroupDataset(GroupDataset):
     """A split held in memory as one tensor: batches are sliced directly, no per-item collation."""
 
+    pin_batches: bool = False  # batches are gathered on the host and pinned one at a time (see on())
+
     def __init__(self, x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, n_classes: int, n_attr: int):
         self.x, self.y, self.a = x, y.long(), a.long()
         self.n_classes, self.n_attr = n_classes, n_attr
@@ -57,8 +59,6 @@ class TensorGroupDataset(GroupDataset):
 
     def load(self, idx: int) -> torch.Tensor:
         return self.x[idx]
-
-    pin_batches: bool = False  # batches are gathered on the host and pinned one at a time (see on())
 
     def on(self, device: torch.device, max_fraction: float = 0.25) -> "TensorGroupDataset":
         """A view of this split with x on `device` when it fits in `max_fraction` of the free GPU memory, else

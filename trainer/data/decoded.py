@@ -109,8 +109,8 @@ def decode_images(paths: list[Path], size: int, key: str, desc: str = "decoding"
             tmp.replace(path)
         except OSError:
             return out
-    del out  # the builder, too, shares the mapped file instead of keeping its private decode
-    return _mapped(path, shape)
+    x = _mapped(path, shape)  # the builder, too, shares the mapped file instead of keeping its private decode
+    return out if x is None else x
 
 
 def _decode_all(paths: list[Path], size: int, desc: str) -> torch.Tensor:
