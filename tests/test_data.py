@@ -80,7 +80,7 @@ def test_cmnist_is_a_spurious_benchmark():
     assert (len(s.train), len(s.val), len(s.test)) == (3000, 1000, 1000)
     agree = lambda d: float((d.y == d.a).float().mean())  # noqa: E731
     assert 0.93 < agree(s.train) < 0.97 and 0.45 < agree(s.val) < 0.55
-    assert s.train.x.shape[1:] == (2, 14, 14) and s.train.group_counts().min() > 50  # IRM's 2 x 14 x 14 form
+    assert s.train.x.shape[1:] == (2, 7, 7) and s.train.group_counts().min() > 50  # IRM's colour digits, 7 x 7
     # the digit sits in exactly the channel named by the attribute
     x, a = s.test.x, s.test.a
     assert torch.all(x[torch.arange(len(a)), 1 - a].sum((1, 2)) == 0)

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import study_main
+
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -87,8 +89,7 @@ def test_compose_services_and_their_wiring():
 @pytest.mark.parametrize("service", ["init", "worker", "dashboard", "report"])
 def test_every_service_command_is_a_real_entry_point(service):
     command = interpolate(SERVICES[service]["command"], {"POSTGRES_PASSWORD": "x"})
-    p = subprocess.run([sys.executable, "-m", "study", *command, "--help"], capture_output=True, text=True,
-                       timeout=120)
+    p = study_main(*command, "--help")  # the parser `python -m study` runs, in this process
     assert p.returncode == 0 and "usage:" in p.stdout, p.stderr
 
 

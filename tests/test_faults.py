@@ -143,8 +143,7 @@ def test_report_never_overwrites_the_storage_or_other_files(tmp_path):
     url = f"sqlite:///{db}"
     init(url, "--experiment", "r", "--datasets", "synthetic", "--methods", "erm")
     before = digest(db)
-    rep = lambda *a: subprocess.run([sys.executable, "-m", "study.report", "--storage", url, "--experiment", "r", *a],  # noqa: E731
-                                    capture_output=True, text=True, timeout=120)
+    rep = lambda *a: study_main("report", "--storage", url, "--experiment", "r", *a)  # noqa: E731
     one_line_error(rep("--format", "csv", "--out", str(db)), "that is the storage itself")
     assert digest(db) == before
     other = tmp_path / "thesis.md"

