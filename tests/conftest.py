@@ -11,6 +11,11 @@ from PIL import Image
 
 # decoded-image caches of the tests go to a scratch folder, not the user's cache (subprocesses inherit it)
 os.environ.setdefault("DEBIAS_CACHE_DIR", tempfile.mkdtemp(prefix="debias-test-cache-"))
+# pytest-xdist runs one test process per core: torch's default of a thread per core in each would oversubscribe
+# the machine (an in-process 3-epoch fit took 60 s beside another test instead of 8 s). Set before torch is
+# imported; subprocesses inherit it (workers started with --threads set their own).
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
+                                                 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
 def write_image(path: Path, rng: np.random.Generator, size: int = 32) -> str:
