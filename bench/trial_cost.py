@@ -3,8 +3,8 @@
     python bench/trial_cost.py [--epochs 20] [--method erm] [--repeats 3]
 
 Compares the bundled benchmark (2 x 7 x 7 colour digits, 8-16-32 CNN) with the two earlier configurations
-(2 x 14 x 14 with the same CNN; 28 x 28 with the 32-64-128 CNN), side by side in one run, one thread each (as the demo's two workers run).
-Process start and data are paid once per worker; the rest once per trial.
+(2 x 14 x 14 with the same CNN; 28 x 28 with the 32-64-128 CNN), side by side in one run, one thread each (as
+the demo's two workers run). Process start and data are paid once per worker; the rest once per trial.
 """
 from __future__ import annotations
 
