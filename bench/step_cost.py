@@ -1,13 +1,14 @@
 """Time per training step of every registered method (fim in each trace scope), as ratios to ERM, in one run.
 
-    python bench/step_cost.py [--device auto] [--steps 50] [--compile] [--deterministic]
+    python bench/step_cost.py [--device auto] [--steps 50] [--compile] [--deterministic] [--only LABELS]
 
 --compile adds a row: ERM with torch.compile (its compile time is printed, not counted in the step).
 --deterministic adds rows: ERM, GroupDRO and fim under the trainer's --deterministic mode (its cost).
 
 CUDA: ResNet-50, batch 128, 224 px, bf16 autocast, channels_last. CPU: the small CNN, batch 64, 28 px.
 The batch is already on the device (this measures the step, not the data path: see bench/epoch_cost.py).
-Each method is timed in its own phase (fim with eps calibrated, after its warm-up), where it does its extra work;
+Each method is timed in its own phase (fim with eps calibrated, after its warm-up), where it does its extra work
+(fim's full scope: the step, every sample's trace, the double backprop on the active set; ρ = 0.1 by default);
 LfF's step includes its biased model's. Methods are timed in
 interleaved rounds so that clock or thermal drift affects every method alike.
 """
@@ -23,8 +24,11 @@ from trainer.loop import _autocast, deterministic_mode, resolve_device
 from trainer.methods import METHODS, RunContext, get_method
 from trainer.models import build_model
 
-RUNS = [(name, name, {}) for name in METHODS] + [("fim (last_layer)", "fim", {"scope": "last_layer"}),
-                                                  ("fisher_penalty (every_k 10)", "fisher_penalty", {"every_k": 10})]
+RUNS = [(name, name, {}) for name in METHODS] + [
+    ("fim (last_layer)", "fim", {"scope": "last_layer"}), ("fim (full)", "fim", {"scope": "full"}),
+    ("fim (full, global K)", "fim", {"scope": "full", "active_set": "global"}),
+    ("fim (full, expected Fisher)", "fim", {"scope": "full", "fisher": "expected"}),
+    ("fisher_penalty (every_k 10)", "fisher_penalty", {"every_k": 10})]
 
 
 def setup(method: str, params: dict, device, model_name: str, batch: int, size: int, n_train: int, compile_: bool):
@@ -53,7 +57,10 @@ def setup(method: str, params: dict, device, model_name: str, batch: int, size: 
     autocast = _autocast(device)
     m.setup(RunContext(new_model, new_optimizer, device, autocast))
 
-    def batches(eval=False):
+    def batches(eval=False, inputs=False):
+        if inputs:  # the full scope's calibration runs its own passes
+            yield x, y, idx
+            return
         with torch.no_grad(), autocast():
             logits, h = net(x, return_features=True)
         yield logits.float(), h.float(), y, idx
@@ -79,13 +86,15 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add ERM with torch.compile (compile time excluded)")
     p.add_argument("--deterministic", action="store_true", help="add ERM, GroupDRO, fim in deterministic mode")
+    p.add_argument("--only", help="';'-separated row labels to time (ERM is always timed), e.g. 'fim;fim (full)'")
     args = p.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     model, batch, size = ("resnet50", 128, 224) if cuda else ("cnn", 64, 28)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     steps = {}
-    runs = [(*r, False, False) for r in RUNS] + ([("erm + torch.compile", "erm", {}, True, False)]
+    only = None if args.only is None else {"erm", *args.only.split(";")}
+    runs = [(*r, False, False) for r in RUNS if only is None or r[0] in only] + ([("erm + torch.compile", "erm", {}, True, False)]
                                                   if args.compile else [])
     if args.deterministic:
         runs += [(f"{m} --deterministic", m, {}, False, True) for m in ("erm", "groupdro", "fim")]

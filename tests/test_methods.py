@@ -14,7 +14,7 @@ from trainer.methods.groupdro import GroupDRO, GroupDROParams
 from trainer.metrics import bias_conflicting, group_metrics
 
 SHORT = {"jtt": {"stage1_epochs": 1}}  # leave a stage-2 epoch in these short runs
-CASES = [(name, SHORT.get(name, {})) for name in METHODS] + [("fim", {"scope": "last_layer"})]
+CASES = [(name, SHORT.get(name, {})) for name in METHODS] + [("fim", {"scope": "last_layer"}), ("fim", {"scope": "full"})]
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_fim_rejects_bad_params():
     with pytest.raises(ValueError, match="rho must be in"):
         FisherConstrained(FIMParams(rho=1.5), n_train=4, n_groups=4, train_groups=torch.arange(4))
     with pytest.raises(ValueError, match="scope must be one of"):
-        FisherConstrained(FIMParams(scope="full"), n_train=4, n_groups=4, train_groups=torch.arange(4))
+        FisherConstrained(FIMParams(scope="hessian"), n_train=4, n_groups=4, train_groups=torch.arange(4))
 
 
 def test_group_metrics_skip_empty_groups_and_weight_by_train():

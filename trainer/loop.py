@@ -100,14 +100,18 @@ def predict(model, loader, device, autocast, channels_last=False, transform=None
 
 
 @torch.no_grad()
-def training_view(net, model, loader, device, autocast, channels_last, transform):
+def training_view(net, model, loader, device, autocast, channels_last, transform, inputs=False):
     """Yields (logits, features, y, idx) as a training step sees them — augmented inputs, BatchNorm in train mode
     (batch statistics) — without gradients, and restores the BatchNorm running statistics afterwards: looking does
-    not change the model."""
+    not change the model. inputs=True yields the step's inputs (x, y, idx) instead, the model in train mode, for a
+    method that runs its own passes (gradients are the caller's choice: the generator's no_grad stops at yield)."""
     with buffers_kept(model):
         net.train()
         for x, y, _, idx in loader:
             x, y, idx = _batch(device, x, y, idx, transform=transform, channels_last=channels_last)
+            if inputs:
+                yield x, y, idx
+                continue
             with autocast():
                 logits, h = net(x, return_features=True)
             yield logits.float(), h.float(), y, idx
@@ -183,10 +187,11 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
                                        batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
                                        num_workers=workers)
 
-    def train_batches(eval: bool = False):
+    def train_batches(eval: bool = False, inputs: bool = False):
         """(logits, features, y, idx) over the training set as a training step sees it (shuffled batches of the
         training size, augmented, BatchNorm in train mode), or with eval=True as evaluation sees it (in order,
-        not augmented, eval mode): for methods that calibrate on, or select from, the training set."""
+        not augmented, eval mode): for methods that calibrate on, or select from, the training set. inputs=True:
+        the training step's (x, y, idx) instead, for a method's own passes (BatchNorm statistics restored after)."""
         if eval:
             loader = make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw)
             plain = functools.partial(train.batch_transform, train=False)
@@ -195,7 +200,7 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
         loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen_view, **loader_kw)
         view = functools.partial(train.batch_transform, train=cfg.augment,
                                  generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
-        return training_view(net, model, loader, device, autocast, cuda, view)
+        return training_view(net, model, loader, device, autocast, cuda, view, inputs)
 
     history, best, best_state, stale = [], None, None, 0
     for epoch in range(1, cfg.epochs + 1):

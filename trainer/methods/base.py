@@ -138,7 +138,8 @@ class Method(nn.Module):
     def start_epoch(self, epoch: int, model: nn.Module, train_batches) -> None:
         """Called before each training epoch (0-based), with `train_batches(eval=False)`: (logits, features, y, idx)
         over the training set as a training step sees it (loop.training_view), or with eval=True in eval mode,
-        un-augmented and in order — for methods that calibrate on, or select from, the training set."""
+        un-augmented and in order — for methods that calibrate on, or select from, the training set;
+        `train_batches(inputs=True)` gives the training step's inputs (x, y, idx) for a method's own passes."""
 
     def new_stage(self, epoch: int) -> bool:
         """True before the (0-based) epoch that starts a new stage: the loop then re-initialises the model and the

@@ -3,17 +3,29 @@
     min_theta mean_i l_i   s.t.  T_i(theta) <= eps  for the samples with the largest trace,
 
 solved through L = mean_i l_i + mean_{i in K} lambda_i (T_i - eps), one multiplier lambda_i >= 0 per training
-sample (indexed by dataset index), primal descent on theta and projected dual ascent on the batch's
-active set K = top-ceil(rho * B) samples by T:  lambda_i <- clip(lambda_i + eta min((T_i - eps) / eps, 1), 0, lambda_max).
+sample (indexed by dataset index), primal descent on theta and projected dual ascent on the active samples:
+lambda_i <- clip(lambda_i + eta min((T_i - eps) / eps, 1), 0, lambda_max). T_i is the per-sample Fisher trace of
+`trainer.fisher` (scope `full`: over every parameter, the paper's quantity; `logits`, `last_layer`: proxies).
 
-eps is well defined by construction: after `warmup_epochs` (>= 1) of plain ERM, one pass over the training set as the
-training step sees it (augmented batches of the training size, BatchNorm in train mode; loop.py restores the
-BatchNorm statistics afterwards) takes each batch's active set exactly as training will, and eps is the
-`eps_quantile` of those active traces. At the median, half the active samples start feasible and half violated, so
-multipliers move both ways from the first constrained step; the normalised slack (T - eps) / eps is then O(1) and
-`dual_lr` means the same on every dataset and scope. (The first design set eps to a quantile of *all* traces while
-constraining only the top quarter, so nearly every active constraint was violated for good and the multipliers sat
-at lambda_max: a fixed penalty in disguise. bench/fim_ablation.py keeps that fixed penalty as a baseline.)
+The active set K. `global` (the paper's): a sample is constrained when its trace is in the top rho of the whole
+training set. Every sample's trace from its last visit is kept (filled for all of them by the calibration pass); at
+each step the batch's traces are written in and K is the batch's samples at or above the set's (1 - rho)-quantile.
+At most ceil(2 rho B) samples of a batch are constrained (a static shape: no host sync on a GPU); the excess is
+counted in `overflow_frac`. `batch`: the top-ceil(rho B) of each batch. Either way the penalty is divided by
+ceil(rho B), so a constrained sample weighs the same whatever the rest of its batch.
+
+eps is well defined by construction: after `warmup_epochs` (>= 1) of plain ERM, one pass over the training set as
+the training step sees it (augmented batches of the training size, BatchNorm in train mode; loop.py restores the
+BatchNorm statistics afterwards) takes every sample's trace, and eps is the `eps_quantile` of the traces of the
+active set as training will take it (the global top rho, or each batch's top rho). At the median, half the active
+samples start feasible and half violated, so multipliers move both ways from the first constrained step; the
+normalised slack (T - eps) / eps is then O(1) and `dual_lr` means the same on every dataset and scope. The full
+scope's traces are divided by their mean over the training set at calibration (a constant: the constraint is the
+same, in units where the penalty is O(1) like the logits scope's). bench/fim_ablation.py keeps a fixed penalty
+(no dual ascent) as a baseline.
+
+Cost of the full scope per constrained step: the step's forward and backward, one forward and backward of the
+batch for every sample's trace (trainer.fisher.ParameterTrace), and a double backprop on the active samples only.
 
 No group labels are used: the per-group share of lambda and its enrichment on bias-conflicting samples are logged
 only to show where the constraint mass goes.
@@ -26,15 +38,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..fisher import SCOPES, last_layer_trace, logit_trace
+from ..fisher import FISHERS, SCOPES, ParameterTrace, last_layer_trace, logit_trace
 from .base import Choice, Float, Int, Method, param
+
+ACTIVE_SETS = ("global", "batch")
 
 
 @dataclass
 class FIMParams:
-    scope: str = param("logits", "per-sample Fisher trace: logits = ||p-e_y||^2, last_layer = "
-                       "||p-e_y||^2 (||h||^2+1) scaled by the running mean of ||h||^2+1", choices=SCOPES)
-    rho: float = param(0.1, "fraction of each batch, by largest trace, that is constrained (active set)")
+    scope: str = param("logits", "per-sample Fisher trace over: full = every parameter (the paper's), logits = "
+                       "||p-e_y||^2, last_layer = ||p-e_y||^2 (||h||^2+1) scaled by the running mean of ||h||^2+1",
+                       choices=SCOPES)
+    fisher: str = param("empirical", "empirical = the label's log-likelihood gradient; expected = averaged over the "
+                        "model's own predictive distribution", choices=FISHERS)
+    active_set: str = param("batch", "global = the top rho of the training set by each sample's last trace (the "
+                            "paper's); batch = the top rho of each batch", choices=ACTIVE_SETS)
+    rho: float = param(0.1, "fraction of the samples, by largest trace, that is constrained (active set)")
     eps_quantile: float = param(0.5, "eps = this quantile of the active-set traces after warm-up")
     dual_lr: float = param(1.0, "dual ascent step on the normalised slack (T - eps) / eps")
     warmup_epochs: int = param(1, "epochs of plain ERM before eps is set and the constraints start (>= 1: "
@@ -55,13 +74,15 @@ class FisherConstrained(Method):
     LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
     label, order, proposed = "Ours", 2, True
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
-    COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero")
+    COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps")
 
     def __init__(self, params: FIMParams, **kw):
         super().__init__(params, **kw)
         p = params
-        if p.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {p.scope!r}")
+        for name, value, allowed in (("scope", p.scope, SCOPES), ("fisher", p.fisher, FISHERS),
+                                     ("active_set", p.active_set, ACTIVE_SETS)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name, value in (("rho", p.rho), ("eps_quantile", p.eps_quantile)):
             if not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0.0, 1.0], got {value}")
@@ -72,11 +93,14 @@ class FisherConstrained(Method):
             raise ValueError(f"warmup_epochs must be >= 1 (eps is calibrated on a trained model), "
                              f"got {p.warmup_epochs}")
         self.register_buffer("lam", torch.zeros(self.n_train))
+        self.register_buffer("memory", torch.zeros(self.n_train))  # each sample's trace at its last visit
         self.register_buffer("eps", torch.tensor(float("nan")))
         self.register_buffer("feature_scale", torch.tensor(1.0))
+        self.register_buffer("trace_scale", torch.tensor(1.0))  # full scope: mean trace at calibration
         for name in self.COUNTERS:
             self.register_buffer(name, torch.zeros(()))
         self._eps_value = float("nan")  # host copy of eps: no device sync per step
+        self._tracer: ParameterTrace | None = None
 
     @classmethod
     def first_own_epoch(cls, params) -> int:
@@ -92,13 +116,27 @@ class FisherConstrained(Method):
         return not math.isnan(self._eps_value)
 
     def trace(self, logits, h, y):
+        """The logits / last_layer scopes' traces from the step's own forward (differentiable)."""
         if self.params.scope == "logits":
-            return logit_trace(logits, y)
-        return last_layer_trace(logits, h, y) / self.feature_scale
+            return logit_trace(logits, y, self.params.fisher)
+        return last_layer_trace(logits, h, y, self.params.fisher) / self.feature_scale
 
-    def active(self, trace: torch.Tensor) -> torch.Tensor:
-        """Indices (into the batch) of the active set: the top-ceil(rho * B) traces."""
-        return trace.detach().topk(max(1, math.ceil(self.params.rho * len(trace)))).indices
+    def tracer(self, model) -> ParameterTrace:
+        if self._tracer is None or self._tracer.model is not getattr(model, "_orig_mod", model):
+            self._tracer = ParameterTrace(model)
+        return self._tracer
+
+    def full_trace(self, model, x, y, stats=None, create_graph=False):
+        """Full-scope traces of the batch in calibrated units; stats=None: run the training step's forward
+        (train-mode BatchNorm) to take the batch statistics first."""
+        tracer = self.tracer(model)
+        if stats is None:
+            with tracer.batch_statistics() as stats, torch.no_grad():
+                tracer.model(x)
+        return tracer.traces(x, y, stats, self.params.fisher, create_graph) / self.trace_scale
+
+    def per_batch(self, n: int) -> int:
+        return max(1, math.ceil(self.params.rho * n))
 
     @torch.no_grad()
     def start_epoch(self, epoch, model, train_batches):
@@ -107,12 +145,58 @@ class FisherConstrained(Method):
         if epoch != self.params.warmup_epochs or self.constrained:
             return
         # Calibrate on the view the constraint uses: train_batches() is the training step's view of the data.
-        batches = list(train_batches())
-        if self.params.scope == "last_layer":
-            self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
-        active = [t[self.active(t)] for t in (self.trace(logits, h, y) for logits, h, y, _ in batches)]
-        self.eps.fill_(torch.quantile(torch.cat(active).float(), self.params.eps_quantile).clamp(min=1e-8))
+        if self.params.scope == "full":
+            traces = [(self.full_trace(model, x, y), idx) for x, y, idx in train_batches(inputs=True)]
+            self.trace_scale.fill_(torch.cat([t for t, _ in traces]).mean().clamp(min=1e-12))
+            traces = [(t / self.trace_scale, idx) for t, idx in traces]
+        else:
+            batches = list(train_batches())
+            if self.params.scope == "last_layer":
+                self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
+            traces = [(self.trace(logits, h, y), idx) for logits, h, y, idx in batches]
+        for t, idx in traces:
+            self.memory[idx] = t.to(self.memory.dtype)
+        if self.params.active_set == "global":
+            active = self.memory.topk(self.per_batch(self.n_train)).values
+        else:
+            active = torch.cat([t.topk(self.per_batch(len(t))).values for t, _ in traces])
+        self.eps.fill_(torch.quantile(active.float(), self.params.eps_quantile).clamp(min=1e-8))
         self._eps_value = float(self.eps)
+
+    @torch.no_grad()
+    def select(self, trace: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions in the batch of the candidates, which of them are active): the active set of the batch."""
+        n, trace = len(trace), trace.to(self.memory.dtype)  # compared with the memory in its own precision
+        self.memory[idx] = trace
+        if self.params.active_set == "batch":
+            top = trace.topk(self.per_batch(n)).indices
+            return top, torch.ones_like(top, dtype=torch.bool)
+        k = self.per_batch(self.n_train)  # the set's threshold: its k-th largest last-visit trace
+        threshold = self.memory.kthvalue(self.n_train - k + 1).values
+        above = trace >= threshold
+        top = trace.topk(min(n, 2 * self.per_batch(n))).indices
+        self.n_overflow += (above.sum() - len(top)).clamp(min=0)
+        return top, above[top]
+
+    @torch.no_grad()
+    def dual_step(self, t_k: torch.Tensor, i_k: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        """Projected dual ascent on the active samples' multipliers; returns them (0 where inactive)."""
+        slack = ((t_k - self.eps) / self.eps).clamp(max=1.0)
+        if self.params.fixed_penalty:
+            lam = torch.full_like(slack, self.params.lambda_max)
+        else:
+            lam = (self.lam[i_k] + self.params.dual_lr * slack).clamp(0.0, self.params.lambda_max)
+        lam = torch.where(active, lam, self.lam[i_k])
+        self.lam[i_k] = lam.to(self.lam.dtype)
+        self.n_active += active.sum()
+        self.n_violated += (active & (slack > 0)).sum()
+        self.n_at_cap += (active & (lam >= self.params.lambda_max)).sum()
+        self.n_at_zero += (active & (lam <= 0)).sum()
+        self.n_steps += 1
+        return torch.where(active, lam, torch.zeros_like(lam))
+
+    def penalty(self, lam, t_k, n: int):
+        return (lam * (t_k - self.eps)).sum() / self.per_batch(n)
 
     def loss(self, logits, h, y, g, idx):
         nll = F.cross_entropy(logits, y)
@@ -121,23 +205,33 @@ class FisherConstrained(Method):
         if self.params.scope == "last_layer":
             self.feature_scale.lerp_(h.detach().float().pow(2).sum(1).mean() + 1.0, self.FEATURE_EMA)
         trace = self.trace(logits, h, y)
-        top = self.active(trace)
-        t_k, i_k = trace[top], idx[top]
-        with torch.no_grad():  # projected dual ascent on the normalised slack, active samples only
-            slack = ((t_k.detach() - self.eps) / self.eps).clamp(max=1.0)
-            if self.params.fixed_penalty:
-                lam = torch.full_like(slack, self.params.lambda_max)
-            else:
-                lam = (self.lam[i_k] + self.params.dual_lr * slack).clamp(0.0, self.params.lambda_max)
-            self.lam[i_k] = lam.to(self.lam.dtype)
-            self.n_active += len(top)
-            self.n_violated += (slack > 0).sum()
-            self.n_at_cap += (lam >= self.params.lambda_max).sum()
-            self.n_at_zero += (lam <= 0).sum()
+        top, active = self.select(trace.detach(), idx)
+        t_k = trace[top]
         # Dual step first: a multiplier moves only when its sample is drawn (once per epoch), so a primal step with
         # the old value would always lag an epoch behind.
-        penalty = (lam * (t_k - self.eps)).mean()
+        lam = self.dual_step(t_k.detach(), idx[top], active)
+        penalty = self.penalty(lam, t_k, len(y))
         return nll + penalty, {"nll": nll, "penalty": penalty, "trace_active": t_k.detach().mean()}
+
+    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
+        if self.params.scope != "full" or not self.constrained:
+            return super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
+        tracer = self.tracer(model)
+        optimizer.zero_grad(set_to_none=True)
+        with tracer.batch_statistics() as stats, autocast():  # the step's own forward, on the eager model
+            logits = tracer.model(x)
+        nll = F.cross_entropy(logits.float(), y)
+        nll.backward()
+        trace = self.full_trace(model, x, y, stats)  # every sample's trace: one more forward and backward
+        top, active = self.select(trace, idx)
+        lam = self.dual_step(trace[top], idx[top], active)
+        t_k = self.full_trace(model, x[top], y[top], stats, create_graph=True)  # double backprop on K only
+        penalty = self.penalty(lam, t_k, len(y))
+        penalty.backward()
+        self.clip(model)
+        optimizer.step()
+        return {"loss": (nll + penalty).detach(), "nll": nll.detach(), "penalty": penalty.detach(),
+                "trace_active": trace[top].mean()}
 
     def epoch_stats(self):
         if not self.constrained:
@@ -151,10 +245,13 @@ class FisherConstrained(Method):
             "violated_frac": float(self.n_violated / n),
             "at_cap_frac": float(self.n_at_cap / n),
             "at_zero_frac": float(self.n_at_zero / n),
+            "active_per_step": float(self.n_active / self.n_steps.clamp(min=1)),
+            "overflow_frac": float(self.n_overflow / (self.n_active + self.n_overflow).clamp(min=1)),
             "lambda_mean": float(self.lam.mean()),
             "lambda_max": float(self.lam.max()),
             "lambda_share": [round(v, 4) for v in (share / total if total > 0 else share).tolist()],
             "lambda_enrichment": self.enrichment(self.lam),
+            "trace_enrichment": self.enrichment(self.memory),
         }
 
     @classmethod

@@ -1,0 +1,181 @@
+"""The full-scope Fisher trace against brute force: a per-sample autograd.grad loop over every parameter, and the
+penalty's gradient against finite differences (float64 throughout)."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.fisher import ParameterTrace
+from trainer.methods.fim import FIMParams, FisherConstrained
+from trainer.models import build_model
+
+TOL = 1e-9  # relative, float64
+
+
+def _model(name, channels):
+    torch.manual_seed(0)
+    m = build_model(name, 2, in_channels=channels).double()
+    with torch.no_grad():  # BatchNorm affine parameters away from (1, 0), so their gradients are not special
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+    return m
+
+
+CASES = [("cnn_narrow", 2, 7), ("resnet18", 3, 16)]  # plain convolutions; residual in-place adds, downsampling
+
+
+def _frozen_copy(model, x):
+    """An independent reference: a copy whose train-mode BatchNorm layers normalise with the batch statistics of x,
+    detached (computed in a first forward, then replayed as constants by a forward hook)."""
+    ref = copy.deepcopy(model)
+    stats, hooks = {}, []
+
+    def record(m, args):
+        t = args[0].detach()
+        stats[m] = (t.mean((0, 2, 3)), t.var((0, 2, 3), unbiased=False))
+    bns = [m for m in ref.modules() if isinstance(m, nn.BatchNorm2d) and m.training]
+    hooks = [m.register_forward_pre_hook(record) for m in bns]
+    with torch.no_grad():
+        ref(x)
+    for h in hooks:
+        h.remove()
+
+    def replay(m, args, out):
+        mean, var = stats[m]
+        return F.batch_norm(args[0], mean, var, m.weight, m.bias, False, 0.0, m.eps)
+    for m in bns:
+        m.eval()  # its own computation is replaced by the replay: it must only not need a batch
+        m.register_forward_hook(replay)
+    return ref
+
+
+def _brute_force(ref, x, y, fisher):
+    params = [p for p in ref.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(x)):  # sample i alone sees the batch's (constant) statistics: per-sample forwards are exact
+        logp = F.log_softmax(ref(x[i:i + 1]), 1)[0]
+        classes = [int(y[i])] if fisher == "empirical" else range(logp.shape[0])
+        total = 0.0
+        for c in classes:
+            grads = torch.autograd.grad(-logp[c], params, retain_graph=True)
+            sq = sum(float(g.pow(2).sum()) for g in grads)
+            total += sq if fisher == "empirical" else float(logp[c].detach().exp()) * sq
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "expected"])
+@pytest.mark.parametrize("name, channels, size", CASES)
+def test_full_trace_equals_a_per_sample_autograd_loop(name, channels, size, fisher):
+    model = _model(name, channels).train()
+    x = torch.randn(6, channels, size, size, dtype=torch.float64)
+    y = torch.tensor([0, 1, 1, 0, 1, 0])
+    tracer = ParameterTrace(model)
+    with tracer.batch_statistics() as stats, torch.no_grad():
+        train_logits = model(x)
+    assert len(stats) == sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) > 0
+    ref = _frozen_copy(model, x)
+    with torch.no_grad():  # the frozen statistics give the training step's own logits
+        torch.testing.assert_close(ref(x), train_logits, rtol=1e-10, atol=1e-10)
+    fast = tracer.traces(x, y, stats, fisher)
+    slow = _brute_force(ref, x, y, fisher)
+    assert slow.min() > 0 and not fast.requires_grad
+    torch.testing.assert_close(fast, slow, rtol=TOL, atol=0.0)
+    assert model.training and all(m.training for m in model.modules())  # the model is left as it was
+
+
+def test_full_trace_in_eval_mode_uses_running_statistics():
+    model = _model("cnn_narrow", 2, ).eval()  # frozen BatchNorm: no batch statistics, the running ones
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+    x, y = torch.randn(4, 2, 7, 7, dtype=torch.float64), torch.tensor([1, 0, 0, 1])
+    fast = ParameterTrace(model).traces(x, y, {})
+    torch.testing.assert_close(fast, _brute_force(model, x, y, "empirical"), rtol=TOL, atol=0.0)
+
+
+def test_full_trace_covers_every_parameter_or_refuses():
+    model = _model("cnn_narrow", 2)
+    x, y = torch.randn(3, 2, 7, 7, dtype=torch.float64), torch.tensor([0, 1, 0])
+    tracer = ParameterTrace(model)
+    with tracer.batch_statistics() as stats, torch.no_grad():
+        model(x)
+    full = tracer.traces(x, y, stats)
+    model.head.weight.requires_grad_(False)  # a frozen parameter leaves the trace: it is no longer theta's
+    part = ParameterTrace(model).traces(x, y, stats)
+    assert torch.all(part < full)
+    odd = nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.LayerNorm(3))
+    with pytest.raises(ValueError, match="no per-sample gradient rule for layer '2'"):
+        ParameterTrace(odd)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "expected"])
+def test_penalty_gradient_equals_finite_differences(fisher):
+    model = _model("cnn_narrow", 2).train()
+    x, y = torch.randn(5, 2, 7, 7, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    lam = torch.tensor([0.3, 0.0, 2.0, 1.0, 0.7], dtype=torch.float64)
+    tracer = ParameterTrace(model)
+    with tracer.batch_statistics() as stats, torch.no_grad():
+        model(x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    (lam * tracer.traces(x, y, stats, fisher, create_graph=True)).sum().backward()
+    exact = torch.cat([p.grad.flatten() for p in params])
+    torch.manual_seed(1)
+    v = [torch.randn_like(p) for p in params]
+    h = 1e-5
+
+    def penalty_at(sign):
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.add_(sign * h * d)
+        value = float((lam * tracer.traces(x, y, stats, fisher)).sum())
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.sub_(sign * h * d)
+        return value
+    numeric = (penalty_at(1) - penalty_at(-1)) / (2 * h)
+    analytic = float(exact @ torch.cat([d.flatten() for d in v]))
+    assert abs(analytic) > 1e-3 and analytic == pytest.approx(numeric, rel=1e-6)
+
+
+def _method(n, **kw):
+    return FisherConstrained(FIMParams(warmup_epochs=1, **kw), n_train=n, n_groups=4,
+                             train_groups=torch.arange(n) % 4)
+
+
+def test_global_active_set_is_the_top_of_the_whole_set_not_of_the_batch():
+    m = _method(20, rho=0.2, active_set="global", eps_quantile=0.5)
+    m.memory.copy_(torch.arange(20, dtype=torch.float32))  # last-visit traces 0..19: the top 20% are 16..19
+    m.eps.fill_(17.5)
+    m._eps_value = 17.5
+    idx = torch.tensor([0, 5, 10, 15])  # a batch of samples all below the set's top: none is constrained
+    top, active = m.select(torch.tensor([0.0, 5.0, 10.0, 15.0]), idx)
+    assert not active.any()
+    # the same samples, one now with a trace inside the top of the set: only it is constrained
+    top, active = m.select(torch.tensor([0.0, 5.0, 18.5, 15.0]), idx)
+    assert idx[top[active]].tolist() == [10] and float(m.memory[10]) == 18.5
+    # per batch, the batch's own top-ceil(rho B) is constrained whatever the set holds
+    b = _method(20, rho=0.2, active_set="batch")
+    top, active = b.select(torch.tensor([0.0, 5.0, 10.0, 15.0]), idx)
+    assert idx[top[active]].tolist() == [15]
+
+
+def test_dual_step_sign_and_projection():
+    m = _method(6, rho=1.0, dual_lr=0.5, lambda_max=2.0)
+    m.eps.fill_(1.0)
+    m.lam.copy_(torch.tensor([0.1, 1.0, 1.9, 1.0, 1.0, 1.0]))
+    t = torch.tensor([0.5, 0.5, 3.0, 1.5, 1.0, 9.0])  # slack -0.5, -0.5, +1 (capped), +0.5, 0, +1 (capped)
+    active = torch.tensor([True, True, True, True, True, False])
+    lam = m.dual_step(t, torch.arange(6), active)
+    # feasible: down, projected at 0; violated: up, projected at lambda_max; on the boundary: unchanged; inactive:
+    # its multiplier is kept and it carries no weight in the penalty
+    assert m.lam.tolist() == pytest.approx([0.0, 0.75, 2.0, 1.25, 1.0, 1.0])
+    assert lam.tolist() == pytest.approx([0.0, 0.75, 2.0, 1.25, 1.0, 0.0])
+    assert int(m.n_active) == 5 and int(m.n_violated) == 2 and int(m.n_at_cap) == 1 and int(m.n_at_zero) == 1
