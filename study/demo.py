@@ -18,7 +18,7 @@ from .experiment import Experiment, init_experiment, load_experiment
 from .replicate import replicate
 from .report import collect, render_html, render_markdown
 from .storage import make_storage
-from .worker import trial_counts
+from .worker import StopSignals, trial_counts
 
 EXPERIMENT = "demo"
 
@@ -45,6 +45,7 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
                 time.sleep(1)
             bar.update(finished() - start - bar.n)
     except BaseException:  # Ctrl-C or SIGTERM to the demo: its workers stop too (their trials are re-queued)
+        STOP.handled()
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -62,8 +63,7 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
         raise ValueError(f"worker(s) {failed} exited non-zero; see {logs[failed[0]].name}")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+STOP = StopSignals(KeyboardInterrupt)  # like Ctrl-C: stop the workers, say so in one line
 
 
 def _refuse_foreign(db: Path) -> None:
@@ -101,9 +101,17 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
         old.unlink(missing_ok=True)
     storage = make_storage(storage_url)
     init_experiment(storage, exp)
-    signal.signal(signal.SIGTERM, _interrupt)  # like Ctrl-C: stop the workers, say so in one line
+    STOP.install()
+    try:
+        return _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, started)
+    except KeyboardInterrupt:
+        STOP.handled()
+        raise
+
+
+def _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, started) -> int:
     print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
-          f"{workers} workers, up to {epochs} epochs per trial, then the top {top_k} configurations of each "
+          f"{workers} workers, up to {exp.epochs} epochs per trial, then the top {top_k} configurations of each "
           f"with {seeds} seeds")
     t0 = time.time()
     _, studies, seed_studies = load_experiment(storage, EXPERIMENT, seeds=True)

@@ -115,6 +115,8 @@ class Objective:
             _record(trial, self.method, None, history, t0)
             raise
         except (Exception, KeyboardInterrupt) as e:
+            if isinstance(e, WorkerStopped):
+                STOP.handled()  # the fail reason and the re-queue below must not be cut short
             reason = "worker stopped by signal" if isinstance(e, WorkerStopped) else f"{type(e).__name__}: {e}"
             trial.set_user_attr("fail_reason", reason[:500])
             _record(trial, self.method, None, history, t0)
@@ -148,8 +150,45 @@ def trial_counts(study: optuna.Study) -> dict:
     return counts
 
 
-def _on_signal(signum, frame):
-    raise WorkerStopped(f"signal {signum}")
+class StopSignals:
+    """SIGTERM/SIGINT raise `exc` in the main thread. Python loses an exception that a handler raises inside a
+    finalizer (a weakref or __del__ callback: "Exception ignored in ..." and the program goes on), so until
+    `handled()` the signal is delivered again every second: a stop is never lost, only delayed."""
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, exc: type[BaseException]):
+        self.exc, self.old, self.stopping, self.done = exc, {}, False, threading.Event()
+
+    def _raise(self, signum, frame):
+        if not self.stopping:
+            self.stopping = True
+            threading.Thread(target=self._redeliver, args=(signum,), daemon=True, name="stop-signal").start()
+        raise self.exc(f"signal {signum}")
+
+    def _redeliver(self, signum):
+        while not self.done.wait(1.0):
+            os.kill(os.getpid(), signum)
+
+    def install(self) -> None:
+        self.stopping = False
+        self.done.clear()
+        self.old = {sig: signal.signal(sig, self._raise) for sig in self.SIGNALS}
+
+    def handled(self) -> None:
+        """The stop is being acted on: no redelivery, and more signals of an impatient burst change nothing."""
+        self.done.set()
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """The handlers from before `install`, unless a stop was handled (then signals stay ignored)."""
+        if not self.done.is_set():
+            self.done.set()
+            for sig, handler in self.old.items():
+                signal.signal(sig, handler)
+
+
+STOP = StopSignals(WorkerStopped)
 
 
 @contextlib.contextmanager
@@ -206,8 +245,7 @@ def run_trial(phase: Phase, trial: optuna.Trial, storage) -> optuna.trial.Frozen
         storage.get_heartbeat_stale_trial_callback()(study, frozen)
         raise
     except WorkerStopped:
-        for sig in (signal.SIGTERM, signal.SIGINT):  # a burst of Ctrl-C must not cut the re-queue short
-            signal.signal(sig, signal.SIG_IGN)
+        STOP.handled()  # a burst of Ctrl-C must not cut the re-queue short
         frozen = study.tell(trial, state=TrialState.FAIL)
         storage.get_heartbeat_stale_trial_callback()(study, frozen)  # nothing lost: the same parameters again
         raise
@@ -236,7 +274,7 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
         if s.study_name in seeds:  # every parameter of a seed run is fixed: nothing is sampled or pruned
             seeds[s.study_name].sampler = optuna.samplers.RandomSampler(seed=seed + i)
             phases.append(Phase(seeds[s.study_name], False, objective, 0))
-    old = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    STOP.install()
     url, timeout = getattr(storage, "_url", ""), getattr(storage, "_timeout", 600.0)
     log(f"worker {os.getpid()}: experiment {experiment!r}, {len(studies)} studies, sampler seed {seed}")
     try:
@@ -276,9 +314,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
             log(f"worker {os.getpid()}: {phase.study.study_name} trial {t.number} {t.state.name} "
                 f"value {t.value if t.value is not None else '-'} {t.user_attrs.get('fail_reason', '')}")
     except WorkerStopped:
-        old = dict.fromkeys(old, signal.SIG_IGN)  # more signals of an impatient burst change nothing now
+        STOP.handled()
         log(f"worker {os.getpid()}: stopped by signal (a running trial was failed and re-queued)")
         return 0
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        STOP.restore()

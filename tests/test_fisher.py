@@ -88,6 +88,31 @@ def test_full_trace_equals_a_per_sample_autograd_loop(name, channels, size, fish
     assert model.training and all(m.training for m in model.modules())  # the model is left as it was
 
 
+@pytest.mark.parametrize("name, channels, size", CASES)
+def test_traces_from_the_steps_own_forward_leave_its_gradient_exact(name, channels, size):
+    """recording(): the training step's forward gives every trace (the per-sample loop's) and, after that extra
+    backward, the step's backward still gives the plain train-mode gradient."""
+    model = _model(name, channels).train()
+    plain = copy.deepcopy(model)
+    x = torch.randn(6, channels, size, size, dtype=torch.float64)
+    y = torch.tensor([1, 0, 1, 1, 0, 0])
+    ref = _frozen_copy(model, x)
+    tracer = ParameterTrace(model)
+    with tracer.recording() as (stats, saved):
+        logits = model(x)
+    fast = tracer.recorded_traces(logits, y, saved, retain_graph=True)
+    torch.testing.assert_close(fast, _brute_force(ref, x, y, "empirical"), rtol=TOL, atol=0.0)
+    F.cross_entropy(logits, y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    for (name_, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name_)
+    for m, q in zip(model.modules(), plain.modules()):  # the running statistics moved once, as in a plain step
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_mean, q.running_mean, rtol=1e-12, atol=1e-12)
+    assert set(stats) == {m for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    torch.testing.assert_close(tracer.traces(x, y, stats), fast, rtol=TOL, atol=0.0)  # the candidates' pass agrees
+
+
 def test_full_trace_in_eval_mode_uses_running_statistics():
     model = _model("cnn_narrow", 2, ).eval()  # frozen BatchNorm: no batch statistics, the running ones
     with torch.no_grad():

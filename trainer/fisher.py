@@ -26,8 +26,11 @@ layer's per-sample weight gradient is delta_i a_i^T, so ||.||^2 = ||delta_i||^2 
 sum_s delta_{i,s} a_{i,s}^T over output positions s (a = the unfolded input), whose squared norm is taken from the
 per-sample [C_out, C_in k^2] product or, when the positions are fewer, from the Gram identity
 sum_{s,s'} (delta_s . delta_s')(a_s . a_s'); BatchNorm's affine gradients are sums over positions of delta x_hat
-and delta. One forward and one backward give T_i for the whole batch without materialising per-sample gradients
-of the whole network. The same expressions built with `create_graph=True` are differentiable: backpropagating
+and delta. One backward gives T_i for the whole batch without materialising per-sample gradients of the whole
+network, and it runs on the training step's own forward (`recording`): each train-mode BatchNorm's output there is
+y_frozen + gate(y_train - y_frozen), equal in value to y_train; the gate passes gradients in the step's backward
+(the exact train-mode gradient) and blocks them in the trace's (the statistics held constant), so the step pays
+one extra backward for every sample's trace, not a forward and a backward. The same expressions built with `create_graph=True` are differentiable: backpropagating
 sum_{i in K} lambda_i T_i through them is the exact double backprop of the penalty (Hessian-vector products
 H_i g_i), run on the active samples K only.
 """
@@ -64,6 +67,27 @@ def _trainable(m: nn.Module, name: str) -> bool:
     return isinstance(p, nn.Parameter) and p.requires_grad
 
 
+class _Gate(torch.autograd.Function):
+    """Identity; its backward passes the gradient only while `passing` (see `ParameterTrace.recording`)."""
+    passing = True
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g if _Gate.passing else None
+
+
+def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A train-mode BatchNorm's batch mean and biased variance of its input, per channel."""
+    x = at_least_fp32(x.detach())
+    dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
+    mean = x.mean(dims)  # two plain reductions: 8x faster than Tensor.var on the CPU, as exact
+    return mean, (x - mean.view(shape)).pow(2).mean(dims)
+
+
 class ParameterTrace:
     """Per-sample Fisher traces over every trainable parameter of `model` (the module docstring says how)."""
 
@@ -88,10 +112,7 @@ class ParameterTrace:
 
         def hook(m, args):
             if m.training:
-                x = at_least_fp32(args[0].detach())
-                dims, shape = [0, *range(2, x.dim())], (1, -1) + (1,) * (x.dim() - 2)
-                mean = x.mean(dims)  # two plain reductions: 8x faster than Tensor.var on the CPU, as exact
-                stats[m] = (mean, (x - mean.view(shape)).pow(2).mean(dims))
+                stats[m] = _moments(args[0])
         handles = [m.register_forward_pre_hook(hook) for m in self.norms]
         try:
             yield stats
@@ -111,6 +132,51 @@ class ParameterTrace:
             for m, training, mean, var in saved:
                 m.training, m.running_mean, m.running_var = training, mean, var
 
+    @contextlib.contextmanager
+    def recording(self):
+        """Around the training step's forward: yields (stats, saved) for `recorded_traces` (and stats for `traces`).
+        Train-mode BatchNorm outputs become y_frozen + gate(y_train - y_frozen) (the module docstring says why)."""
+        stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        saved: dict[nn.Module, tuple] = {}
+        trainable = set(self.layers)
+
+        def pre(m, args):
+            if m.training:
+                stats[m] = _moments(args[0])
+
+        def post(m, args, out):
+            moments = None
+            if isinstance(m, _BatchNorm):
+                moments = stats[m] if m.training else (m.running_mean, m.running_var)
+                if m.training:
+                    frozen = F.batch_norm(args[0], *moments, m.weight, m.bias, False, 0.0, m.eps)
+                    out = frozen + _Gate.apply(out - frozen)
+            if m in trainable:
+                saved[m] = (args[0], args[0]._version, out, moments)
+            return out.clone()  # in-place ops downstream (ReLU, residual +=) must not overwrite the kept output
+        handles = [m.register_forward_pre_hook(pre) for m in self.norms]
+        handles += [m.register_forward_hook(post) for m in dict.fromkeys(self.layers + self.norms)]
+        try:
+            yield stats, saved
+        finally:
+            for h in handles:
+                h.remove()
+
+    def recorded_traces(self, logits: torch.Tensor, y: torch.Tensor, saved: dict, fisher: str = "empirical",
+                        retain_graph: bool = False) -> torch.Tensor:
+        """T_i of every sample from the recorded forward that gave `logits` (not differentiable); with retain_graph
+        the step's own backward can still run on it after this."""
+        self._check(saved)
+        _Gate.passing = False
+        try:
+            return self._from_outputs(logits, y, saved, fisher, False, retain_graph)
+        finally:
+            _Gate.passing = True
+
+    def _check(self, saved):
+        if any(saved[m][0]._version != saved[m][1] for m in self.layers):
+            raise RuntimeError("scope full: a layer's input was modified in place after the layer read it")
+
     def traces(self, x: torch.Tensor, y: torch.Tensor, stats: dict, fisher: str = "empirical",
                create_graph: bool = False) -> torch.Tensor:
         """T_i for every sample of the batch (x, y), BatchNorm normalising with `stats` (from batch_statistics;
@@ -128,12 +194,11 @@ class ParameterTrace:
         finally:
             for h in handles:
                 h.remove()
-        if any(saved[m][0]._version != saved[m][1] for m in self.layers):
-            raise RuntimeError("scope full: a layer's input was modified in place after the layer read it")
+        self._check(saved)
         with torch.enable_grad():  # a caller under no_grad (a calibration pass) still needs the output gradients
             return self._from_outputs(logits, y, saved, fisher, create_graph)
 
-    def _from_outputs(self, logits, y, saved, fisher, create_graph):
+    def _from_outputs(self, logits, y, saved, fisher, create_graph, retain_graph=False):
         logp = F.log_softmax(at_least_fp32(logits), 1)
         if fisher == "empirical":
             targets = [(y, None)]
@@ -144,7 +209,7 @@ class ParameterTrace:
         for k, (target, weight) in enumerate(targets):
             nll = -logp.gather(1, target[:, None]).sum()  # samples independent: each output's gradient is its own
             deltas = torch.autograd.grad(nll, outputs, create_graph=create_graph,
-                                         retain_graph=create_graph or k + 1 < len(targets))
+                                         retain_graph=create_graph or retain_graph or k + 1 < len(targets))
             with torch.set_grad_enabled(create_graph):
                 t = sum(self._sq_norm(m, saved[m][0], d, saved[m][3]) for m, d in zip(self.layers, deltas))
                 total = total + (t if weight is None else weight * t)

@@ -24,8 +24,8 @@ scope's traces are divided by their mean over the training set at calibration (a
 same, in units where the penalty is O(1) like the logits scope's). bench/fim_ablation.py keeps a fixed penalty
 (no dual ascent) as a baseline.
 
-Cost of the full scope per constrained step: the step's forward and backward, one forward and backward of the
-batch for every sample's trace (trainer.fisher.ParameterTrace), and a double backprop on the active samples only.
+Cost of the full scope per constrained step: the step's forward and backward, one more backward of that forward for
+every sample's trace (trainer.fisher.ParameterTrace.recording), and a double backprop on the active samples only.
 
 No group labels are used: the per-group share of lambda and its enrichment on bias-conflicting samples are logged
 only to show where the constraint mass goes.
@@ -218,11 +218,12 @@ class FisherConstrained(Method):
             return super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
         tracer = self.tracer(model)
         optimizer.zero_grad(set_to_none=True)
-        with tracer.batch_statistics() as stats, autocast():  # the step's own forward, on the eager model
+        with tracer.recording() as (stats, saved), autocast():  # the step's own forward, on the eager model
             logits = tracer.model(x)
         nll = F.cross_entropy(logits.float(), y)
-        nll.backward()
-        trace = self.full_trace(model, x, y, stats)  # every sample's trace: one more forward and backward
+        # every sample's trace from the step's forward: one more backward (BatchNorm statistics as constants)
+        trace = tracer.recorded_traces(logits, y, saved, self.params.fisher, retain_graph=True) / self.trace_scale
+        nll.backward()  # the step's own gradient (train-mode BatchNorm)
         top, active = self.select(trace, idx)
         lam = self.dual_step(trace[top], idx[top], active)
         t_k = self.full_trace(model, x[top], y[top], stats, create_graph=True)  # double backprop on K only
