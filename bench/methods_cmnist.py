@@ -23,10 +23,11 @@ RUNS = [(f"{cls.label} ({name})", name, {}) for name, cls in METHODS.items()] + 
 
 
 def run_one(job):
-    label, method, params, seed, epochs = job
+    label, method, params, seed, epochs, recipe = job
     torch.set_num_threads(1)
     from trainer import TrainConfig, fit
-    r = fit(TrainConfig(dataset="cmnist", method=method, seed=seed, epochs=epochs, method_params=params), log=None)
+    r = fit(TrainConfig(dataset="cmnist", method=method, seed=seed, epochs=epochs, method_params=params, **recipe),
+            log=None)
     own = [h for h in r["history"] if h.get("constrained")]  # the Fisher method's constrained epochs
     diag = {k: float(np.mean([h[k] for h in own])) if own else np.nan
             for k in ("at_cap_frac", "at_zero_frac", "violated_frac")}
@@ -36,9 +37,10 @@ def run_one(job):
             "seconds": r["seconds"], **diag, "enrichment": float(np.mean(enrichment)) if enrichment else np.nan}
 
 
-def runs(specs, seeds: int, epochs: int | None, jobs: int) -> pd.DataFrame:
-    """Every (label, method, params) of `specs` for seeds 0..seeds-1, `jobs` processes of one thread each."""
-    todo = [(label, m, prm, s, epochs) for label, m, prm in specs for s in range(seeds)]
+def runs(specs, seeds: int, epochs: int | None, jobs: int, **recipe) -> pd.DataFrame:
+    """Every (label, method, params) of `specs` for seeds 0..seeds-1, `jobs` processes of one thread each; `recipe`:
+    TrainConfig fields for every run (image_size=14, say)."""
+    todo = [(label, m, prm, s, epochs, recipe) for label, m, prm in specs for s in range(seeds)]
     with ProcessPoolExecutor(jobs) as pool:
         return pd.DataFrame(list(tqdm(pool.map(run_one, todo), total=len(todo), desc="runs")))
 

@@ -23,11 +23,13 @@ from .worker import StopSignals, trial_counts
 EXPERIMENT = "demo"
 
 
-def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, desc: str) -> None:
-    """Runs `workers` worker processes until they exit, with a bar of the trials of `studies` that finished."""
+def run_workers(storage_url: str, db: Path, workers: int, studies, total: int, desc: str,
+                experiment: str = EXPERIMENT) -> None:
+    """Runs `workers` worker processes of `experiment` until they exit, with a bar of the trials of `studies` that
+    finished; each logs to DB.workerN.log beside the SQLite file `db`."""
     logs = [open(db.with_name(f"{db.stem}.worker{i}.log"), "a") for i in range(workers)]
     threads = max(1, (os.cpu_count() or 2) // workers)
-    procs = [subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", EXPERIMENT,
+    procs = [subprocess.Popen([sys.executable, "-m", "study", "worker", "--experiment", experiment,
                                "--storage", storage_url, "--device", "cpu", "--threads", str(threads)],
                               stdout=log, stderr=subprocess.STDOUT) for log in logs]
 
@@ -39,7 +41,8 @@ def _run_workers(storage_url: str, db: Path, workers: int, studies, total: int, 
         start = finished()
         with tqdm(total=total - start, desc=desc, unit="trial") as bar:
             while any(p.poll() is None for p in procs):
-                done = finished() - start  # one storage read per second
+                with STOP.interruptible(False):  # a read cut in the middle could keep the workers' writes locked out
+                    done = finished() - start  # one storage read per second
                 if done > bar.n:
                     bar.update(done - bar.n)
                 time.sleep(1)
@@ -101,7 +104,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
         old.unlink(missing_ok=True)
     storage = make_storage(storage_url)
     init_experiment(storage, exp)
-    STOP.install()
+    STOP.install(interruptible=True)
     try:
         return _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, started)
     except KeyboardInterrupt:
@@ -115,10 +118,10 @@ def _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, sta
           f"with {seeds} seeds")
     t0 = time.time()
     _, studies, seed_studies = load_experiment(storage, EXPERIMENT, seeds=True)
-    _run_workers(storage_url, db, workers, studies, trials * len(studies), "search")
+    run_workers(storage_url, db, workers, studies, trials * len(studies), "search")
     if seeds:
         enqueued = replicate(storage, EXPERIMENT, seeds, top_k)
-        _run_workers(storage_url, db, workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
+        run_workers(storage_url, db, workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
                      "seed phase")
     print(f"all trials done in {time.time() - t0:.0f} s; the demo took {time.time() - started:.0f} s\n")
     exp, results = collect(storage, EXPERIMENT)

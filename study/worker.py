@@ -104,13 +104,16 @@ class Objective:
 
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
-                trial.report(record["val_selection"], epoch)
-                trial.set_user_attr("train_seconds", round(time.time() - t0, 2))  # a killed trial's compute counts
-                if prune and trial.should_prune():
+                with STOP.interruptible(False):  # storage writes are never cut in the middle
+                    trial.report(record["val_selection"], epoch)
+                    trial.set_user_attr("train_seconds", round(time.time() - t0, 2))  # a killed trial's compute counts
+                    pruned = prune and trial.should_prune()
+                if pruned:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.exp.selection} "
                                              f"{record['val_selection']:.4f})")
 
-            result = fit(cfg, callback=report, splits=self.splits(), log=None)
+            with STOP.interruptible():  # a stop signal ends training at once
+                result = fit(cfg, callback=report, splits=self.splits(), log=None)
         except optuna.TrialPruned:
             _record(trial, self.method, None, history, t0)
             raise
@@ -151,31 +154,52 @@ def trial_counts(study: optuna.Study) -> dict:
 
 
 class StopSignals:
-    """SIGTERM/SIGINT raise `exc` in the main thread. Python loses an exception that a handler raises inside a
-    finalizer (a weakref or __del__ callback: "Exception ignored in ..." and the program goes on), so until
-    `handled()` the signal is delivered again every second: a stop is never lost, only delayed."""
+    """SIGTERM/SIGINT stop the process cleanly. The handler raises `exc` only inside `interruptible()` regions
+    (training, sleeps): raised in the middle of a storage call it could leave a transaction open, a SQLite lock
+    held by a pooled connection that the same process then waits on for minutes. Elsewhere the stop waits for the
+    next region or `check()`. A raise inside a finalizer is lost ("Exception ignored in ..."), so until `handled()`
+    the signal is delivered again every second: a stop is never lost, only delayed."""
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, exc: type[BaseException]):
-        self.exc, self.old, self.stopping, self.done = exc, {}, False, threading.Event()
+        self.exc, self.old, self.signum, self.open, self.done = exc, {}, None, False, threading.Event()
 
-    def _raise(self, signum, frame):
-        if not self.stopping:
-            self.stopping = True
+    def _on_signal(self, signum, frame):
+        if self.signum is None:
+            self.signum = signum
             threading.Thread(target=self._redeliver, args=(signum,), daemon=True, name="stop-signal").start()
-        raise self.exc(f"signal {signum}")
+        if self.open:
+            raise self.exc(f"signal {signum}")
 
     def _redeliver(self, signum):
         while not self.done.wait(1.0):
             os.kill(os.getpid(), signum)
 
-    def install(self) -> None:
-        self.stopping = False
+    def install(self, interruptible: bool = False) -> None:
+        self.signum, self.open = None, interruptible
         self.done.clear()
-        self.old = {sig: signal.signal(sig, self._raise) for sig in self.SIGNALS}
+        self.old = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+
+    def check(self) -> None:
+        """Raise the stop that arrived outside an interruptible region, if any."""
+        if self.signum is not None and not self.done.is_set():
+            raise self.exc(f"signal {self.signum}")
+
+    @contextlib.contextmanager
+    def interruptible(self, on: bool = True):
+        before, self.open = self.open, on
+        try:
+            if on:
+                self.check()
+            yield
+        finally:
+            self.open = before
+        if before:
+            self.check()
 
     def handled(self) -> None:
         """The stop is being acted on: no redelivery, and more signals of an impatient burst change nothing."""
+        self.open = False
         self.done.set()
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
@@ -279,6 +303,7 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
     log(f"worker {os.getpid()}: experiment {experiment!r}, {len(studies)} studies, sampler seed {seed}")
     try:
         while True:
+            STOP.check()
             if between_trials:
                 between_trials()
             counts = {}
@@ -288,7 +313,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
             todo = [p for p in phases if p.has_work(counts[p.study.study_name])]
             if not todo:
                 if any(c["running"] for c in counts.values()):
-                    time.sleep(poll_seconds)  # a running trial may still fail and need a retry
+                    with STOP.interruptible():
+                        time.sleep(poll_seconds)  # a running trial may still fail and need a retry
                     continue
                 halted = [f"{name} ({c['halted']})" for name, c in counts.items() if c["halted"]]
                 if halted:

@@ -70,6 +70,22 @@ def test_three_workers_started_together_meet_every_budget_exactly(pg_url, tmp_pa
                 assert len(log) == t.user_attrs["epochs_run"] and log[0] is None and log[-1] is not None, (key, log)
 
 
+def test_ours_over_every_parameter_completes_under_two_workers(pg_url, tmp_path):
+    cfg = tmp_path / "full.toml"
+    cfg.write_text('name = "full"\ndatasets = ["synthetic"]\nmethods = ["fim"]\ntrials = 3\nepochs = 2\n'
+                   '[space.fim]\nscope = ["full"]\n')
+    init(pg_url, "--config", str(cfg))
+    workers = [start_worker(pg_url, "full") for _ in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs
+    trials = studies_of(pg_url, "full")["full/synthetic/fim"].trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3, [t.user_attrs.get("fail_reason") for t in trials]
+    assert {t.params["scope"] for t in trials} == {"full"}
+    for t in trials:  # warm-up epoch unconstrained, the second one constrained on the full-parameter traces
+        assert t.user_attrs["violated_frac"][0] is None and 0.0 <= t.user_attrs["violated_frac"][1] <= 1.0
+        assert "--scope full" in t.user_attrs["command"]
+
+
 def test_command_recorded_in_trial_reproduces_it(pg_url, tmp_path):
     init(pg_url, "--experiment", "rep", "--datasets", "synthetic", "--methods", "fim", "--trials", "1",
          "--epochs", "2")
