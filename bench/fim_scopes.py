@@ -11,7 +11,8 @@ lambda on bias-conflicting samples (group labels are read for that log only) and
 --searched runs the study service's protocol instead (what the demo runs): per image size, one SQLite storage, a
 TPE search of --trials trials per method (Ours once per scope, the scope fixed through the experiment's space),
 then the top --top-k configurations re-run with --seeds seeds (the searched run counts as one) by two workers;
-each row is the configuration the seed phase selects by mean val WGA.
+each row is the configuration the seed phase selects by mean val WGA. Paired intervals need ERM and GroupDRO in
+the same run (--scopes baselines,...). The bias-relative rows are `fim_relative`, an extension beyond the paper.
 """
 from __future__ import annotations
 
@@ -33,8 +34,11 @@ SPECS = [
     ("Ours (full)", "fim", {"scope": "full"}),
     ("Ours (full, global K)", "fim", {"scope": "full", "active_set": "global"}),
     ("Ours (full, expected)", "fim", {"scope": "full", "fisher": "expected"}),
+    ("bias-relative K (logits)", "fim_relative", {"scope": "logits"}),  # the extension beyond the paper
+    ("bias-relative K (full)", "fim_relative", {"scope": "full"}),
 ]
 SEARCHED_SCOPES = ("logits", "last_layer", "full")
+EXTENSION = "bias-relative K"  # fim_relative, searched over its scopes in one experiment of its own
 
 
 def paired(worst: pd.DataFrame, label: str, against: str) -> str:
@@ -72,11 +76,11 @@ def searched(size: int, args) -> pd.DataFrame:
         warnings.simplefilter("ignore")
         storage = make_storage(url)
     rows = []
-    for scope in SEARCHED_SCOPES:
+    for scope in args.scopes.split(","):
         name = f"scopes{size}-{scope}"
-        methods = ["erm", "groupdro", "fim"] if scope == SEARCHED_SCOPES[0] else ["fim"]
+        methods = {"baselines": ["erm", "groupdro"], "relative": ["fim_relative"]}.get(scope, ["fim"])
         exp = Experiment(name=name, datasets=["cmnist"], methods=methods, trials=args.trials, image_size=size,
-                         space={"fim": {"scope": [scope]}})
+                         space={} if scope in ("baselines", "relative") else {"fim": {"scope": [scope]}})
         init_experiment(storage, exp)
         _, studies, seed_studies = load_experiment(storage, name, seeds=True)
         run_workers(url, db, args.jobs, studies, args.trials * len(studies), f"{name} search", experiment=name)
@@ -84,7 +88,7 @@ def searched(size: int, args) -> pd.DataFrame:
         run_workers(url, db, args.jobs, list(seed_studies.values()), sum(map(len, enqueued.values())),
                     f"{name} seeds", experiment=name)
         for r in collect(storage, name)[1]:
-            label = f"Ours ({scope})" if r.method == "fim" else {"erm": "ERM", "groupdro": "GroupDRO"}[r.method]
+            label = {"erm": "ERM", "groupdro": "GroupDRO", "fim": f"Ours ({scope})", "fim_relative": EXTENSION}[r.method]
             for t in r.runs():
                 own = [e for e in t.user_attrs.get("lambda_enrichment") or [] if e is not None]
                 rows.append({"method": label, "seed": t.user_attrs["seed"], "worst": t.user_attrs["test"]["wga"],
@@ -92,7 +96,7 @@ def searched(size: int, args) -> pd.DataFrame:
                              "seconds": t.user_attrs["train_seconds"],
                              "enrichment": float(np.mean(own)) if own else np.nan,
                              "params": ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in t.params.items() if k != "scope")})
+                                                 for k, v in t.params.items() if k != "scope" or r.method != "fim")})
     print(f"storage of the searched runs: {url}")
     return pd.DataFrame(rows)
 
@@ -106,6 +110,9 @@ def main():
     p.add_argument("--searched", action="store_true", help="the study protocol instead of default recipes")
     p.add_argument("--trials", type=int, default=12, help="--searched: search budget per method")
     p.add_argument("--top-k", type=int, default=2, help="--searched: configurations re-run with seeds")
+    p.add_argument("--scopes", default="baselines,logits,last_layer,full,relative",
+                   help="--searched: experiments to run: baselines (ERM, GroupDRO), an Ours scope, relative "
+                        "(fim_relative, its scope searched)")
     args = p.parse_args()
     if args.seeds < 2:
         raise SystemExit(f"error: --seeds must be >= 2 for a paired interval, got {args.seeds}")
@@ -113,7 +120,8 @@ def main():
     for size in (int(v) for v in args.sizes.split(",")):
         if args.searched:
             df = searched(size, args)
-            order = ["ERM", "GroupDRO", *(f"Ours ({s})" for s in SEARCHED_SCOPES)]
+            order = [m for m in ["ERM", "GroupDRO", *(f"Ours ({s})" for s in SEARCHED_SCOPES), EXTENSION]
+                     if m in set(df["method"])]
             what = (f"searched recipe ({args.trials} TPE trials per method, the top {args.top_k} re-run, "
                     f"the selected one's {args.seeds} seeds)")
         else:

@@ -28,6 +28,7 @@ RUNS = [(name, name, {}) for name in METHODS] + [
     ("fim (last_layer)", "fim", {"scope": "last_layer"}), ("fim (full)", "fim", {"scope": "full"}),
     ("fim (full, global K)", "fim", {"scope": "full", "active_set": "global"}),
     ("fim (full, expected Fisher)", "fim", {"scope": "full", "fisher": "expected"}),
+    ("fim_relative (full)", "fim_relative", {"scope": "full"}),
     ("fisher_penalty (every_k 10)", "fisher_penalty", {"every_k": 10})]
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from trainer.fisher import ParameterTrace
 from trainer.methods.fim import FIMParams, FisherConstrained
+from trainer.methods.fim_relative import FIMRelativeParams, FisherRelative
 from trainer.models import build_model
 
 TOL = 1e-9  # relative, float64
@@ -204,3 +205,20 @@ def test_dual_step_sign_and_projection():
     assert m.lam.tolist() == pytest.approx([0.0, 0.75, 2.0, 1.25, 1.0, 1.0])
     assert lam.tolist() == pytest.approx([0.0, 0.75, 2.0, 1.25, 1.0, 0.0])
     assert int(m.n_active) == 5 and int(m.n_violated) == 2 and int(m.n_at_cap) == 1 and int(m.n_at_zero) == 1
+
+
+def test_bias_relative_active_set_ranks_by_the_biased_models_share_of_the_trace():
+    """fim_relative: of two samples with the same trace, the one the bias-amplified model finds harder is chosen;
+    a large trace that the biased model shares (an ambiguous sample) is not."""
+    m = FisherRelative(FIMRelativeParams(warmup_epochs=1, rho=0.25), n_train=8, n_groups=4,
+                       train_groups=torch.arange(8) % 4)
+    m.eps.fill_(1.0)
+    m._eps_value = 1.0
+    idx = torch.tensor([0, 1, 2, 3])
+    m.biased_memory[idx] = torch.tensor([0.1, 4.0, 9.0, 0.2])
+    trace = torch.tensor([1.0, 1.0, 9.0, 0.1])  # r = 0.09, 0.8, 0.5, 0.67
+    top, active = m.select(trace, idx)
+    assert top.tolist() == [1] and active.all()
+    torch.testing.assert_close(m.memory[idx], torch.tensor([0.1 / 1.1, 0.8, 0.5, 0.2 / 0.3]))
+    with pytest.raises(ValueError, match="scope must be one of logits, full, got 'last_layer'"):
+        FisherRelative(FIMRelativeParams(scope="last_layer"), n_train=8, n_groups=4, train_groups=torch.zeros(8))

@@ -4,6 +4,7 @@ from .dfr import DFR
 from .egr import EGR
 from .erm import ERM
 from .fim import FisherConstrained
+from .fim_relative import FisherRelative
 from .fisher_penalty import FisherPenalty
 from .groupdro import GroupDRO
 from .jtt import JTT
@@ -14,7 +15,7 @@ from .sam import SAM
 from .subsample import Subsample, SubsampleClass
 
 METHODS: dict[str, type[Method]] = {
-    "erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained,
+    "erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained, "fim_relative": FisherRelative,
     "sam": SAM, "fisher_penalty": FisherPenalty, "egr": EGR, "lff": LfF, "jtt": JTT, "dfr": DFR,
     "resample": Resample, "resample_class": ResampleClass, "reweight": Reweight, "reweight_class": ReweightClass,
     "subsample": Subsample, "subsample_class": SubsampleClass,

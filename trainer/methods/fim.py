@@ -138,6 +138,21 @@ class FisherConstrained(Method):
     def per_batch(self, n: int) -> int:
         return max(1, math.ceil(self.params.rho * n))
 
+    def score(self, trace: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """What the active set ranks samples by: the trace itself (a subclass may rank otherwise)."""
+        return trace
+
+    def calibration_traces(self, model, train_batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(traces, dataset indices) over the training set as the training step sees it."""
+        if self.params.scope == "full":
+            traces = [(self.full_trace(model, x, y), idx) for x, y, idx in train_batches(inputs=True)]
+            self.trace_scale.fill_(torch.cat([t for t, _ in traces]).mean().clamp(min=1e-12))
+            return [(t / self.trace_scale, idx) for t, idx in traces]
+        batches = list(train_batches())
+        if self.params.scope == "last_layer":
+            self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
+        return [(self.trace(logits, h, y), idx) for logits, h, y, idx in batches]
+
     @torch.no_grad()
     def start_epoch(self, epoch, model, train_batches):
         for name in self.COUNTERS:
@@ -145,36 +160,31 @@ class FisherConstrained(Method):
         if epoch != self.params.warmup_epochs or self.constrained:
             return
         # Calibrate on the view the constraint uses: train_batches() is the training step's view of the data.
-        if self.params.scope == "full":
-            traces = [(self.full_trace(model, x, y), idx) for x, y, idx in train_batches(inputs=True)]
-            self.trace_scale.fill_(torch.cat([t for t, _ in traces]).mean().clamp(min=1e-12))
-            traces = [(t / self.trace_scale, idx) for t, idx in traces]
-        else:
-            batches = list(train_batches())
-            if self.params.scope == "last_layer":
-                self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
-            traces = [(self.trace(logits, h, y), idx) for logits, h, y, idx in batches]
+        traces = self.calibration_traces(model, train_batches)
+        every = torch.zeros_like(self.memory)
         for t, idx in traces:
-            self.memory[idx] = t.to(self.memory.dtype)
+            every[idx] = t.to(every.dtype)
+            self.memory[idx] = self.score(t, idx).to(self.memory.dtype)
         if self.params.active_set == "global":
-            active = self.memory.topk(self.per_batch(self.n_train)).values
+            active = every[self.memory.topk(self.per_batch(self.n_train)).indices]
         else:
-            active = torch.cat([t.topk(self.per_batch(len(t))).values for t, _ in traces])
+            active = torch.cat([t[self.score(t, idx).topk(self.per_batch(len(t))).indices] for t, idx in traces])
         self.eps.fill_(torch.quantile(active.float(), self.params.eps_quantile).clamp(min=1e-8))
         self._eps_value = float(self.eps)
 
     @torch.no_grad()
     def select(self, trace: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions in the batch of the candidates, which of them are active): the active set of the batch."""
-        n, trace = len(trace), trace.to(self.memory.dtype)  # compared with the memory in its own precision
-        self.memory[idx] = trace
+        n = len(trace)
+        score = self.score(trace, idx).to(self.memory.dtype)  # compared with the memory in its own precision
+        self.memory[idx] = score
         if self.params.active_set == "batch":
-            top = trace.topk(self.per_batch(n)).indices
+            top = score.topk(self.per_batch(n)).indices
             return top, torch.ones_like(top, dtype=torch.bool)
-        k = self.per_batch(self.n_train)  # the set's threshold: its k-th largest last-visit trace
+        k = self.per_batch(self.n_train)  # the set's threshold: its k-th largest last-visit score
         threshold = self.memory.kthvalue(self.n_train - k + 1).values
-        above = trace >= threshold
-        top = trace.topk(min(n, 2 * self.per_batch(n))).indices
+        above = score >= threshold
+        top = score.topk(min(n, 2 * self.per_batch(n))).indices
         self.n_overflow += (above.sum() - len(top)).clamp(min=0)
         return top, above[top]
 

@@ -1,0 +1,103 @@
+"""Ours with a bias-relative active set — an extension beyond the paper, registered as `fim_relative`.
+
+The paper constrains the samples with the largest Fisher trace. A trace is large for two different reasons: the
+sample conflicts with the shortcut the model has learnt (what debiasing must fix), or it is ambiguous (a blurred
+digit, whatever its colour). This variant tells them apart as Learning from Failure does with losses: a
+bias-amplified model f_b trains alongside on the same batches with generalized cross-entropy (LfF's GCE, which
+fits the easy, shortcut-aligned samples first), and the active set ranks samples by their relative trace
+
+    r_i = T_b,i / (T_b,i + T_d,i)   in [0, 1]
+
+with T_b and T_d the same-scope traces of f_b and of the run's model f_d. An ambiguous sample is hard for both
+(r near 1/2); a bias-conflicting one is hard for f_b and not for f_d once f_d starts to learn it (r near 1). The
+constraint itself, eps, the multipliers and the dual ascent are those of `fim` on T_d: only who is constrained
+changes (the memory of last-visit scores, and its logged `trace_enrichment`, holds r). Scopes `logits` (traces from each model's forward) and `full` (each model's per-sample trace over its
+parameters, each in units of its own mean trace at calibration). No group labels are used.
+
+Cost: f_b's forward and GCE backward every step (and, for the full scope, its per-sample traces: one more backward
+of its forward) on top of `fim`'s step.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..fisher import ParameterTrace, logit_trace
+from ..models import buffers_kept
+from .base import Choice, Float, param
+from .fim import FIMParams, FisherConstrained
+from .lff import gce
+
+RELATIVE_SCOPES = ("logits", "full")
+
+
+@dataclass
+class FIMRelativeParams(FIMParams):
+    q: float = param(0.7, "GCE exponent of the bias-amplified model (LfF's; larger: more emphasis on easy samples)")
+
+
+class FisherRelative(FisherConstrained):
+    Params = FIMRelativeParams
+    SPACE = {**FisherConstrained.SPACE, "scope": Choice(RELATIVE_SCOPES), "q": Float(0.05, 0.95)}
+    label, order, proposed = "Ours + bias-relative K (beyond the paper)", 3, False
+
+    def __init__(self, params: FIMRelativeParams, **kw):
+        if params.scope not in RELATIVE_SCOPES:
+            raise ValueError(f"fim_relative: scope must be one of {', '.join(RELATIVE_SCOPES)}, got {params.scope!r}")
+        if not 0 < params.q <= 1:
+            raise ValueError(f"q must be in (0, 1], got {params.q}")
+        super().__init__(params, **kw)
+        self.register_buffer("biased_memory", torch.zeros(self.n_train))  # T_b of each sample at its last visit
+        self.register_buffer("biased_scale", torch.tensor(1.0))  # full scope: f_b's mean trace at calibration
+        self.biased = self.biased_optimizer = self._biased_tracer = None
+
+    def setup(self, ctx):
+        super().setup(ctx)
+        self.biased = ctx.new_model()
+        self.biased_optimizer = ctx.new_optimizer(self.biased.parameters())
+        self._biased_tracer = ParameterTrace(self.biased)
+
+    def score(self, trace, idx):
+        t_b = self.biased_memory[idx].to(trace.dtype)
+        return t_b / (t_b + trace).clamp(min=1e-12)
+
+    def biased_traces(self, x, y) -> torch.Tensor:
+        """T_b of the batch as f_b's training step sees it (train mode; its BatchNorm statistics kept)."""
+        with buffers_kept(self.biased):
+            self.biased.train()
+            if self.params.scope == "full":
+                with self._biased_tracer.batch_statistics() as stats, torch.no_grad():
+                    self.biased(x)
+                return self._biased_tracer.traces(x, y, stats, self.params.fisher)
+            with torch.no_grad():
+                return logit_trace(self.biased(x).float(), y, self.params.fisher)
+
+    def calibration_traces(self, model, train_batches):
+        traces = [(self.full_trace(model, x, y) if self.params.scope == "full" else
+                   logit_trace(model(x).float(), y, self.params.fisher), self.biased_traces(x, y), idx)
+                  for x, y, idx in train_batches(inputs=True)]
+        if self.params.scope == "full":
+            self.trace_scale.fill_(torch.cat([t for t, _, _ in traces]).mean().clamp(min=1e-12))
+            self.biased_scale.fill_(torch.cat([t for _, t, _ in traces]).mean().clamp(min=1e-12))
+        for _, t_b, idx in traces:
+            self.biased_memory[idx] = (t_b / self.biased_scale).to(self.biased_memory.dtype)
+        return [(t / self.trace_scale, idx) for t, _, idx in traces]
+
+    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
+        self.biased_optimizer.zero_grad(set_to_none=True)
+        self.biased.train()
+        tracer, full = self._biased_tracer, self.params.scope == "full" and self.constrained
+        with tracer.recording() if full else contextlib.nullcontext((None, None)) as (_, saved), autocast():
+            logits_b = self.biased(x).float()
+        if self.constrained:  # f_b's traces of this batch, before its step (as f_d's are taken before f_d's)
+            t_b = (tracer.recorded_traces(logits_b, y, saved, self.params.fisher, retain_graph=True) / self.biased_scale
+                   if full else logit_trace(logits_b.detach(), y, self.params.fisher))
+            self.biased_memory[idx] = t_b.to(self.biased_memory.dtype)
+        loss_b = gce(logits_b, y, self.params.q).mean()
+        loss_b.backward()
+        self.clip(self.biased)
+        self.biased_optimizer.step()
+        return {**super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast),
+                "loss_biased": loss_b.detach()}
