@@ -318,7 +318,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                     continue
                 halted = [f"{name} ({c['halted']})" for name, c in counts.items() if c["halted"]]
                 if halted:
-                    raise StudiesHalted(f"halted, fix the cause and run init --replace or delete: {'; '.join(halted)}")
+                    raise StudiesHalted(f"halted (fix the cause, then `python -m study delete --experiment {experiment} "
+                                        f"--yes` and `python -m study init` again): {'; '.join(halted)}")
                 log(f"worker {os.getpid()}: all budgets met")
                 return 0
             # waiting (re-queued or seed-phase) trials first, then the study with the fewest used trials

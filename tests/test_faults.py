@@ -1,5 +1,6 @@
 """Reliability, round two: a careless input or a single bad host never burns an experiment, destroys a file or
 leaks a secret. Each test names the defect it guards; storages are the real PostgreSQL where one is involved."""
+import argparse
 import hashlib
 import os
 import signal
@@ -310,3 +311,23 @@ def test_storage_file_must_be_private_and_is_read(tmp_path):
                    "give --storage or --storage-file, not both")
     one_line_error(study_main("status", "--experiment", "f", "--storage-file", str(tmp_path / "none")),
                    "cannot read it")
+
+
+def test_every_command_a_message_names_exists():
+    """Hints in messages (`python -m study delete --experiment X --yes`) must name commands and flags the CLI has."""
+    import re
+
+    from study.cli import get_args_parser
+    from study.report import get_args_parser as report_parser
+    parser = get_args_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    root = Path(__file__).resolve().parents[1]
+    sources = " ".join(p.read_text() for p in (root / "study").glob("*.py")) + (root / "README.md").read_text()
+    named = re.findall(r"python -m study(\.report| [a-z]+)((?: --[a-z][a-z-]*(?: [A-Za-z0-9_{}./:-]+)?)*)", sources)
+    assert len(named) > 10
+    for command, rest in named:
+        flags = re.findall(r"--[a-z][a-z-]*", rest)
+        p = report_parser() if command in (".report", " report") else sub.get(command.strip())
+        assert p is not None, f"python -m study{command}: no such command"
+        known = {o for a in p._actions for o in a.option_strings} | {o for a in parser._actions for o in a.option_strings}
+        assert not set(flags) - known, f"python -m study{command}{rest}: unknown {set(flags) - known}"
