@@ -1,4 +1,4 @@
-"""`python -m study {init,worker,dashboard,report,status,replicate,delete,demo}`: the study service's command line."""
+"""`python -m study {init,worker,dashboard,report,list,status,replicate,delete,demo}`: the study service's command line."""
 from __future__ import annotations
 
 import argparse
@@ -86,6 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("report", add_help=False, help="the paper's table and figures (python -m study report --help)")
 
+    lst = sub.add_parser("list", help="the experiments in the storage")
+    _storage_args(lst)
+
     status = sub.add_parser("status", help="trial counts and best val WGA per study")
     status.add_argument("--experiment", required=True)
     _storage_args(status)
@@ -116,7 +119,7 @@ def _storage(args):
     # only workers ride out long outages; a person at a prompt hears within seconds
     default = STORAGE_TIMEOUT if args.command == "worker" else INTERACTIVE_TIMEOUT
     return make_storage(args.storage, args.heartbeat_interval, args.grace_period, timeout=args.storage_timeout,
-                        default_timeout=default, read_only=args.command in ("status", "dashboard"))
+                        default_timeout=default, read_only=args.command in ("status", "dashboard", "list"))
 
 
 def _experiment_from_args(args):
@@ -203,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {mask_url(storage_url(args.storage))})",
                   flush=True)
             run_server(_storage(args), host=args.host, port=args.port)
+        elif args.command == "list":
+            from .status import experiments_table
+            table = experiments_table(_storage(args))
+            print(table.to_markdown(index=False) if len(table) else "no experiments in this storage")
         elif args.command == "status":
             from .status import status_table
             print(status_table(_storage(args), args.experiment).to_markdown())

@@ -1,4 +1,5 @@
-"""`python -m study status`: trial states, best value (the report's ranking) and epochs trained, per study."""
+"""`python -m study status`: trial states, best value (the report's ranking) and epochs trained, per study;
+`python -m study list`: the experiments a storage holds."""
 from __future__ import annotations
 
 import pandas as pd
@@ -25,3 +26,20 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
             "halted": c["halted"] or "",
         })
     return pd.DataFrame(rows).set_index("study")
+
+
+def experiments_table(storage) -> pd.DataFrame:
+    """One row per experiment in the storage: its datasets, methods, budget and trials so far."""
+    rows: dict[str, dict] = {}
+    for s in storage.get_all_studies():
+        name, _, rest = s.study_name.partition("/")
+        exp = s.user_attrs.get("experiment")
+        if not rest or exp is None:  # not a study of this service
+            continue
+        row = rows.setdefault(name, {"experiment": name, "datasets": ", ".join(exp["datasets"]),
+                                     "methods": ", ".join(exp["methods"]), "trials per study": exp["trials"],
+                                     "search trials": 0, "seed-phase trials": 0})
+        n = len(storage.get_all_trials(s._study_id, deepcopy=False))  # a FrozenStudy has no get_trials
+        row["seed-phase trials" if rest.endswith("/seeds") else "search trials"] += n
+    return pd.DataFrame(list(rows.values()), columns=["experiment", "datasets", "methods", "trials per study",
+                                                      "search trials", "seed-phase trials"])

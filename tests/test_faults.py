@@ -331,3 +331,28 @@ def test_every_command_a_message_names_exists():
         assert p is not None, f"python -m study{command}: no such command"
         known = {o for a in p._actions for o in a.option_strings} | {o for a in parser._actions for o in a.option_strings}
         assert not set(flags) - known, f"python -m study{command}{rest}: unknown {set(flags) - known}"
+
+
+def test_the_demo_ends_with_next_steps_that_run(tmp_path):
+    db = tmp_path / "d.db"
+    p = subprocess.run([sys.executable, "-m", "study", "demo", "--storage", f"sqlite:///{db}", "--methods", "erm",
+                        "--trials", "1", "--epochs", "1", "--seeds", "0", "--workers", "1", "--html", ""],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    steps = p.stdout.split("\nnext:\n")[1].splitlines()
+    commands = [line.split("#")[0].split() for line in steps]
+    assert [c[:3] for c in commands] == [["python", "-m", "study"], ["python", "-m", "study.report"],
+                                         ["python", "-m", "study.report"], ["optuna-dashboard", f"sqlite:///{db}"],
+                                         ["python", "-m", "study"]]
+    for c in commands:
+        if c[0] == "optuna-dashboard":  # a server: it is installed beside this interpreter
+            assert (Path(sys.executable).parent / "optuna-dashboard").exists()
+            continue
+        args = c[3:] if c[2] == "study" else ["report", *c[3:]]  # in this process: the same code path
+        if "--out" in args:
+            args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])
+        r = study_main(*args)
+        assert r.returncode == 0, (c, r.stderr)
+        if c[3] == "list":
+            assert "| demo " in r.stdout and "erm" in r.stdout, r.stdout
+    assert (tmp_path / "demo.csv").exists()
