@@ -329,10 +329,14 @@ def render_markdown(exp, results, avg: str) -> str:
 
 
 def render_csv(exp, results, avg: str) -> str:
-    """The table, then (after a blank line) the paired comparisons, each with its own header."""
-    out = summary(exp, results, avg).to_csv(index=False)
-    diffs = contrasts(results)
-    return out + ("\n" + diffs.to_csv(index=False) if len(diffs) else "")
+    """One tidy table that pandas.read_csv reads as numbers: the results (table = "results") and the paired
+    comparisons (table = "comparisons") as rows, each with the columns of its kind (the others empty)."""
+    parts = [summary(exp, results, avg).assign(table="results"), contrasts(results).assign(table="comparisons")]
+    counts = [c for c in parts[0].columns if c.startswith(("seeds ", "trials ")) or c in ("compute (s)", "paired seeds")]
+    counts += ["paired seeds"]
+    frame = pd.concat([df.astype({c: "Int64" for c in counts if c in df}) for df in parts if len(df)])
+    columns = ["table", *dict.fromkeys([*COLUMNS, *CONTRAST_COLUMNS])]
+    return frame.reindex(columns=columns).to_csv(index=False)
 
 
 def render_latex(exp, results, avg: str) -> str:
@@ -365,7 +369,7 @@ SUFFIXES = {".md": "markdown", ".csv": "csv", ".tex": "latex", ".html": "html", 
 RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "html": render_html}
 
 
-REPORT_MARK = {"markdown": "Experiment ", "csv": "dataset,method,", "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
+REPORT_MARK = {"markdown": "Experiment ", "csv": ("table,dataset,method,", "dataset,method,"), "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
 
 
 def check_outputs(paths: list[str], fmt: str | None, storage) -> list[tuple[Path, str]]:

@@ -5,7 +5,9 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
@@ -186,10 +188,14 @@ def test_csv_and_latex_carry_the_same_numbers(storage, tmp_path):
     fill(s)
     p = report(url, "--experiment", "gold", "--format", "csv", "--out", str(tmp_path / "t.csv"))
     assert p.returncode == 0 and p.stdout == "", p.stderr
-    table, comparisons = (tmp_path / "t.csv").read_text().split("\n\n")  # two tables, a blank line between
-    rows = list(csv.DictReader(io.StringIO(table)))
-    assert [r["comparison"] for r in csv.DictReader(io.StringIO(comparisons))] == ["Ours − ERM", "Ours − DRO",
-                                                                                  "DRO − ERM"]
+    tidy = pd.read_csv(tmp_path / "t.csv")  # one table: pandas reads numbers, not text
+    for col in ("Avg", "Worst std", "val", "Worst diff (pp)", "95% CI low", "95% CI high"):
+        assert tidy[col].dtype == np.float64, col
+    for col in ("seeds finished", "trials complete", "compute (s)", "paired seeds"):
+        assert pd.api.types.is_numeric_dtype(tidy[col]), col
+    assert tidy.loc[tidy["table"] == "comparisons", "comparison"].tolist() == ["Ours − ERM", "Ours − DRO", "DRO − ERM"]
+    assert tidy.loc[tidy["table"] == "comparisons", "paired seeds"].tolist() == [3, 2, 2]
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "t.csv").read_text())))[:3]
     md = report(url, "--experiment", "gold").stdout
     latex = report(url, "--experiment", "gold", "--format", "latex").stdout
     assert [r["method"] for r in rows] == ["ERM", "DRO", "Ours"]
