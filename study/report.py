@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,14 +340,34 @@ def render_csv(exp, results, avg: str) -> str:
     return frame.reindex(columns=columns).to_csv(index=False)
 
 
+_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+_TEX_UNICODE = {"±": r"$\pm$", "−": "$-$", "†": r"\dag{}", "×": r"$\times$", "—": "---", "–": "--", "…": r"\dots{}",
+                "≥": r"$\geq$", "≤": r"$\leq$", "λ": r"$\lambda$", "ε": r"$\varepsilon$", "ρ": r"$\rho$",
+                "η": r"$\eta$", "·": r"$\cdot$"}
+
+
+def tex_escape(text: str) -> str:
+    """Text as LaTeX typesets it: its special characters escaped, the Unicode the report uses as math."""
+    return "".join(_TEX_SPECIAL.get(c) or _TEX_UNICODE.get(c, c) for c in str(text))
+
+
+def _latex_table(df: pd.DataFrame, text: str, label: str) -> str:
+    """A booktabs table scaled to the text width (\\usepackage{booktabs,graphicx}), every cell escaped."""
+    body = df.map(tex_escape).rename(columns=tex_escape).to_latex(index=False, escape=False)
+    label = re.sub(r"[^A-Za-z0-9:._-]", "-", label)
+    return (f"\\begin{{table}}\n\\centering\n\\caption{{{tex_escape(text)}}}\n\\label{{{label}}}\n"
+            f"\\resizebox{{\\linewidth}}{{!}}{{%\n{body}}}\n\\end{{table}}\n")
+
+
 def render_latex(exp, results, avg: str) -> str:
     shown = _shown(exp, results, avg).rename(columns={"trials (complete/pruned/failed)": "trials (c/p/f)"})
-    out = shown.to_latex(index=False, caption=caption(exp, results, avg), label=f"tab:{exp.name}")
+    out = _latex_table(shown, caption(exp, results, avg), f"tab:{exp.name}")
     diffs = contrasts(results)
     if len(diffs):
-        out += "\n" + diffs.to_latex(index=False, caption=contrast_caption(diffs), label=f"tab:{exp.name}-ci",
-                                     float_format="%.1f")
-    return out.replace("±", r"$\pm$").replace("−", "$-$")
+        cells = diffs.astype(object).map(lambda v: f"{v:.1f}" if isinstance(v, float) else v)
+        out += "\n" + _latex_table(cells, contrast_caption(diffs), f"tab:{exp.name}-ci")
+    return out
 
 
 def render_html(exp, results, avg: str) -> str:

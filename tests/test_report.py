@@ -2,6 +2,8 @@
 import csv
 import io
 import json
+import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -322,3 +324,18 @@ def test_seed_phase_end_to_end_with_real_workers(pg_url):
         assert len(seeds_study.trials) == 4 and seeds_study.metric_names == ["val_wga"]
     md = report(pg_url, "--experiment", "seeds").stdout
     assert "Ours − ERM" in md and " ± " in md and "| 3/3 " in md
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="no LaTeX engine (Debian: texlive-latex-recommended)")
+def test_latex_compiles_and_fits_the_page(storage, tmp_path):
+    s, url = storage
+    fill(s)
+    latex = report(url, "--experiment", "gold", "--format", "latex").stdout
+    assert r"val\_wga" in latex and r"\%" in latex and r"\resizebox{\linewidth}" in latex
+    doc = tmp_path / "r.tex"
+    doc.write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs,graphicx}\n"
+                   f"\\begin{{document}}\n{latex}\\end{{document}}\n")
+    p = subprocess.run(["pdflatex", "-halt-on-error", "-interaction=nonstopmode", doc.name], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and (tmp_path / "r.pdf").stat().st_size > 0, p.stdout[-2000:]
+    assert "Overfull \\hbox" not in p.stdout, p.stdout[-2000:]
