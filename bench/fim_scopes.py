@@ -30,6 +30,7 @@ SPECS = [
     ("ERM", "erm", {}),
     ("GroupDRO", "groupdro", {}),
     ("Ours (logits)", "fim", {"scope": "logits"}),
+    ("Ours (logits, global K)", "fim", {"scope": "logits", "active_set": "global"}),
     ("Ours (last_layer)", "fim", {"scope": "last_layer"}),
     ("Ours (full)", "fim", {"scope": "full"}),
     ("Ours (full, global K)", "fim", {"scope": "full", "active_set": "global"}),

@@ -152,8 +152,10 @@ class ParameterTrace:
                     frozen = F.batch_norm(args[0], *moments, m.weight, m.bias, False, 0.0, m.eps)
                     out = frozen + _Gate.apply(out - frozen)
             if m in trainable:
-                saved[m] = (args[0], args[0]._version, out, moments)
-            return out.clone()  # in-place ops downstream (ReLU, residual +=) must not overwrite the kept output
+                saved[m] = (args[0], args[0]._version, out, moments, out._version)
+            # in-place ops downstream (ReLU after BatchNorm, residual +=) must not overwrite a kept output: a
+            # BatchNorm's is cloned; any other is kept as is and `_check` refuses it if something wrote into it
+            return out.clone() if moments is not None else None
         handles = [m.register_forward_pre_hook(pre) for m in self.norms]
         handles += [m.register_forward_hook(post) for m in dict.fromkeys(self.layers + self.norms)]
         try:
@@ -176,6 +178,8 @@ class ParameterTrace:
     def _check(self, saved):
         if any(saved[m][0]._version != saved[m][1] for m in self.layers):
             raise RuntimeError("scope full: a layer's input was modified in place after the layer read it")
+        if any(len(saved[m]) > 4 and saved[m][2]._version != saved[m][4] for m in self.layers):
+            raise RuntimeError("scope full: a layer's output was modified in place after the layer wrote it")
 
     def traces(self, x: torch.Tensor, y: torch.Tensor, stats: dict, fisher: str = "empirical",
                create_graph: bool = False) -> torch.Tensor:
