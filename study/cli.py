@@ -35,6 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     init.add_argument("--pruner", help="median, hyperband or none (default median)")
     init.add_argument("--data-dir", help="root of on-disk datasets")
     init.add_argument("--model", help="architecture (default: the dataset's)")
+    init.add_argument("--weights", help="pretrained weights file for every trial (default: torchvision's cache)")
     init.add_argument("--image-size", type=int, help="crop size (default: the dataset's)")
     init.add_argument("--patience", type=int,
                       help="early stopping patience in the method's own epochs (default max(10, epochs // 4))")
@@ -124,8 +125,8 @@ def _storage(args):
 
 def _experiment_from_args(args):
     from .experiment import Experiment
-    keys = ("datasets", "methods", "trials", "epochs", "pruner", "data_dir", "model", "image_size", "patience",
-            "seed", "selection", "grad_clip", "pretrained", "augment", "freeze_bn", "deterministic")
+    keys = ("datasets", "methods", "trials", "epochs", "pruner", "data_dir", "model", "weights", "image_size",
+            "patience", "seed", "selection", "grad_clip", "pretrained", "augment", "freeze_bn", "deterministic")
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     if args.config:
         return Experiment.from_toml(args.config, name=args.experiment, **given)

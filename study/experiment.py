@@ -38,6 +38,7 @@ class Experiment:
     data_dir: str | None = None    # root of on-disk datasets (fixed, not searched)
     model: str | None = None       # architecture; None = the dataset's default
     pretrained: bool | None = None  # ImageNet weights (ResNets); None = the dataset's recipe for the model
+    weights: str | None = None     # pretrained weights file of every trial; None = torchvision's local cache
     augment: bool | None = None    # crop + flip of training images; None = the dataset's recipe
     freeze_bn: bool | None = None  # BatchNorm statistics frozen in training; None = the dataset's recipe
     deterministic: bool = False    # deterministic CUDA algorithms: every trial's command reproduces it exactly
@@ -91,8 +92,17 @@ class Experiment:
         if unknown:
             raise ValueError(f"space override for {', '.join(sorted(unknown))}: not 'train' or a method of this "
                              f"experiment ({', '.join(self.methods)})")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ValueError(f"weights must be a path, got {self.weights!r}")
         for d in self.datasets:
-            self.recipe(d).resolved()  # the fixed settings are valid for every dataset (model, augment, freeze_bn)
+            cfg = self.recipe(d).resolved()  # the fixed settings are valid for every dataset (model, augment, ...)
+            if cfg.pretrained:  # on this machine, as the data is: not every trial failing on a worker later
+                from trainer.models import pretrained_weights_path
+                try:
+                    pretrained_weights_path(cfg.model, cfg.weights)
+                except ValueError as e:
+                    raise ValueError(f"dataset {d}: its recipe starts {cfg.model} from ImageNet weights: {e}; or "
+                                     f"train from scratch: --model cnn") from None
             for m in self.methods:
                 check_space(search_space(self, d, m), m, self.epochs_for(d))
 
@@ -101,6 +111,7 @@ class Experiment:
         TrainConfig whose unset fields resolve to the dataset's recipe for the experiment's model."""
         from trainer.config import TrainConfig
         return TrainConfig(dataset=dataset, data_dir=self.data_dir, model=self.model, pretrained=self.pretrained,
+                           weights=self.weights,
                            image_size=self.image_size, epochs=self.epochs, patience=self.patience,
                            selection=self.selection, grad_clip=self.grad_clip, data_seed=self.data_seed,
                            augment=self.augment, freeze_bn=self.freeze_bn, deterministic=self.deterministic)
@@ -253,31 +264,64 @@ def _diff(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def _stored_settings(storage, name: str, existing: set[str]) -> dict | None:
+    """The settings an existing experiment's studies hold (a setting added to Experiment since: its default)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
+    for n in sorted(existing):
+        if n.startswith(name + "/"):
+            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(n))
+            if "experiment" in attrs:
+                return {**defaults, **attrs["experiment"]}
+    return None
+
+
+def _extended(exp: Experiment, stored: dict) -> Experiment:
+    """`exp` as an addition to the stored experiment: its datasets and methods joined to the stored ones (stored
+    first), space overrides of the new methods added; any other difference is a conflict, named in the error."""
+    new = asdict(exp)
+    known_space = {k: v for k, v in new["space"].items() if k in stored["space"] or k == "train" or
+                   k in stored["methods"]}
+    conflicts = _diff({k: v for k, v in stored.items() if k not in ("datasets", "methods", "space")},
+                      {k: v for k, v in new.items() if k not in ("datasets", "methods", "space")})
+    conflicts += [f"space.{k}: {stored['space'].get(k)!r} -> {v!r}" for k, v in known_space.items()
+                  if stored["space"].get(k) != v]
+    if conflicts:
+        raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(conflicts)} "
+                         f"(a new dataset or method is added to it; other settings need a new experiment)")
+    merged = {**stored, "datasets": list(dict.fromkeys([*stored["datasets"], *new["datasets"]])),
+              "methods": list(dict.fromkeys([*stored["methods"], *new["methods"]])),
+              "space": {**stored["space"], **new["space"]}}
+    return Experiment(**merged)
+
+
 def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[str]:
     """Create the experiment's studies (harmless if they exist with the same settings). Returns study names.
 
-    Per (dataset, method): the search study and its seed-phase sibling. Everything is checked before anything is
-    written, so a refused init leaves no partial experiment.
+    Per (dataset, method): the search study and its seed-phase sibling. An existing experiment gets the datasets
+    and methods it lacks (every other setting must agree). Everything is checked before anything is written, so a
+    refused init leaves no partial experiment.
     """
+    existing = set(optuna.get_all_study_names(storage))
+    stored = _stored_settings(storage, exp.name, existing)
+    if stored is not None:  # an existing experiment: add the datasets and methods it lacks, refuse real conflicts
+        exp = _extended(exp, stored)
     if check_data:
         for d in exp.datasets:
             exp.load_splits(d)
     settings = asdict(exp)
-    existing = set(optuna.get_all_study_names(storage))
     ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
-    half = set()  # studies of an init that was killed before it wrote their settings: completed below
-    defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
+    half, stale = set(), []  # killed before their settings were written: completed below; extended: updated
     for name in sorted(ours & existing):
         attrs = optuna.load_study(study_name=name, storage=storage).user_attrs
         if "experiment" not in attrs:
             half.add(name)
-            continue
-        diff = _diff({**defaults, **attrs["experiment"]}, settings)  # a setting added since: its default
-        if diff:
-            raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(diff)}")
+        elif attrs["experiment"] != settings:
+            stale.append(name)
     others = [n for n in existing if n.startswith(exp.name + "/") and n not in ours]
     if others:
         raise ValueError(f"experiment {exp.name!r} already exists with different studies: {', '.join(sorted(others))}")
+    for name in stale:  # first: until the new studies exist, load_experiment says the init must be run again
+        storage.set_study_user_attr(storage.get_study_id_from_name(name), "experiment", settings)
     metric = [exp.selection]  # optuna-dashboard shows the selection metric, not "Objective 0"
     names = []
     for name, dataset, method in exp.studies():

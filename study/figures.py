@@ -28,20 +28,32 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
-def history(results) -> go.Figure:
+def _trial_axis(fig: go.Figure, results) -> go.Figure:
+    """Trial numbers are integers: whole-number ticks, at most about ten."""
+    last = max((t.number for r in results for t in r.search), default=0)
+    return fig.update_xaxes(tickformat="d", tick0=0, dtick=max(1, -(-last // 10)), rangemode="tozero")
+
+
+def history(results, objective: str) -> go.Figure:
+    """Completed trials (filled) with the best so far, and pruned ones (open) at their last reported value."""
     fig = go.Figure()
     for i, r in enumerate(results):
         done = sorted((t for t in r.search if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+        pruned = [t for t in r.search if t.state == TrialState.PRUNED and t.intermediate_values]
         c, name = _color(r.label, i), _name(r, results)
-        fig.add_scatter(x=[t.number for t in done], y=[100 * t.value for t in done], mode="markers", name=name,
+        fig.add_scatter(x=[t.number for t in done], y=[t.value for t in done], mode="markers", name=name,
                         legendgroup=name, marker_color=c)
+        fig.add_scatter(x=[t.number for t in pruned],
+                        y=[t.intermediate_values[max(t.intermediate_values)] for t in pruned], mode="markers",
+                        name=f"{name} pruned", legendgroup=name, marker=dict(color=c, symbol="circle-open"),
+                        hovertext=[f"trial {t.number} pruned at epoch {max(t.intermediate_values)}" for t in pruned])
         best, running = [], float("-inf")
         for t in done:
             running = max(running, t.value)
-            best.append(100 * running)
+            best.append(running)
         fig.add_scatter(x=[t.number for t in done], y=best, mode="lines", line_shape="hv", name=f"{name} best",
                         legendgroup=name, line_color=c, showlegend=False)
-    return fig.update_layout(xaxis_title="trial number", yaxis_title="val selection metric (%)")
+    return _trial_axis(fig.update_layout(xaxis_title="trial number", yaxis_title=objective), results)
 
 
 def avg_vs_worst(results, avg_key: str) -> go.Figure:
@@ -64,13 +76,18 @@ def group_accuracy(results) -> go.Figure:
         if r.best is None:
             continue
         groups = r.best.user_attrs["test"]["groups"]
-        fig.add_bar(x=[f"group {g['group']} (n={g['count']})" for g in groups], y=[100 * g["acc"] for g in groups],
+        fig.add_bar(x=[f"{group_name(g)} (n={g['count']})" for g in groups], y=[100 * g["acc"] for g in groups],
                     name=_name(r, results), marker_color=_color(r.label, i))
-    return fig.update_layout(barmode="group", xaxis_title="test group (y · n_attr + a)",
+    return fig.update_layout(barmode="group", xaxis_title="test group (label y, spurious attribute a)",
                              yaxis_title="accuracy of the best trial (%)")
 
 
-def val_curves(results) -> go.Figure:
+def group_name(g: dict) -> str:
+    """'y=1, a=0' (a record from before groups named their label and attribute: 'group 2')."""
+    return f"y={g['y']}, a={g['a']}" if "y" in g else f"group {g['group']}"
+
+
+def val_curves(results, objective: str) -> go.Figure:
     fig = go.Figure()
     for i, r in enumerate(results):
         c, name, first = _color(r.label, i), _name(r, results), True
@@ -79,12 +96,12 @@ def val_curves(results) -> go.Figure:
                 continue
             steps = sorted(t.intermediate_values)
             pruned = t.state == TrialState.PRUNED
-            fig.add_scatter(x=steps, y=[100 * t.intermediate_values[s] for s in steps], mode="lines",
+            fig.add_scatter(x=steps, y=[t.intermediate_values[s] for s in steps], mode="lines",
                             line=dict(color=c, dash="dot" if pruned else "solid", width=1), opacity=0.7,
                             name=name, legendgroup=name, showlegend=first,
                             hovertext=f"{name} trial {t.number} {'pruned' if pruned else 'complete'}")
             first = False
-    return fig.update_layout(xaxis_title="epoch", yaxis_title="val selection metric (%) — dotted: pruned")
+    return fig.update_layout(xaxis_title="epoch", yaxis_title=f"{objective} — dotted: pruned")
 
 
 def lambda_share(results) -> go.Figure | None:
@@ -100,9 +117,10 @@ def lambda_share(results) -> go.Figure | None:
         if not epochs:
             continue
         any_data, name = True, _name(r, results)
+        names = {g["group"]: group_name(g) for g in attrs.get("test", {}).get("groups", [])}
         for g in range(len(shares[epochs[0] - 1])):
             fig.add_scatter(x=epochs, y=[100 * shares[e - 1][g] for e in epochs], stackgroup=r.name, mode="lines",
-                            name=f"{name} group {g}", row=1, col=1)
+                            name=f"{name} {names.get(g, f'group {g}')}", row=1, col=1)
         for key, label, dash, secondary in (("lambda_enrichment", "λ enrichment on bias-conflicting", "solid", False),
                                             ("at_cap_frac", "share at λ_max", "dot", True),
                                             ("at_zero_frac", "share at 0", "dash", True)):
@@ -120,15 +138,17 @@ def lambda_share(results) -> go.Figure | None:
     return fig.update_xaxes(title_text="epoch", row=2, col=1)
 
 
-def figures(results, avg: str = "train_weighted") -> dict[str, go.Figure]:
-    """{id: figure}; the id names the figure in optuna-dashboard (a rerun replaces it)."""
+def figures(results, avg: str = "train_weighted", objective: str = "val_wga") -> dict[str, go.Figure]:
+    """{id: figure}; the id names the figure in optuna-dashboard (a rerun replaces it). `objective`: the
+    selection metric's name, as the studies and the dashboard call it."""
     from .report import AVG
     out = {
-        "history": ("Optimization history: val selection metric per trial and best so far", history(results)),
+        "history": (f"Optimization history: {objective} per trial, best so far, pruned trials open",
+                    history(results, objective)),
         "avg-vs-worst": ("Test Avg vs Worst of every finished trial, with each method's Pareto front",
                          avg_vs_worst(results, AVG[avg][0])),
         "groups": ("Per-group test accuracy of each method's best trial", group_accuracy(results)),
-        "val-curves": ("Val selection metric per epoch of every trial (pruned trials dotted)", val_curves(results)),
+        "val-curves": (f"{objective} per epoch of every trial (pruned trials dotted)", val_curves(results, objective)),
         "lambda-share": ("Lambda share: where Ours' constraint mass goes — per training group, enrichment on "
                          "bias-conflicting samples, saturation",
                          lambda_share(results)),

@@ -298,7 +298,8 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
                     f"1 seed (seed {exp.seed}); `python -m study replicate` adds the seed phase.")
     patience = (f"{exp.patience}" if exp.patience is not None else
                 "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
-    notes = "".join(f" {note}" for note in dict.fromkeys(r.cls.val_note for r in results if r.cls.val_note))
+    notes = " DRO is GroupDRO (Sagawa et al., 2020)." if any(r.method == "groupdro" for r in results) else ""
+    notes += "".join(f" {note}" for note in dict.fromkeys(r.cls.val_note for r in results if r.cls.val_note))
     notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
                      "rate and epochs); differences against it overstate the other methods."
                      for r in results if (why := untrained(r)))
@@ -329,15 +330,19 @@ def render_markdown(exp, results, avg: str) -> str:
     return out
 
 
-def render_csv(exp, results, avg: str) -> str:
-    """One tidy table that pandas.read_csv reads as numbers: the results (table = "results") and the paired
-    comparisons (table = "comparisons") as rows, each with the columns of its kind (the others empty)."""
+def tidy(exp, results, avg: str) -> pd.DataFrame:
+    """One tidy table: the results (table = "results") and the paired comparisons (table = "comparisons") as rows,
+    each with the columns of its kind (the others empty), counts as integers."""
     parts = [summary(exp, results, avg).assign(table="results"), contrasts(results).assign(table="comparisons")]
-    counts = [c for c in parts[0].columns if c.startswith(("seeds ", "trials ")) or c in ("compute (s)", "paired seeds")]
-    counts += ["paired seeds"]
+    counts = [c for c in COLUMNS if c.startswith(("seeds ", "trials ")) or c == "compute (s)"] + ["paired seeds"]
     frame = pd.concat([df.astype({c: "Int64" for c in counts if c in df}) for df in parts if len(df)])
-    columns = ["table", *dict.fromkeys([*COLUMNS, *CONTRAST_COLUMNS])]
-    return frame.reindex(columns=columns).to_csv(index=False)
+    columns = ["experiment", "table", *dict.fromkeys([*COLUMNS, *CONTRAST_COLUMNS])]
+    return frame.assign(experiment=exp.name).reindex(columns=columns)
+
+
+def render_csv(exp, results, avg: str) -> str:
+    """The tidy table as CSV: pandas.read_csv reads numbers, not text."""
+    return tidy(exp, results, avg).to_csv(index=False)
 
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -370,27 +375,48 @@ def render_latex(exp, results, avg: str) -> str:
     return out
 
 
-def render_html(exp, results, avg: str) -> str:
+def _html_parts(exp, results, avg: str, with_js: bool) -> list[str]:
     from .figures import figures
-    figs = figures(results, avg)
+    figs = figures(results, avg, exp.selection)
     parts = [f"<h1>Experiment {html.escape(exp.name)}</h1>", f"<p>{html.escape(caption(exp, results, avg))}</p>",
              _shown(exp, results, avg).to_html(index=False, border=0, classes="table")]
     diffs = contrasts(results)
     if len(diffs):
         parts += [f"<p>{html.escape(contrast_caption(diffs))}</p>", diffs.to_html(index=False, border=0)]
     for i, fig in enumerate(figs.values()):  # plotly.js inlined once: the file works offline
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=i == 0, default_width="100%"))
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=with_js and i == 0, default_width="100%"))
+    return parts
+
+
+def _page(title: str, parts: list[str]) -> str:
     style = ("body{font-family:sans-serif;max-width:1100px;margin:auto}table{border-collapse:collapse}"
              "td,th{padding:2px 10px;text-align:right}")
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(exp.name)} report</title>"
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)} report</title>"
             f"<style>{style}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def render_html(exp, results, avg: str) -> str:
+    return _page(exp.name, _html_parts(exp, results, avg, with_js=True))
+
+
+def render(fmt: str, reports: list[tuple], avg: str) -> str:
+    """The report of one or several experiments [(exp, results)], side by side: one after another (CSV: one tidy
+    table, its `experiment` column telling them apart; HTML: one page)."""
+    if fmt == "csv":
+        return pd.concat([tidy(exp, results, avg) for exp, results in reports]).to_csv(index=False)
+    if fmt == "html":
+        return _page(", ".join(exp.name for exp, _ in reports),
+                     [part for i, (exp, results) in enumerate(reports)
+                      for part in _html_parts(exp, results, avg, with_js=i == 0)])
+    return "\n".join(RENDER[fmt](exp, results, avg) for exp, results in reports)
 
 
 SUFFIXES = {".md": "markdown", ".csv": "csv", ".tex": "latex", ".html": "html", ".htm": "html"}
 RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "html": render_html}
 
 
-REPORT_MARK = {"markdown": "Experiment ", "csv": ("table,dataset,method,", "dataset,method,"), "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
+REPORT_MARK = {"markdown": "Experiment ", "csv": ("experiment,table,", "table,dataset,method,", "dataset,method,"),
+               "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
 
 
 def check_outputs(paths: list[str], fmt: str | None, storage) -> list[tuple[Path, str]]:
@@ -433,11 +459,11 @@ def to_dashboard(storage, experiment: str, avg: str) -> int:
     from optuna_dashboard import save_plotly_graph_object
 
     from .figures import figures
-    _, results = collect(storage, experiment)
+    exp, results = collect(storage, experiment)
     n = 0
     for r in results:
         study = optuna.load_study(study_name=r.name, storage=storage)
-        for key, fig in figures([x for x in results if x.dataset == r.dataset], avg).items():
+        for key, fig in figures([x for x in results if x.dataset == r.dataset], avg, exp.selection).items():
             save_plotly_graph_object(study, fig, graph_object_id=f"report-{key}")
             n += 1
     return n
@@ -446,7 +472,8 @@ def to_dashboard(storage, experiment: str, avg: str) -> int:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m study.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--experiment", required=True)
+    p.add_argument("--experiment", required=True,
+                   help="the experiment, or several comma-separated (their reports side by side)")
     p.add_argument("--storage", help="storage URL (default: $OPTUNA_STORAGE or sqlite:///studies.db)")
     p.add_argument("--format", choices=FORMATS,
                    help="output format (default: from each --out suffix .md/.csv/.tex/.html, else markdown)")
@@ -470,14 +497,15 @@ def main(argv=None) -> int:
     try:
         storage = make_storage(args.storage, default_timeout=INTERACTIVE_TIMEOUT, read_only=True)
         outs = check_outputs(args.out, args.format, storage)  # every --out is checked before any is written
-        exp, results = collect(storage, args.experiment)
+        names = list(dict.fromkeys(args.experiment.split(",")))
+        reports = [collect(storage, name) for name in names]
         if not args.out:
-            sys.stdout.write(RENDER[args.format or "markdown"](exp, results, args.avg))
+            sys.stdout.write(render(args.format or "markdown", reports, args.avg))
         for out, fmt in outs:
-            write_atomically(out, RENDER[fmt](exp, results, args.avg))
-            print(f"wrote the {fmt} report of {args.experiment!r} to {out}", file=sys.stderr)
+            write_atomically(out, render(fmt, reports, args.avg))
+            print(f"wrote the {fmt} report of {', '.join(map(repr, names))} to {out}", file=sys.stderr)
         if args.to_dashboard:
-            n = to_dashboard(storage, args.experiment, args.avg)
+            n = sum(to_dashboard(storage, name, args.avg) for name in names)
             print(f"saved {n} figures into the studies for optuna-dashboard", file=sys.stderr)
     except (ValueError, StorageError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

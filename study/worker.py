@@ -14,6 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from trainer import TrainConfig, fit
@@ -87,7 +88,8 @@ class Objective:
         params = {name: spec.suggest(trial, name) for name, spec in self.space.items()}
         return dataclasses.replace(
             self.exp.recipe(self.dataset), method=self.method, seed=trial.user_attrs.get("seed", self.exp.seed),
-            device=self.device, lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
+            device=self.device, threads=torch.get_num_threads(),  # recorded: a CPU rerun needs the same count
+            lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
             batch_size=params.pop("batch_size"), method_params=params)
 
     def __call__(self, trial: optuna.Trial, prune: bool) -> float:
@@ -338,8 +340,9 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                 if getattr(storage, "_gave_up", None):  # the database stayed down: say that, not what broke on it
                     raise StorageUnavailable(storage._gave_up) from None
                 raise
+            value = f"{t.value:.4f}" if t.value is not None else "-"  # the objective by name, a fraction as stored
             log(f"worker {os.getpid()}: {phase.study.study_name} trial {t.number} {t.state.name} "
-                f"value {t.value if t.value is not None else '-'} {t.user_attrs.get('fail_reason', '')}")
+                f"{exp.selection} {value} {t.user_attrs.get('fail_reason', '')}")
     except WorkerStopped:
         STOP.handled()
         log(f"worker {os.getpid()}: stopped by signal (a running trial was failed and re-queued)")

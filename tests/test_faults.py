@@ -23,6 +23,7 @@ def one_line_error(p, expect: str, code: int = 2):
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expect in last, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
+    return p
 
 
 def digest(path: Path) -> str:
@@ -356,3 +357,16 @@ def test_the_demo_ends_with_next_steps_that_run(tmp_path):
         if c[3] == "list":
             assert "| demo " in r.stdout and "erm" in r.stdout, r.stdout
     assert (tmp_path / "demo.csv").exists()
+
+
+def test_init_refuses_a_pretrained_recipe_without_its_weights_and_names_the_fix(folder_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))  # no torchvision weights on this "machine"
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    args = ("init", "--storage", url, "--experiment", "w", "--datasets", "folder", "--methods", "erm",
+            "--data-dir", str(folder_dir), "--trials", "1")
+    p = one_line_error(study_main(*args), "dataset folder: its recipe starts resnet50 from ImageNet weights")
+    assert "--weights PATH" in p.stderr and "--model cnn" in p.stderr
+    assert not (tmp_path / "w.db").exists()  # refused before the storage is touched
+    one_line_error(study_main(*args, "--weights", str(tmp_path / "nope.pth")), "nope.pth: file not found")
+    p = study_main(*args, "--model", "cnn")
+    assert p.returncode == 0, p.stderr

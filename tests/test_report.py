@@ -236,7 +236,14 @@ def test_figures_into_the_dashboard(storage):
     saved = get_plotly_graph_objects(s.get_study_system_attrs(study._study_id))
     assert sorted(saved) == ["report-avg-vs-worst", "report-groups", "report-history", "report-lambda-share",
                              "report-val-curves"]
-    assert json.loads(saved["report-history"])["layout"]["title"]["text"].startswith("Optimization history")
+    fig = json.loads(saved["report-history"])
+    assert fig["layout"]["title"]["text"].startswith("Optimization history: val_wga per trial")
+    assert fig["layout"]["yaxis"]["title"]["text"] == "val_wga"  # the objective's name and unit, as the dashboard's
+    assert fig["layout"]["xaxis"]["tickformat"] == "d" and fig["layout"]["xaxis"]["dtick"] >= 1  # whole trials
+    pruned = {t["name"]: t["x"] for t in fig["data"] if t["name"].endswith(" pruned")}
+    expected = {f"{r.label} pruned": [t.number for t in r.search if t.state == TrialState.PRUNED]
+                for r in collect(s, "gold")[1]}
+    assert pruned == expected and sum(map(len, pruned.values())) >= 2  # ERM's and Ours' pruned trials are shown
 
 
 def test_study_without_finished_trials_and_empty_experiment(storage):
@@ -339,3 +346,22 @@ def test_latex_compiles_and_fits_the_page(storage, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and (tmp_path / "r.pdf").stat().st_size > 0, p.stdout[-2000:]
     assert "Overfull \\hbox" not in p.stdout, p.stdout[-2000:]
+
+
+def test_several_experiments_side_by_side(storage, tmp_path):
+    s, url = storage
+    fill(s)
+    fill(s, name="other", seed_phase=False)
+    one = report(url, "--experiment", "gold").stdout
+    both = report(url, "--experiment", "gold,other")
+    assert both.returncode == 0, both.stderr
+    assert both.stdout.startswith(one) and "Experiment 'other'" in both.stdout  # gold's report unchanged, then other's
+    p = report(url, "--experiment", "gold,other", "--out", str(tmp_path / "b.csv"),
+               "--out", str(tmp_path / "b.html"))
+    assert p.returncode == 0, p.stderr
+    tidy = pd.read_csv(tmp_path / "b.csv")
+    assert tidy.groupby("experiment")["table"].apply(list).to_dict() == {
+        "gold": ["results"] * 3 + ["comparisons"] * 3, "other": ["results"] * 3}  # one seed: no interval
+    page = (tmp_path / "b.html").read_text()
+    assert page.count("<h1>Experiment") == 2 and page.count("<!DOCTYPE html>") == 1
+    assert report(url, "--experiment", "gold,nope").stderr.strip() == "error: no experiment named 'nope' in this storage"

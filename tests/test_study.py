@@ -1,5 +1,6 @@
 """The study service against the real PostgreSQL: workers, budgets, crashes, retries, the dashboard."""
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -93,12 +94,17 @@ def test_command_recorded_in_trial_reproduces_it(pg_url, tmp_path):
     assert w.wait(timeout=300) == 0
     (trial,) = studies_of(pg_url, "rep")["rep/synthetic/fim"].trials
     cmd = trial.user_attrs["command"].split()[3:]  # drop "python -m trainer"
+    assert "--threads 1" in trial.user_attrs["command"]  # the worker's thread count (conftest starts it with 1)
+    # rerun where torch would pick another thread count: the command's --threads makes it the same run
     p = subprocess.run([sys.executable, "-m", "trainer", *cmd, "--output", str(tmp_path / "r.json")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "r.json").read_text())
-    assert r["val"]["wga"] == pytest.approx(trial.value, abs=1e-6)
-    assert r["test"]["wga"] == pytest.approx(trial.user_attrs["test"]["wga"], abs=1e-6)
+    assert round(r["val"]["wga"], 6) == trial.value and r["best_epoch"] == trial.user_attrs["best_epoch"]
+    for split in ("val", "test"):  # every recorded metric, exactly (the storage keeps 6 decimals)
+        recorded = trial.user_attrs[split]
+        assert {k: round(v, 6) for k, v in r[split].items() if isinstance(v, float)} == {
+            k: v for k, v in recorded.items() if isinstance(v, float)}, split
 
 
 def _wait_for(predicate, timeout=120, every=0.3):
@@ -179,7 +185,31 @@ def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
     assert [len(optuna.load_study(study_name=n, storage=s).trials) for n in sorted(names)] == [1, 0, 1, 0]
     p = study_main("init", "--storage", pg_url, *args[:-1], "5")
     assert p.returncode != 0
-    assert p.stderr.strip() == "error: experiment 'twice' already exists with different settings: trials: 3 -> 5"
+    assert p.stderr.strip() == ("error: experiment 'twice' already exists with different settings: trials: 3 -> 5 "
+                                "(a new dataset or method is added to it; other settings need a new experiment)")
+
+
+def test_init_adds_a_method_and_a_dataset_to_an_experiment_and_names_real_conflicts(pg_url):
+    base = ("--experiment", "grow", "--datasets", "synthetic", "--methods", "erm", "--trials", "1", "--epochs", "1")
+    init(pg_url, *base)
+    assert start_worker(pg_url, "grow").wait(timeout=300) == 0
+    (done,) = studies_of(pg_url, "grow")["grow/synthetic/erm"].trials
+    init(pg_url, "--experiment", "grow", "--datasets", "synthetic", "--methods", "fim", "--trials", "1", "--epochs", "1")
+    studies = studies_of(pg_url, "grow")
+    assert sorted(studies) == ["grow/synthetic/erm", "grow/synthetic/erm/seeds", "grow/synthetic/fim",
+                               "grow/synthetic/fim/seeds"]
+    for study in studies.values():  # every study holds the whole experiment's settings
+        assert study.user_attrs["experiment"]["methods"] == ["erm", "fim"]
+    assert studies["grow/synthetic/erm"].trials == [done]  # the finished trial is kept as it was
+    out = start_worker(pg_url, "grow").communicate(timeout=300)[0]
+    assert "grow/synthetic/fim trial 0 COMPLETE val_wga" in out and "grow/synthetic/erm trial" not in out, out
+    p = study_main("init", "--storage", pg_url, *base[:-1], "2", "--methods", "lff")
+    assert p.returncode == 2 and p.stderr.strip() == (
+        "error: experiment 'grow' already exists with different settings: epochs: 1 -> 2 (a new dataset or method "
+        "is added to it; other settings need a new experiment)")
+    assert "grow/synthetic/lff" not in optuna.get_all_study_names(storage_for(pg_url))  # nothing written
+    p = study_main("status", "--storage", pg_url, "--experiment", "grow")
+    assert p.returncode == 0 and "grow/synthetic/fim" in p.stdout, p.stderr
 
 
 def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):

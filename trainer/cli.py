@@ -64,6 +64,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="keep BatchNorm statistics frozen while training a pretrained model (default: the recipe)")
     p.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic CUDA algorithms, so that the recorded command reproduces the run exactly")
+    p.add_argument("--threads", type=int, help="torch CPU threads (a CPU run's numbers depend on them; "
+                                                "default: torch's choice)")
     p.add_argument("--output", help="write the result JSON here")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
     owners = method_flags()

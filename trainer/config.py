@@ -50,6 +50,7 @@ class TrainConfig:
     augment: bool | None = None      # random resized crop + flip of training images; None = the dataset's recipe
     freeze_bn: bool | None = None    # BatchNorm statistics frozen in training (pretrained models); None = the recipe
     deterministic: bool = False      # deterministic algorithms (CUDA): a recorded command reproduces its run exactly
+    threads: int | None = None       # torch CPU threads: a CPU run's numbers depend on them; None = torch's choice
     method_params: dict = field(default_factory=dict)  # the method's own hyperparameters (see its Params)
 
     def resolved(self) -> "TrainConfig":
@@ -71,6 +72,8 @@ class TrainConfig:
         get_selection(cfg.selection)
         if cfg.model not in MODELS:
             raise ValueError(f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
+        if cfg.threads is not None and cfg.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {cfg.threads}")
         for name in ("epochs", "batch_size", "image_size"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")

@@ -126,7 +126,8 @@ def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, chan
         correct.append(logits.argmax(1) == y)
         groups.append(y * n_attr + a)
         labels.append(y)
-    return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts, y=torch.cat(labels))
+    return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts, y=torch.cat(labels),
+                         n_attr=n_attr)
 
 
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
@@ -141,6 +142,8 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
     t_start = time.time()
     selection = get_selection(cfg.selection)
     device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # before anything runs: reductions on a CPU depend on the thread count
     seed_everything(cfg.seed)
     if splits is None:
         splits = load_splits(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,

@@ -7,8 +7,9 @@ import torch
 
 
 def group_metrics(correct: torch.Tensor, g: torch.Tensor, n_groups: int, train_counts: torch.Tensor,
-                  y: torch.Tensor | None = None) -> dict:
-    """`correct` and `g` per sample. Empty groups are skipped (they have no accuracy).
+                  y: torch.Tensor | None = None, n_attr: int | None = None) -> dict:
+    """`correct` and `g` per sample. Empty groups are skipped (they have no accuracy). With `n_attr`, each group
+    also names its label and attribute (g = y * n_attr + a), so that reports say "y=1, a=0", not "group 2".
 
     worst_class: the lowest per-class accuracy, from the labels `y` alone (no group label): the attribute-free
     selection metric of SubpopBench.
@@ -26,7 +27,8 @@ def group_metrics(correct: torch.Tensor, g: torch.Tensor, n_groups: int, train_c
         "wga": float(acc[present].min()) if present.any() else float("nan"),
         "avg_plain": float(correct.mean()) if len(correct) else float("nan"),
         "avg_train_weighted": float((acc * w).sum() / w.sum()) if w.sum() > 0 else float("nan"),
-        "groups": [{"group": int(i), "acc": float(acc[i]), "count": int(counts[i])}
+        "groups": [{"group": int(i), "acc": float(acc[i]), "count": int(counts[i]),
+                    **({"y": int(i) // n_attr, "a": int(i) % n_attr} if n_attr else {})}
                    for i in range(n_groups) if present[i]],
     }
     if y is not None:

@@ -70,21 +70,26 @@ def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["c
     return body, c
 
 
-def _pretrained_state(arch: str, weights_path: str | None) -> dict:
-    """Weights from --weights, else torchvision's local cache; never a silent random init."""
+def pretrained_weights_path(arch: str, weights_path: str | None) -> Path:
+    """The file of --weights, else of torchvision's local cache; ValueError (with the fix) when there is none."""
     if weights_path:
         path = Path(weights_path)
         if not path.is_file():
             raise ValueError(f"--weights {weights_path}: file not found")
-    else:
-        enum = torchvision.models.get_model_weights(arch)
-        names = [Path(w.url).name for w in (enum.IMAGENET1K_V1, getattr(enum, "IMAGENET1K_V2", None)) if w]
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        found = [cache / n for n in names if (cache / n).is_file()]
-        if not found:
-            raise ValueError(f"pretrained {arch} weights not found: copy {names[0]} into {cache}/ or pass "
-                             f"--weights PATH (or --no-pretrained to train from random init)")
-        path = found[0]
+        return path
+    enum = torchvision.models.get_model_weights(arch)
+    names = [Path(w.url).name for w in (enum.IMAGENET1K_V1, getattr(enum, "IMAGENET1K_V2", None)) if w]
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    found = [cache / n for n in names if (cache / n).is_file()]
+    if not found:
+        raise ValueError(f"pretrained {arch} weights not found: copy {names[0]} into {cache}/ or pass "
+                         f"--weights PATH (or --no-pretrained to train from random init)")
+    return found[0]
+
+
+def _pretrained_state(arch: str, weights_path: str | None) -> dict:
+    """Weights from --weights, else torchvision's local cache; never a silent random init."""
+    path = pretrained_weights_path(arch, weights_path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
