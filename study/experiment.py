@@ -95,14 +95,7 @@ class Experiment:
         if self.weights is not None and not isinstance(self.weights, str):
             raise ValueError(f"weights must be a path, got {self.weights!r}")
         for d in self.datasets:
-            cfg = self.recipe(d).resolved()  # the fixed settings are valid for every dataset (model, augment, ...)
-            if cfg.pretrained:  # on this machine, as the data is: not every trial failing on a worker later
-                from trainer.models import pretrained_weights_path
-                try:
-                    pretrained_weights_path(cfg.model, cfg.weights)
-                except ValueError as e:
-                    raise ValueError(f"dataset {d}: its recipe starts {cfg.model} from ImageNet weights: {e}; or "
-                                     f"train from scratch: --model cnn") from None
+            self.recipe(d).resolved()  # the fixed settings are valid for every dataset (model, augment, freeze_bn)
             for m in self.methods:
                 check_space(search_space(self, d, m), m, self.epochs_for(d))
 
@@ -115,6 +108,18 @@ class Experiment:
                            image_size=self.image_size, epochs=self.epochs, patience=self.patience,
                            selection=self.selection, grad_clip=self.grad_clip, data_seed=self.data_seed,
                            augment=self.augment, freeze_bn=self.freeze_bn, deterministic=self.deterministic)
+
+    def check_weights(self, dataset: str) -> None:
+        """The pretrained weights the dataset's recipe starts from are on this machine (init checks them as it
+        checks the data: not every trial failing on a worker later)."""
+        cfg = self.recipe(dataset).resolved()
+        if cfg.pretrained:
+            from trainer.models import pretrained_weights_path
+            try:
+                pretrained_weights_path(cfg.model, cfg.weights)
+            except ValueError as e:
+                raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from ImageNet weights: {e}; or "
+                                 f"train from scratch: --model cnn") from None
 
     def study_name(self, dataset: str, method: str) -> str:
         return f"{self.name}/{dataset}/{method}"
@@ -305,9 +310,10 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
     stored = _stored_settings(storage, exp.name, existing)
     if stored is not None:  # an existing experiment: add the datasets and methods it lacks, refuse real conflicts
         exp = _extended(exp, stored)
-    if check_data:
+    if check_data:  # this machine's files: the data, then the weights its recipe starts from
         for d in exp.datasets:
             exp.load_splits(d)
+            exp.check_weights(d)
     settings = asdict(exp)
     ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
     half, stale = set(), []  # killed before their settings were written: completed below; extended: updated

@@ -298,8 +298,8 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
                     f"1 seed (seed {exp.seed}); `python -m study replicate` adds the seed phase.")
     patience = (f"{exp.patience}" if exp.patience is not None else
                 "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
-    notes = " DRO is GroupDRO (Sagawa et al., 2020)." if any(r.method == "groupdro" for r in results) else ""
-    notes += "".join(f" {note}" for note in dict.fromkeys(r.cls.val_note for r in results if r.cls.val_note))
+    notes = "".join(f" {note}" for note in dict.fromkeys(n for r in results for n in (r.cls.name_note, r.cls.val_note)
+                                                          if n))
     notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
                      "rate and epochs); differences against it overstate the other methods."
                      for r in results if (why := untrained(r)))

@@ -44,7 +44,7 @@ def test_worker_on_a_host_without_the_device_stops_before_taking_a_trial(pg_url)
 def test_worker_without_the_data_stops_and_fails_nothing(pg_url, waterbirds_dir):
     data = waterbirds_dir
     init(pg_url, "--experiment", "nodata", "--datasets", "waterbirds", "--methods", "erm", "--trials", "2",
-         "--data-dir", str(data), "--model", "resnet18", "--epochs", "1", "--image-size", "32")
+         "--data-dir", str(data), "--model", "resnet18", "--no-pretrained", "--epochs", "1", "--image-size", "32")
     data.rename(data.with_name(data.name + "-moved"))  # the data is not on this worker's host
     w = start_worker(pg_url, "nodata")
     out = w.communicate(timeout=120)[0]
@@ -366,7 +366,35 @@ def test_init_refuses_a_pretrained_recipe_without_its_weights_and_names_the_fix(
             "--data-dir", str(folder_dir), "--trials", "1")
     p = one_line_error(study_main(*args), "dataset folder: its recipe starts resnet50 from ImageNet weights")
     assert "--weights PATH" in p.stderr and "--model cnn" in p.stderr
-    assert not (tmp_path / "w.db").exists()  # refused before the storage is touched
+    assert optuna.get_all_study_names(storage_for(url)) == []  # nothing created
     one_line_error(study_main(*args, "--weights", str(tmp_path / "nope.pth")), "nope.pth: file not found")
     p = study_main(*args, "--model", "cnn")
     assert p.returncode == 0, p.stderr
+
+
+# flags of the other programs the code drives or names (sbatch, docker compose, git)
+FOREIGN_FLAGS = {"--gres", "--account", "--signal", "--requeue", "--open-mode", "--parsable", "--job-name", "--array",
+                 "--cpus-per-task", "--scale", "--short", "--no-"}
+
+
+def test_every_flag_a_message_names_is_an_option_of_a_command_line():
+    """Any `--flag` in the code's strings (errors, hints, help, docstrings) is an option of `python -m study`, its
+    report or `python -m trainer` — or one of FOREIGN_FLAGS."""
+    import ast
+    import re
+
+    from study.cli import get_args_parser as study_parser
+    from study.report import get_args_parser as report_parser
+    from trainer.cli import get_args_parser as trainer_parser
+
+    def options(p):
+        sub = [a.choices.values() for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        return {o for a in p._actions for o in a.option_strings}.union(*(options(s) for c in sub for s in c))
+    known = options(study_parser()) | options(report_parser()) | options(trainer_parser()) | FOREIGN_FLAGS
+    root = Path(__file__).resolve().parents[1]
+    unknown = [f"{path.relative_to(root)}:{node.lineno}: {flag}"
+               for path in sorted((root / "study").glob("*.py")) + sorted((root / "trainer").rglob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)
+               for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value) if flag not in known]
+    assert unknown == []

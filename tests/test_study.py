@@ -190,11 +190,11 @@ def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
 
 
 def test_init_adds_a_method_and_a_dataset_to_an_experiment_and_names_real_conflicts(pg_url):
-    base = ("--experiment", "grow", "--datasets", "synthetic", "--methods", "erm", "--trials", "1", "--epochs", "1")
+    base = ("--experiment", "grow", "--datasets", "synthetic", "--methods", "erm", "--trials", "1", "--epochs", "2")
     init(pg_url, *base)
     assert start_worker(pg_url, "grow").wait(timeout=300) == 0
     (done,) = studies_of(pg_url, "grow")["grow/synthetic/erm"].trials
-    init(pg_url, "--experiment", "grow", "--datasets", "synthetic", "--methods", "fim", "--trials", "1", "--epochs", "1")
+    init(pg_url, "--experiment", "grow", "--datasets", "synthetic", "--methods", "fim", "--trials", "1", "--epochs", "2")
     studies = studies_of(pg_url, "grow")
     assert sorted(studies) == ["grow/synthetic/erm", "grow/synthetic/erm/seeds", "grow/synthetic/fim",
                                "grow/synthetic/fim/seeds"]
@@ -203,13 +203,16 @@ def test_init_adds_a_method_and_a_dataset_to_an_experiment_and_names_real_confli
     assert studies["grow/synthetic/erm"].trials == [done]  # the finished trial is kept as it was
     out = start_worker(pg_url, "grow").communicate(timeout=300)[0]
     assert "grow/synthetic/fim trial 0 COMPLETE val_wga" in out and "grow/synthetic/erm trial" not in out, out
-    p = study_main("init", "--storage", pg_url, *base[:-1], "2", "--methods", "lff")
+    p = study_main("init", "--storage", pg_url, *base[:-1], "3", "--methods", "lff")
     assert p.returncode == 2 and p.stderr.strip() == (
-        "error: experiment 'grow' already exists with different settings: epochs: 1 -> 2 (a new dataset or method "
+        "error: experiment 'grow' already exists with different settings: epochs: 2 -> 3 (a new dataset or method "
         "is added to it; other settings need a new experiment)")
     assert "grow/synthetic/lff" not in optuna.get_all_study_names(storage_for(pg_url))  # nothing written
+    init(pg_url, *base[:3], "cmnist", *base[4:])  # a new dataset: its studies for every method of the experiment
+    assert sorted(n for n in studies_of(pg_url, "grow") if not n.endswith("/seeds")) == [
+        "grow/cmnist/erm", "grow/cmnist/fim", "grow/synthetic/erm", "grow/synthetic/fim"]
     p = study_main("status", "--storage", pg_url, "--experiment", "grow")
-    assert p.returncode == 0 and "grow/synthetic/fim" in p.stdout, p.stderr
+    assert p.returncode == 0 and "grow/cmnist/fim" in p.stdout, p.stderr
 
 
 def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):

@@ -95,6 +95,7 @@ class Method(nn.Module):
     LOGGED: ClassVar[tuple] = ()  # epoch_stats keys the study records per epoch in the trial (dashboard, figures)
     replacement: ClassVar[bool] = True  # sampling_weights: N draws with replacement; False: each sample of
                                         # weight > 0 exactly once per epoch (a subset)
+    name_note: ClassVar[str] = ""  # how the literature names the method, when its label is short (the caption)
     val_note: ClassVar[str] = ""  # what the row's val number means, when not the selected epoch's (the caption)
     label: ClassVar[str] = ""        # the report's row label (default: the registry name)
     order: ClassVar[int] = 100       # row order in the report (lower first)

@@ -22,6 +22,7 @@ class GroupDRO(Method):
     }
     group_labels = "train"
     label, order = "DRO", 1
+    name_note = "DRO is GroupDRO (Sagawa et al., 2020)."
 
     def __init__(self, params: GroupDROParams, **kw):
         super().__init__(params, **kw)
