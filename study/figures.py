@@ -101,7 +101,8 @@ def val_curves(results, objective: str) -> go.Figure:
                             name=name, legendgroup=name, showlegend=first,
                             hovertext=f"{name} trial {t.number} {'pruned' if pruned else 'complete'}")
             first = False
-    return fig.update_layout(xaxis_title="epoch", yaxis_title=f"{objective} — dotted: pruned")
+    return fig.update_layout(xaxis_title="epoch", yaxis_title=f"{objective} — dotted: pruned").update_xaxes(
+        tickformat="d")
 
 
 def lambda_share(results) -> go.Figure | None:
@@ -135,6 +136,7 @@ def lambda_share(results) -> go.Figure | None:
     fig.update_yaxes(title_text="share of total λ (%)", row=1, col=1)
     fig.update_yaxes(title_text="enrichment (×)", row=2, col=1, secondary_y=False)
     fig.update_yaxes(title_text="multipliers (%)", row=2, col=1, secondary_y=True)
+    fig.update_xaxes(tickformat="d")
     return fig.update_xaxes(title_text="epoch", row=2, col=1)
 
 
