@@ -24,15 +24,16 @@ How the full trace is computed (the ghost-norm identities). With the statistics 
 independent, so one backward of sum_i l_i gives each layer's output gradient delta_i of every sample. A linear
 layer's per-sample weight gradient is delta_i a_i^T, so ||.||^2 = ||delta_i||^2 ||a_i||^2; a convolution's is
 sum_s delta_{i,s} a_{i,s}^T over output positions s (a = the unfolded input), whose squared norm is taken from the
-per-sample [C_out, C_in k^2] product or, when the positions are fewer, from the Gram identity
+per-sample [C_out, C_in k^2] gradients (one convolution with the batch as groups) or, when the positions are
+fewer, from the Gram identity
 sum_{s,s'} (delta_s . delta_s')(a_s . a_s'); BatchNorm's affine gradients are sums over positions of delta x_hat
 and delta. One backward gives T_i for the whole batch without materialising per-sample gradients of the whole
 network, and it runs on the training step's own forward (`recording`): each train-mode BatchNorm's output there is
 y_frozen + gate(y_train - y_frozen), equal in value to y_train; the gate passes gradients in the step's backward
 (the exact train-mode gradient) and blocks them in the trace's (the statistics held constant), so the step pays
-one extra backward for every sample's trace, not a forward and a backward. The same expressions built with `create_graph=True` are differentiable: backpropagating
-sum_{i in K} lambda_i T_i through them is the exact double backprop of the penalty (Hessian-vector products
-H_i g_i), run on the active samples K only.
+one extra backward for every sample's trace, not a forward and a backward. The same expressions built with
+`create_graph=True` are differentiable: backpropagating sum_{i in K} lambda_i T_i through them is the exact double
+backprop of the penalty (Hessian-vector products H_i g_i), run on the active samples K only.
 """
 from __future__ import annotations
 
@@ -236,8 +237,17 @@ class ParameterTrace:
                 t = t + d3.sum(2).pow(2).sum(1)
             return t
         if isinstance(m, nn.Conv2d):
+            d3, k2 = d.flatten(2), m.weight[0].numel()                          # [B, C_out, S], C_in k^2
+            if _trainable(m, "weight") and d3.shape[1] * k2 <= d3.shape[2] ** 2:
+                # the per-sample gradients are the smaller object: all of them from one convolution with the
+                # batch as groups (2x faster on the CPU than unfold + bmm, the same numbers)
+                c_in = a.shape[1]
+                w = torch.nn.grad.conv2d_weight(a.reshape(1, b * c_in, *a.shape[2:]), (b * d.shape[1], c_in,
+                                                *m.kernel_size), d.reshape(1, b * d.shape[1], *d.shape[2:]),
+                                                m.stride, m.padding, m.dilation, groups=b)
+                t = w.reshape(b, -1).pow(2).sum(1)
+                return t + d3.sum(2).pow(2).sum(1) if _trainable(m, "bias") else t
             cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # [B, C_in k^2, S]
-            d3 = d.flatten(2)                                                   # [B, C_out, S]
         else:  # Linear on [B, in] or [B, ..., in]: the middle dimensions are positions
             cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
             d3 = d.reshape(b, -1, d.shape[-1]).transpose(1, 2)
