@@ -3,12 +3,13 @@
     python bench/fim_ablation.py [--seeds 5] [--epochs 20] [--jobs 2]
 
 (a) the method as designed (defaults); (b) a fixed penalty, lambda = lambda_max on the per-batch top-rho samples, no
-dual ascent; (c) every sample constrained (rho = 1); (d) the last_layer trace scope; (e) ERM and GroupDRO for
-reference; (f) the active set as the paper states it, the top rho of the whole training set by last-visit trace,
-instead of each batch's top rho; (g) the full-parameter trace (the paper's quantity) and (h) both. Each row: test Worst and Avg mean ± std, the paired 95% t-interval of its test Worst minus (a)'s over the
-same seeds, and the multiplier diagnostics averaged over the constrained epochs: the share of updated multipliers
-at the cap and at zero, the share of active constraints violated, and the enrichment of lambda mass on
-bias-conflicting samples (1 = none; group labels are read for this log only).
+dual ascent; (c) every sample constrained (rho = 1); (d) the last_layer trace scope; (e) ERM and GroupDRO for reference;
+(f) the active set as the paper states it, the top rho of the whole training set by last-visit trace, instead of each
+batch's top rho; (g) the full-parameter trace (the paper's quantity) and (h) both. Each row: test Worst and Avg mean ±
+std, the paired 95% t-interval of its test Worst minus (a)'s over the same seeds, and the multiplier diagnostics
+averaged over the constrained epochs: the share of updated multipliers at the cap and at zero, the share of active
+constraints violated, and the enrichment of lambda mass on bias-conflicting samples (1 = none; group labels are read for
+this log only).
 """
 from __future__ import annotations
 

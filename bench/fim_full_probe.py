@@ -66,8 +66,10 @@ def main():
                         method_params={"scope": "full", "lambda_max": args.lambda_max}),
             callback=lambda e, rec: epochs.append((e, len(rows), rec)), log=None)
     start = 0
-    print(f"\nfim --scope full, cmnist seed {args.seed}, lambda_max {args.lambda_max}; medians over each epoch's steps\n")
-    print("| epoch | NLL grad norm | NLL + penalty grad norm | cos(∇Σ_K T, ∇Σ_K nll) | conflicting in K | val WGA | val avg |")
+    print(f"\nfim --scope full, cmnist seed {args.seed}, lambda_max {args.lambda_max}; medians over each epoch's "
+          "steps\n")
+    print("| epoch | NLL grad norm | NLL + penalty grad norm | cos(∇Σ_K T, ∇Σ_K nll) | conflicting in K | val WGA "
+          "| val avg |")
     print("|--:|--:|--:|--:|--:|--:|--:|")
     for e, end, rec in epochs:
         seg = rows[start:end]

@@ -89,7 +89,8 @@ def searched(size: int, args) -> pd.DataFrame:
         run_workers(url, db, args.jobs, list(seed_studies.values()), sum(map(len, enqueued.values())),
                     f"{name} seeds", experiment=name)
         for r in collect(storage, name)[1]:
-            label = {"erm": "ERM", "groupdro": "GroupDRO", "fim": f"Ours ({scope})", "fim_relative": EXTENSION}[r.method]
+            label = {"erm": "ERM", "groupdro": "GroupDRO", "fim": f"Ours ({scope})",
+                     "fim_relative": EXTENSION}[r.method]
             for t in r.runs():
                 own = [e for e in t.user_attrs.get("lambda_enrichment") or [] if e is not None]
                 rows.append({"method": label, "seed": t.user_attrs["seed"], "worst": t.user_attrs["test"]["wga"],

@@ -63,7 +63,8 @@ def main():
     args = parse_args(__doc__)
     df = runs(RUNS, args.seeds, args.epochs, args.jobs)
     order = [label for label, *_ in RUNS]
-    table = pd.DataFrame({"test Avg (train-weighted)": pm(df, "avg", order), "test Avg (plain)": pm(df, "avg_plain", order),
+    table = pd.DataFrame({"test Avg (train-weighted)": pm(df, "avg", order),
+                          "test Avg (plain)": pm(df, "avg_plain", order),
                           "test Worst": pm(df, "worst", order), "val WGA": pm(df, "val_wga", order),
                           "s/run": [f"{v:.0f}" for v in df.groupby("method")["seconds"].mean().reindex(order)]},
                          index=order)

@@ -95,7 +95,8 @@ def main():
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     steps = {}
     only = None if args.only is None else {"erm", *args.only.split(";")}
-    runs = [(*r, False, False) for r in RUNS if only is None or r[0] in only] + ([("erm + torch.compile", "erm", {}, True, False)]
+    runs = [(*r, False, False) for r in RUNS if only is None or r[0] in only] + (
+        [("erm + torch.compile", "erm", {}, True, False)]
                                                   if args.compile else [])
     if args.deterministic:
         runs += [(f"{m} --deterministic", m, {}, False, True) for m in ("erm", "groupdro", "fim")]

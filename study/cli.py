@@ -1,4 +1,5 @@
-"""`python -m study {init,worker,dashboard,report,list,status,replicate,delete,demo}`: the study service's command line."""
+"""`python -m study {init,worker,dashboard,report,list,status,replicate,delete,demo}`: the study service's command
+line."""
 from __future__ import annotations
 
 import argparse
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             from optuna_dashboard import run_server
             if not 1 <= args.port <= 65535:
                 raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
-            print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {mask_url(storage_url(args.storage))})",
+            print(f"optuna-dashboard on http://{args.host}:{args.port}/ "
+                  f"(storage {mask_url(storage_url(args.storage))})",
                   flush=True)
             run_server(_storage(args), host=args.host, port=args.port)
         elif args.command == "list":
@@ -223,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "demo":
             from .demo import run_demo
             try:
-                return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs, seeds=args.seeds,
+                return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs,
+                                seeds=args.seeds,
                                 top_k=args.top_k, html=args.html, methods=args.methods)
             except KeyboardInterrupt:
                 print("error: demo interrupted; its workers were stopped and their trials re-queued", file=sys.stderr)

@@ -129,7 +129,8 @@ def _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, sta
     if html:
         Path(html).write_text(render_html(exp, results, "train_weighted"))
         print(f"figures and table: {html}")
-    print(f"\nnext:\n  python -m study status --storage {storage_url} --experiment {EXPERIMENT}   # trial counts per study\n"
+    print(f"\nnext:\n  python -m study status --storage {storage_url} --experiment {EXPERIMENT}   # trial counts per "
+          f"study\n"
           f"  python -m study.report --storage {storage_url} --experiment {EXPERIMENT} --out demo.csv   # or .md .tex "
           f".html\n  python -m study.report --storage {storage_url} --experiment {EXPERIMENT} --to-dashboard   # the "
           f"figures, then:\n  optuna-dashboard {storage_url}   # http://127.0.0.1:8080\n  python -m study list "

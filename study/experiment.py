@@ -182,7 +182,8 @@ def train_space(exp: Experiment, dataset: str) -> dict:
 def _number(scope: str, name: str, v, integer: bool):
     ok = _is_int(v) if integer else isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     if not ok:
-        raise ValueError(f"space override {scope}.{name}: bound {v!r} is not {'an integer' if integer else 'a finite number'}")
+        kind = "an integer" if integer else "a finite number"
+        raise ValueError(f"space override {scope}.{name}: bound {v!r} is not {kind}")
     return v
 
 
@@ -240,7 +241,8 @@ def reference_params(exp: Experiment, dataset: str, method: str) -> dict:
     out = {}
     for name, spec in search_space(exp, dataset, method).items():
         v = ref[name]
-        if (isinstance(spec, Choice) and v in spec.choices) or (not isinstance(spec, Choice) and spec.low <= v <= spec.high):
+        if (isinstance(spec, Choice) and v in spec.choices) or (
+                not isinstance(spec, Choice) and spec.low <= v <= spec.high):
             out[name] = v
     return out
 

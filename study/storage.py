@@ -49,7 +49,8 @@ _PERMANENT = ("authentication failed", "does not exist", "no password supplied",
 def _connection_error(e: BaseException | None) -> BaseException | None:
     """The transient connection-level database error in e's cause chain (server down or restarting), if any."""
     while e is not None:
-        if isinstance(e, (OperationalError, InterfaceError)) or (isinstance(e, DBAPIError) and e.connection_invalidated):
+        if isinstance(e, (OperationalError, InterfaceError)) or (
+                isinstance(e, DBAPIError) and e.connection_invalidated):
             return None if any(p in str(e).lower() for p in _PERMANENT) else e
         e = e.__cause__ or e.__context__
     return None
@@ -214,7 +215,8 @@ def _has_optuna_tables(path: str) -> bool:
     import sqlite3
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-            return bool(conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'").fetchone())
+            found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'studies'")
+            return bool(found.fetchone())
     except sqlite3.Error:
         return False
 

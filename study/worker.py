@@ -320,8 +320,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                     continue
                 halted = [f"{name} ({c['halted']})" for name, c in counts.items() if c["halted"]]
                 if halted:
-                    raise StudiesHalted(f"halted (fix the cause, then `python -m study delete --experiment {experiment} "
-                                        f"--yes` and `python -m study init` again): {'; '.join(halted)}")
+                    raise StudiesHalted(f"halted (fix the cause, then `python -m study delete --experiment "
+                                        f"{experiment} --yes` and `python -m study init` again): {'; '.join(halted)}")
                 log(f"worker {os.getpid()}: all budgets met")
                 return 0
             # waiting (re-queued or seed-phase) trials first, then the study with the fewest used trials
@@ -335,7 +335,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
             try:
                 t = run_trial(phase, trial, storage)
             except EnvironmentFault as e:
-                raise EnvironmentFault(f"this worker cannot train (its trial {trial.number} was re-queued): {e}") from None
+                raise EnvironmentFault(f"this worker cannot train (its trial {trial.number} was re-queued): "
+                                       f"{e}") from None
             except Exception:
                 if getattr(storage, "_gave_up", None):  # the database stayed down: say that, not what broke on it
                     raise StorageUnavailable(storage._gave_up) from None

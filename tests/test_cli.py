@@ -26,7 +26,8 @@ def test_cli_writes_result_json(tmp_path):
     assert r["hparams"]["method_params"]["rho"] == 0.5 and r["hparams"]["method_params"]["scope"] == "last_layer"
     assert r["hparams"]["lr"] == 0.05 and r["hparams"]["model"] == "cnn"  # dataset defaults filled in
     assert {"group", "acc", "count", "y", "a"} == set(r["test"]["groups"][0])
-    assert [(g["y"], g["a"]) for g in r["test"]["groups"]] == [(g["group"] // 2, g["group"] % 2) for g in r["test"]["groups"]]
+    groups = r["test"]["groups"]
+    assert [(g["y"], g["a"]) for g in groups] == [(g["group"] // 2, g["group"] % 2) for g in groups]
     assert {"epoch", "train_loss", "val_wga", "violated_frac", "lambda_share", "lambda_enrichment", "at_cap_frac",
             "at_zero_frac"} <= set(r["history"][-1])
     assert 0 <= r["history"][-1]["at_cap_frac"] + r["history"][-1]["at_zero_frac"] <= 1

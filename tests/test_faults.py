@@ -330,7 +330,7 @@ def test_every_command_a_message_names_exists():
         flags = re.findall(r"--[a-z][a-z-]*", rest)
         p = report_parser() if command in (".report", " report") else sub.get(command.strip())
         assert p is not None, f"python -m study{command}: no such command"
-        known = {o for a in p._actions for o in a.option_strings} | {o for a in parser._actions for o in a.option_strings}
+        known = {o for parser_ in (p, parser) for a in parser_._actions for o in a.option_strings}
         assert not set(flags) - known, f"python -m study{command}{rest}: unknown {set(flags) - known}"
 
 

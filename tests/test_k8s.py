@@ -36,7 +36,8 @@ def test_every_manifest_validates_strictly(doc):
 
 
 def test_kustomization_lists_every_manifest_and_the_image():
-    assert sorted(KUSTOMIZATION["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert sorted(KUSTOMIZATION["resources"]) == sorted(p.name for p in K8S.glob("*.yaml")
+                                                        if p.name != "kustomization.yaml")
     assert KUSTOMIZATION["namespace"] == "debias-study"
     image = KUSTOMIZATION["images"][0]["name"]
     app = [c for _, s in pod_specs() for c in containers(s) if c["image"] != "postgres:16"]
@@ -124,7 +125,8 @@ def test_workers_one_gpu_each_non_root_and_read_only_data():
     assert job["template"]["spec"]["terminationGracePeriodSeconds"] >= 60  # time to fail and re-queue the trial
     rules = job["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [3]}} in rules
-    assert any(r["action"] == "Ignore" and r["onPodConditions"] == [{"type": "DisruptionTarget", "status": "True"}] for r in rules)
+    disruption = [{"type": "DisruptionTarget", "status": "True"}]
+    assert any(r["action"] == "Ignore" and r["onPodConditions"] == disruption for r in rules)
     assert BY_KIND["Job"]["report"]["spec"]["suspend"] is True
     assert BY_KIND["PersistentVolumeClaim"]["data"]["spec"]["accessModes"] == ["ReadOnlyMany"]
     for owner, spec in pod_specs():

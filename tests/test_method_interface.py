@@ -187,7 +187,8 @@ def test_egr_step_descends_loss_plus_mu_grad_norm_squared_by_finite_differences(
     assert torch.allclose(step, fd, atol=1e-6, rtol=1e-5)
     probe = copy.deepcopy(net)
     torch.nn.utils.vector_to_parameters(theta, probe.parameters())
-    plain = torch.cat([g.flatten() for g in torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))])
+    grads = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    plain = torch.cat([g.flatten() for g in grads])
     assert (step - plain).norm() > 0.01 * plain.norm()  # the penalty's Hessian-vector term is really there
 
 

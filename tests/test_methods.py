@@ -14,7 +14,8 @@ from trainer.methods.groupdro import GroupDRO, GroupDROParams
 from trainer.metrics import bias_conflicting, group_metrics
 
 SHORT = {"jtt": {"stage1_epochs": 1}}  # leave a stage-2 epoch in these short runs
-CASES = [(name, SHORT.get(name, {})) for name in METHODS] + [("fim", {"scope": "last_layer"}), ("fim", {"scope": "full"}),
+CASES = [(name, SHORT.get(name, {})) for name in METHODS] + [("fim", {"scope": "last_layer"}),
+                                                          ("fim", {"scope": "full"}),
                                                           ("fim_relative", {"scope": "full"})]
 
 

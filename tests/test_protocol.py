@@ -126,7 +126,8 @@ def test_patience_scales_with_the_budget_and_storage_timeouts_are_short_for_peop
     t0 = time.time()
     p = study_main("status", "--storage", "postgresql://postgres@127.0.0.1:1/none", "--experiment", "x")
     last = p.stderr.strip().splitlines()[-1]
-    assert p.returncode == 2 and last.startswith("error: storage postgresql+psycopg2://postgres@127.0.0.1:1/none"), p.stderr
+    assert p.returncode == 2, p.stderr
+    assert last.startswith("error: storage postgresql+psycopg2://postgres@127.0.0.1:1/none"), p.stderr
     assert time.time() - t0 < 40  # 15 s of retries, not the worker's 600 s
 
 
@@ -139,7 +140,8 @@ def test_method_names_live_with_the_methods():
     for name in METHODS:  # no special case for any method outside trainer/methods/
         assert f'"{name}"' not in source, name
     assert [c.label for c in sorted(METHODS.values(), key=lambda c: c.order)][:3] == ["ERM", "DRO", "Ours"]
-    assert [n for n, c in METHODS.items() if c.proposed] == ["fim"] and [n for n, c in METHODS.items() if c.control] == ["erm"]
+    assert [n for n, c in METHODS.items() if c.proposed] == ["fim"]
+    assert [n for n, c in METHODS.items() if c.control] == ["erm"]
 
 
 def test_a_running_trial_that_never_had_a_heartbeat_is_failed_and_retried(pg_url):

@@ -170,7 +170,8 @@ def test_seed_phase_selects_the_best_mean_among_the_top_k(storage):
 def test_t_interval_against_hand_computed_values():
     # d = 24, 19, 17: mean 20, sd sqrt(13), se sqrt(13/3) = 2.0817; t(0.975, 2) = 4.302653 -> half width 8.9567
     mean, lo, hi = t_interval([24.0, 19.0, 17.0])
-    assert mean == pytest.approx(20.0) and lo == pytest.approx(11.0433, abs=1e-3) and hi == pytest.approx(28.9567, abs=1e-3)
+    assert mean == pytest.approx(20.0)
+    assert lo == pytest.approx(11.0433, abs=1e-3) and hi == pytest.approx(28.9567, abs=1e-3)
     # two differences: t(0.975, 1) = 12.7062, sd of (-7, -4) = 2.1213, se 1.5 -> half 19.059
     assert t_interval([-7.0, -4.0]) == pytest.approx((-5.5, -24.559, 13.559), abs=1e-3)
     # at 3 seeds a percentile bootstrap would claim (17.0, 24.0) at most; the t interval is honest and wider
@@ -364,4 +365,5 @@ def test_several_experiments_side_by_side(storage, tmp_path):
         "gold": ["results"] * 3 + ["comparisons"] * 3, "other": ["results"] * 3}  # one seed: no interval
     page = (tmp_path / "b.html").read_text()
     assert page.count("<h1>Experiment") == 2 and page.count("<!DOCTYPE html>") == 1
-    assert report(url, "--experiment", "gold,nope").stderr.strip() == "error: no experiment named 'nope' in this storage"
+    missing = report(url, "--experiment", "gold,nope")
+    assert missing.stderr.strip() == "error: no experiment named 'nope' in this storage"

@@ -64,7 +64,8 @@ def test_three_workers_started_together_meet_every_budget_exactly(pg_url, tmp_pa
         assert {"val", "test", "best_epoch", "epochs_run", "train_seconds", "device", "code_version",
                 "data_checksum", "command", "seed"} <= set(t.user_attrs)
         assert t.user_attrs["command"].startswith("python -m trainer --dataset synthetic")
-        assert t.value == t.user_attrs["val"]["wga"] and sorted(t.intermediate_values) == [1, 2][:len(t.intermediate_values)]
+        assert t.value == t.user_attrs["val"]["wga"]
+        assert sorted(t.intermediate_values) == [1, 2][:len(t.intermediate_values)]
         if name.endswith("/fim"):  # the λ log per epoch, None during the warm-up
             for key in ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac"):
                 log = t.user_attrs[key]
@@ -194,7 +195,7 @@ def test_init_adds_a_method_and_a_dataset_to_an_experiment_and_names_real_confli
     init(pg_url, *base)
     assert start_worker(pg_url, "grow").wait(timeout=300) == 0
     (done,) = studies_of(pg_url, "grow")["grow/synthetic/erm"].trials
-    init(pg_url, "--experiment", "grow", "--datasets", "synthetic", "--methods", "fim", "--trials", "1", "--epochs", "2")
+    init(pg_url, *base[:5], "fim", *base[6:])  # a new method
     studies = studies_of(pg_url, "grow")
     assert sorted(studies) == ["grow/synthetic/erm", "grow/synthetic/erm/seeds", "grow/synthetic/fim",
                                "grow/synthetic/fim/seeds"]
@@ -230,7 +231,8 @@ def test_init_from_toml_and_bad_settings_leave_nothing(pg_url, tmp_path):
     init(pg_url, "--config", str(cfg))
     study = studies_of(pg_url, "toml")["toml/synthetic/fim"]
     assert study.user_attrs["experiment"]["space"] == {"fim": {"rho": [0.05, 0.3]}}
-    assert study.trials[0].system_attrs["fixed_params"]["rho"] == 0.1  # the reference recipe lies inside the overridden space
+    # the reference recipe lies inside the overridden space
+    assert study.trials[0].system_attrs["fixed_params"]["rho"] == 0.1
 
 
 def _free_port():

@@ -47,7 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="early stopping patience in the method's own epochs (0 = off; default max(10, epochs // 4))")
     p.add_argument("--selection", default="val_wga", choices=list(SELECTIONS),
                    help="model-selection metric: val_wga (reads val group labels), val_worst_class or val_avg")
-    p.add_argument("--grad-clip", type=float, help="max gradient norm for every method, 0 = off (default: the dataset's)")
+    p.add_argument("--grad-clip", type=float,
+                   help="max gradient norm for every method, 0 = off (default: the dataset's)")
     p.add_argument("--seed", type=int, default=0, help="training seed (init, sampling, augmentation)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of generated splits/colours (cmnist)")
     p.add_argument("--train-agreement", type=float, default=0.95,

@@ -63,7 +63,8 @@ class TrainConfig:
         if cfg.model in SCRATCH_MODELS and cfg.pretrained:
             raise ValueError(f"model {cfg.model!r} has no pretrained weights (use --no-pretrained or a ResNet)")
         if cfg.augment and cfg.dataset not in IMAGE_DATASETS:
-            raise ValueError(f"dataset {cfg.dataset!r} has no augmentation (image datasets: {', '.join(IMAGE_DATASETS)})")
+            raise ValueError(f"dataset {cfg.dataset!r} has no augmentation (image datasets: "
+                             f"{', '.join(IMAGE_DATASETS)})")
         if cfg.freeze_bn and not cfg.pretrained:
             raise ValueError(f"freeze_bn needs a pretrained model: a randomly initialised {cfg.model}'s BatchNorm "
                              "statistics would stay at their initial 0 and 1")
@@ -90,8 +91,8 @@ class TrainConfig:
         cfg.method_params = asdict(method_cls.Params(**cfg.method_params))
         first = method_cls.first_own_epoch(method_cls.Params(**cfg.method_params))
         if first > cfg.epochs:
-            raise ValueError(f"method {cfg.method!r} trains its own epochs from epoch {first} (after its warm-up or first stage), "
-                             f"but epochs is {cfg.epochs}")
+            raise ValueError(f"method {cfg.method!r} trains its own epochs from epoch {first} (after its warm-up or "
+                             f"first stage), but epochs is {cfg.epochs}")
         return cfg
 
     def to_dict(self) -> dict:

@@ -265,7 +265,8 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
         "group_labels": method_cls.group_labels, "uses_group_labels": method_cls.group_labels == "train",
         "selection": cfg.selection, "best_epoch": best[0],
         "first_own_epoch": first_own, "epochs_run": len(history),
-        "seconds": round(time.time() - t_start, 2), "compiled": compiled, "device": str(device) if not cuda else torch.cuda.get_device_name(device),
+        "seconds": round(time.time() - t_start, 2), "compiled": compiled,
+        "device": str(device) if not cuda else torch.cuda.get_device_name(device),
         "data_checksum": splits.checksum, "val": best[1], "test": test, "history": history,
     }
 

@@ -146,7 +146,8 @@ def load_celeba(data_dir: str | None = None, image_size: int = 224, decoded: boo
         bad = attrs[col][~attrs[col].isin([-1, 1])]
         if len(bad):
             raise DataError(f"{attr_file}: column {col} has value {str(bad.iloc[0])} (expected -1 or 1)")
-    y, a = (attrs["Blond_Hair"] == 1).astype(int).reset_index(drop=True), (attrs["Male"] == 1).astype(int).reset_index(drop=True)
+    y = (attrs["Blond_Hair"] == 1).astype(int).reset_index(drop=True)
+    a = (attrs["Male"] == 1).astype(int).reset_index(drop=True)
     files = "img_align_celeba/" + parts["image_id"].astype(str)
     return _build(root, [attr_file, part_file], files, y, a, _split_codes(parts["partition"], part_file),
                   "celeba", image_size, decoded, augment)

@@ -79,8 +79,8 @@ def param(default, help: str, **kw):
 
 
 class Method(nn.Module):
-    """Subclasses set `Params` and override `loss` (default: mean cross-entropy) or own `training_step`. State (GroupDRO weights, multipliers,
-    auxiliary models) lives in buffers and submodules.
+    """Subclasses set `Params` and override `loss` (default: mean cross-entropy) or own `training_step`. State
+    (GroupDRO weights, multipliers, auxiliary models) lives in buffers and submodules.
 
     `train_groups` (group id per training sample) and `conflicting` are given to every method for logging only;
     `train_labels` (class per training sample) may be used by any method. Only methods with

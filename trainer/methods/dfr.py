@@ -1,8 +1,8 @@
 """Deep Feature Reweighting, DFR^Val_Tr (Kirichenko et al., 2023), as the reference script runs it.
 
 Stage 1 is the trial's own ERM run, its checkpoint selected by the experiment's rule (the reference takes the
-final ERM checkpoint; selection here reads only what the experiment's selection metric reads). Then the last layer is re-fit on the validation
-split's features (eval mode), with its group labels:
+final ERM checkpoint; selection here reads only what the experiment's selection metric reads). Then the last layer
+is re-fit on the validation split's features (eval mode), with its group labels:
 - tune: the validation set is split in halves by the training seed; on half A, a group-balanced subsample (every
   group cut to the smallest), standardised by a scaler fit on it; an L1 logistic regression (liblinear) for each
   C of the grid; C = the one with the best worst-group accuracy on half B;

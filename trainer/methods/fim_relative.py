@@ -8,11 +8,12 @@ fits the easy, shortcut-aligned samples first), and the active set ranks samples
 
     r_i = T_b,i / (T_b,i + T_d,i)   in [0, 1]
 
-with T_b and T_d the same-scope traces of f_b and of the run's model f_d. An ambiguous sample is hard for both
-(r near 1/2); a bias-conflicting one is hard for f_b and not for f_d once f_d starts to learn it (r near 1). The
-constraint itself, eps, the multipliers and the dual ascent are those of `fim` on T_d: only who is constrained
-changes (the memory of last-visit scores, and its logged `trace_enrichment`, holds r). Scopes `logits` (traces from each model's forward) and `full` (each model's per-sample trace over its
-parameters, each in units of its own mean trace at calibration). No group labels are used.
+with T_b and T_d the same-scope traces of f_b and of the run's model f_d. An ambiguous sample is hard for both (r near
+1/2); a bias-conflicting one is hard for f_b and not for f_d once f_d starts to learn it (r near 1). The constraint
+itself, eps, the multipliers and the dual ascent are those of `fim` on T_d: only who is constrained changes (the memory
+of last-visit scores, and its logged `trace_enrichment`, holds r). Scopes `logits` (traces from each model's forward)
+and `full` (each model's per-sample trace over its parameters, each in units of its own mean trace at calibration). No
+group labels are used.
 
 Cost: f_b's forward and GCE backward every step (and, for the full scope, its per-sample traces: one more backward
 of its forward) on top of `fim`'s step.
