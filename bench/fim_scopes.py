@@ -11,7 +11,8 @@ lambda on bias-conflicting samples (group labels are read for that log only) and
 --searched runs the study service's protocol instead (what the demo runs): per image size, one SQLite storage, a
 TPE search of --trials trials per method (Ours once per scope, the scope fixed through the experiment's space),
 then the top --top-k configurations re-run with --seeds seeds (the searched run counts as one) by two workers;
-each row is the configuration the seed phase selects by mean val WGA. Paired intervals need ERM and GroupDRO in
+each row is the configuration the seed phase selects by mean val WGA. `--only "ERM;GroupDRO;Latent de-biasing"`
+puts latent-space de-biasing (trainer/methods/latent_aug.py) beside them. Paired intervals need ERM and GroupDRO in
 the same run (--scopes baselines,...). The bias-relative rows are `fim_relative`, an extension beyond the paper.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ SPECS = [
     ("Ours (full, expected)", "fim", {"scope": "full", "fisher": "expected"}),
     ("bias-relative K (logits)", "fim_relative", {"scope": "logits"}),  # the extension beyond the paper
     ("bias-relative K (full)", "fim_relative", {"scope": "full"}),
+    ("Latent de-biasing", "latent_aug", {}),  # trains on the attribute labels of the training split, like GroupDRO
 ]
 SEARCHED_SCOPES = ("logits", "last_layer", "full")
 EXTENSION = "bias-relative K"  # fim_relative, searched over its scopes in one experiment of its own

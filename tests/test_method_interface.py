@@ -337,5 +337,5 @@ def test_every_registered_method_says_which_group_labels_it_trains_on():
     for name, cls in METHODS.items():
         assert cls.group_labels in ("none", "val", "train"), name
     assert {n for n, c in METHODS.items() if c.group_labels == "train"} == {"groupdro", "resample", "reweight",
-                                                                           "subsample"}
+                                                                           "subsample", "latent_aug"}
     assert {n for n, c in METHODS.items() if c.group_labels == "val"} == {"dfr"}

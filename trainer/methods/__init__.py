@@ -8,6 +8,7 @@ from .fim_relative import FisherRelative
 from .fisher_penalty import FisherPenalty
 from .groupdro import GroupDRO
 from .jtt import JTT
+from .latent_aug import LatentAug
 from .lff import LfF
 from .resample import Resample, ResampleClass
 from .reweight import Reweight, ReweightClass
@@ -17,6 +18,7 @@ from .subsample import Subsample, SubsampleClass
 METHODS: dict[str, type[Method]] = {
     "erm": ERM, "groupdro": GroupDRO, "fim": FisherConstrained, "fim_relative": FisherRelative,
     "sam": SAM, "fisher_penalty": FisherPenalty, "egr": EGR, "lff": LfF, "jtt": JTT, "dfr": DFR,
+    "latent_aug": LatentAug,
     "resample": Resample, "resample_class": ResampleClass, "reweight": Reweight, "reweight_class": ReweightClass,
     "subsample": Subsample, "subsample_class": SubsampleClass,
 }
