@@ -13,7 +13,8 @@ from trainer.methods.fim import FIMParams, FisherConstrained
 from trainer.methods.groupdro import GroupDRO, GroupDROParams
 from trainer.metrics import bias_conflicting, group_metrics
 
-SHORT = {"jtt": {"stage1_epochs": 1}}  # leave a stage-2 epoch in these short runs
+SHORT = {"jtt": {"stage1_epochs": 1},  # leave a stage-2 epoch in these short runs
+         "latent_aug": {"gen_epochs": 3, "n_pairs": 200}}  # a short generator stage: test_latent_aug.py checks it
 CASES = [(name, SHORT.get(name, {})) for name in METHODS] + [("fim", {"scope": "last_layer"}),
                                                           ("fim", {"scope": "full"}),
                                                           ("fim_relative", {"scope": "full"})]
