@@ -179,8 +179,16 @@ class ParameterTrace:
     def _check(self, saved):
         if any(saved[m][0]._version != saved[m][1] for m in self.layers):
             raise RuntimeError("scope full: a layer's input was modified in place after the layer read it")
-        if any(len(saved[m]) > 4 and saved[m][2]._version != saved[m][4] for m in self.layers):
+        if any(saved[m][2]._version != saved[m][4] for m in self.layers):
             raise RuntimeError("scope full: a layer's output was modified in place after the layer wrote it")
+
+    def batch_traces(self, x: torch.Tensor, y: torch.Tensor, fisher: str = "empirical",
+                     create_graph: bool = False) -> torch.Tensor:
+        """T_i of the batch with the statistics a training step on it would take: a forward records them, then
+        `traces` (a calibration pass, or any caller without the step's statistics at hand)."""
+        with self.batch_statistics() as stats, torch.no_grad():
+            self.model(x)
+        return self.traces(x, y, stats, fisher, create_graph)
 
     def traces(self, x: torch.Tensor, y: torch.Tensor, stats: dict, fisher: str = "empirical",
                create_graph: bool = False) -> torch.Tensor:
@@ -190,7 +198,7 @@ class ParameterTrace:
 
         def keep(m, args, out):
             frozen = (m.running_mean, m.running_var) if isinstance(m, _BatchNorm) else None
-            saved[m] = (args[0], args[0]._version, out, frozen)
+            saved[m] = (args[0], args[0]._version, out, frozen, out._version)
             return out.clone()  # in-place ops downstream (ReLU, residual +=) must not overwrite the kept output
         handles = [m.register_forward_hook(keep) for m in self.layers]
         try:
@@ -236,29 +244,31 @@ class ParameterTrace:
             if _trainable(m, "bias"):
                 t = t + d3.sum(2).pow(2).sum(1)
             return t
-        if isinstance(m, nn.Conv2d):
-            d3, k2 = d.flatten(2), m.weight[0].numel()                          # [B, C_out, S], C_in k^2
-            if _trainable(m, "weight") and d3.shape[1] * k2 <= d3.shape[2] ** 2:
-                # the per-sample gradients are the smaller object: all of them from one convolution with the
-                # batch as groups (2x faster on the CPU than unfold + bmm, the same numbers)
-                c_in = a.shape[1]
-                w = torch.nn.grad.conv2d_weight(a.reshape(1, b * c_in, *a.shape[2:]), (b * d.shape[1], c_in,
-                                                *m.kernel_size), d.reshape(1, b * d.shape[1], *d.shape[2:]),
-                                                m.stride, m.padding, m.dilation, groups=b)
-                t = w.reshape(b, -1).pow(2).sum(1)
-                return t + d3.sum(2).pow(2).sum(1) if _trainable(m, "bias") else t
-            cols = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # [B, C_in k^2, S]
-        else:  # Linear on [B, in] or [B, ..., in]: the middle dimensions are positions
-            cols = a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
-            d3 = d.reshape(b, -1, d.shape[-1]).transpose(1, 2)
+        conv = isinstance(m, nn.Conv2d)
+        # Linear on [B, in] or [B, ..., in]: the middle dimensions are positions
+        d3 = d.flatten(2) if conv else d.reshape(b, -1, d.shape[-1]).transpose(1, 2)  # [B, C_out, S]
+
+        def columns():  # the layer's input at each output position, [B, C_in k^2 (Linear: in), S]
+            if conv:
+                return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+            return a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
         t = d3.new_zeros(b)
         if _trainable(m, "weight"):
             s = d3.shape[2]
             if s == 1:
-                t = t + d3.pow(2).sum((1, 2)) * cols.pow(2).sum((1, 2))
-            elif d3.shape[1] * cols.shape[1] <= s * s:  # the per-sample gradient is the smaller object
-                t = t + torch.bmm(d3, cols.transpose(1, 2)).pow(2).sum((1, 2))
+                t = t + d3.pow(2).sum((1, 2)) * columns().pow(2).sum((1, 2))
+            elif d3.shape[1] * m.weight[0].numel() <= s * s:  # the per-sample gradients are the smaller object
+                if conv:  # all of them from one convolution with the batch as groups (2x faster than unfold + bmm)
+                    c_in = a.shape[1]
+                    g = torch.nn.grad.conv2d_weight(a.reshape(1, b * c_in, *a.shape[2:]),
+                                                    (b * d.shape[1], c_in, *m.kernel_size),
+                                                    d.reshape(1, b * d.shape[1], *d.shape[2:]),
+                                                    m.stride, m.padding, m.dilation, groups=b)
+                else:
+                    g = torch.bmm(d3, columns().transpose(1, 2))
+                t = t + g.reshape(b, -1).pow(2).sum(1)
             else:  # the Gram identity over positions
+                cols = columns()
                 t = t + (torch.bmm(d3.transpose(1, 2), d3) * torch.bmm(cols.transpose(1, 2), cols)).sum((1, 2))
         if _trainable(m, "bias"):
             t = t + d3.sum(2).pow(2).sum(1)

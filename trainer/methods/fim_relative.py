@@ -69,9 +69,7 @@ class FisherRelative(FisherConstrained):
         with buffers_kept(self.biased):
             self.biased.train()
             if self.params.scope == "full":
-                with self._biased_tracer.batch_statistics() as stats, torch.no_grad():
-                    self.biased(x)
-                return self._biased_tracer.traces(x, y, stats, self.params.fisher)
+                return self._biased_tracer.batch_traces(x, y, self.params.fisher)
             with torch.no_grad():
                 return logit_trace(self.biased(x).float(), y, self.params.fisher)
 
