@@ -106,33 +106,30 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     init_experiment(storage, exp)
     STOP.install(interruptible=True)
     try:
-        return _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, started)
+        print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
+              f"{workers} workers, up to {exp.epochs} epochs per trial, then the top {top_k} configurations of each "
+              f"with {seeds} seeds")
+        t0 = time.time()
+        _, studies, seed_studies = load_experiment(storage, EXPERIMENT, seeds=True)
+        run_workers(storage_url, db, workers, studies, trials * len(studies), "search")
+        if seeds:
+            enqueued = replicate(storage, EXPERIMENT, seeds, top_k)
+            run_workers(storage_url, db, workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
+                         "seed phase")
+        print(f"all trials done in {time.time() - t0:.0f} s; the demo took {time.time() - started:.0f} s\n")
+        exp, results = collect(storage, EXPERIMENT)
+        print(render_markdown(exp, results, "train_weighted"))
+        if html:
+            Path(html).write_text(render_html(exp, results, "train_weighted"))
+            print(f"figures and table: {html}")
+        where = f"--storage {storage_url} --experiment {EXPERIMENT}"
+        print("\nnext:", *(f"  {line}" for line in (
+            f"python -m study status {where}   # trial counts per study",
+            f"python -m study.report {where} --out demo.csv   # or .md .tex .html",
+            f"python -m study.report {where} --to-dashboard   # the figures, then:",
+            f"optuna-dashboard {storage_url}   # http://127.0.0.1:8080",
+            f"python -m study list --storage {storage_url}   # the experiments in the storage")), sep="\n")
+        return 0
     except KeyboardInterrupt:
-        STOP.handled()
+        STOP.handled()  # no redelivery while the interrupt is reported
         raise
-
-
-def _run(storage, storage_url, db, exp, workers, trials, seeds, top_k, html, started) -> int:
-    print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
-          f"{workers} workers, up to {exp.epochs} epochs per trial, then the top {top_k} configurations of each "
-          f"with {seeds} seeds")
-    t0 = time.time()
-    _, studies, seed_studies = load_experiment(storage, EXPERIMENT, seeds=True)
-    run_workers(storage_url, db, workers, studies, trials * len(studies), "search")
-    if seeds:
-        enqueued = replicate(storage, EXPERIMENT, seeds, top_k)
-        run_workers(storage_url, db, workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
-                     "seed phase")
-    print(f"all trials done in {time.time() - t0:.0f} s; the demo took {time.time() - started:.0f} s\n")
-    exp, results = collect(storage, EXPERIMENT)
-    print(render_markdown(exp, results, "train_weighted"))
-    if html:
-        Path(html).write_text(render_html(exp, results, "train_weighted"))
-        print(f"figures and table: {html}")
-    print(f"\nnext:\n  python -m study status --storage {storage_url} --experiment {EXPERIMENT}   # trial counts per "
-          f"study\n"
-          f"  python -m study.report --storage {storage_url} --experiment {EXPERIMENT} --out demo.csv   # or .md .tex "
-          f".html\n  python -m study.report --storage {storage_url} --experiment {EXPERIMENT} --to-dashboard   # the "
-          f"figures, then:\n  optuna-dashboard {storage_url}   # http://127.0.0.1:8080\n  python -m study list "
-          f"--storage {storage_url}   # the experiments in the storage")
-    return 0

@@ -357,8 +357,7 @@ def load_experiment(storage, name: str, seeds: bool = False):
     mine = [n for n in sorted(names) if n.startswith(name + "/")]
     if not mine:
         raise ValueError(f"no experiment named {name!r} in this storage")
-    settings = next((a["experiment"] for a in (storage.get_study_user_attrs(storage.get_study_id_from_name(n))
-                                                 for n in mine) if "experiment" in a), None)
+    settings = _stored_settings(storage, name, names)
     incomplete = ValueError(f"experiment {name!r} was not completely created (init was interrupted): run the same "
                             "init again to complete it")
     if settings is None:

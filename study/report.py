@@ -415,7 +415,7 @@ SUFFIXES = {".md": "markdown", ".csv": "csv", ".tex": "latex", ".html": "html", 
 RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "html": render_html}
 
 
-REPORT_MARK = {"markdown": "Experiment ", "csv": ("experiment,table,", "table,dataset,method,", "dataset,method,"),
+REPORT_MARK = {"markdown": "Experiment ", "csv": ("experiment,table,", "dataset,method,"),  # this layout, the last
                "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
 
 
