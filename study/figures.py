@@ -105,6 +105,24 @@ def val_curves(results, objective: str) -> go.Figure:
         tickformat="d")
 
 
+def benchmark_figure(results) -> go.Figure:
+    """Test worst-group accuracy of every method on every benchmark: mean over its seeds, bars ± 1 std."""
+    import numpy as np
+    fig = go.Figure()
+    for i, method in enumerate(dict.fromkeys(r.method for r in results)):
+        rows = [r for r in results if r.method == method and r.runs()]
+        if not rows:
+            continue
+        values = [100 * np.array([t.user_attrs["test"]["wga"] for t in r.runs()]) for r in rows]
+        fig.add_bar(x=[r.dataset for r in rows], y=[v.mean() for v in values], name=rows[0].label,
+                    marker_color=_color(rows[0].label, i),
+                    error_y=dict(type="data", array=[v.std(ddof=1) if len(v) > 1 else 0 for v in values]),
+                    hovertext=[f"{len(v)} seeds" for v in values])
+    return fig.update_layout(barmode="group", xaxis_title="benchmark", yaxis_title="test worst-group accuracy (%)",
+                             title="Worst-group accuracy across benchmarks (mean ± std over seeds)",
+                             template="plotly_white", height=420)
+
+
 def lambda_share(results) -> go.Figure | None:
     """Where Ours' constraint mass goes, per epoch of its best trial: top, the share of the multipliers' mass held by
     each training group; bottom, the enrichment of that mass on bias-conflicting samples (the paper's hypothesis:

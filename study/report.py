@@ -24,6 +24,7 @@ from scipy import stats
 from trainer.methods import get_method
 from trainer.metrics import get_selection
 
+from .anchors import ANCHORS
 from .experiment import load_experiment
 from .storage import retried_numbers
 
@@ -235,19 +236,96 @@ def _r(v: float) -> float:
     return round(v, 1) + 0.0  # + 0.0: no "-0.0" in a table
 
 
+def paired_diffs(a: StudyResult, b: StudyResult) -> list[float]:
+    """Test worst-group differences a − b (pp), paired by training seed over the seeds both rows finished."""
+    mine = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in a.runs()}
+    theirs = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in b.runs()}
+    return [100 * (mine[s] - theirs[s]) for s in sorted(set(mine) & set(theirs))]
+
+
 def contrasts(results: list[StudyResult]) -> pd.DataFrame:
     """Test worst-group differences (pp), paired by training seed over the seeds both rows finished."""
     rows = []
     for a, b in comparisons(results):
-        mine = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in a.runs()}
-        theirs = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in b.runs()}
-        seeds = sorted(set(mine) & set(theirs))
-        if len(seeds) < 2:
+        diffs = paired_diffs(a, b)
+        if len(diffs) < 2:
             continue
-        mean, lo, hi = t_interval([100 * (mine[s] - theirs[s]) for s in seeds])
-        rows.append({"dataset": a.dataset, "comparison": f"{a.label} − {b.label}", "paired seeds": len(seeds),
+        mean, lo, hi = t_interval(diffs)
+        rows.append({"dataset": a.dataset, "comparison": f"{a.label} − {b.label}", "paired seeds": len(diffs),
                      "Worst diff (pp)": _r(mean), "95% CI low": _r(lo), "95% CI high": _r(hi)})
     return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
+
+
+REFERENCES = ("erm", "groupdro")  # across benchmarks, every method is judged against these
+
+
+def verdict(a: StudyResult, b: StudyResult) -> str:
+    """'better (+12.3)', 'worse (−4.0)' or 'undecided (+1.2)': where the 95% interval of the paired worst-group
+    difference a − b lies; 'n/a' under 2 paired seeds."""
+    diffs = paired_diffs(a, b)
+    if len(diffs) < 2:
+        return "n/a"
+    mean, lo, hi = t_interval(diffs)
+    word = "better" if lo > 0 else "worse" if hi < 0 else "undecided"
+    return f"{word} ({_r(mean):+.1f})".replace("-", "−")
+
+
+def datasets_of(results: list[StudyResult]) -> list[str]:
+    return list(dict.fromkeys(r.dataset for r in results))
+
+
+def benchmark_summary(results: list[StudyResult]) -> pd.DataFrame:
+    """One row per method across the experiment's benchmarks (empty with one): its mean rank by test worst-group
+    accuracy (1 = best, ties share their mean rank) over the benchmarks where it has a finished run, its test Worst
+    on each, and its verdict against ERM and GroupDRO on each."""
+    datasets = datasets_of(results)
+    if len(datasets) < 2:
+        return pd.DataFrame()
+    at = {(r.dataset, r.method): r for r in results}
+    worst = {(r.dataset, r.method): _pct([t.user_attrs["test"]["wga"] for t in r.runs()])[0]
+             for r in results if r.runs()}
+    ranks = {}
+    for d in datasets:
+        ranks |= {(d, m): v for m, v in pd.Series({m: w for (e, m), w in worst.items() if e == d}).rank(
+            ascending=False, method="average").items()}
+    refs = [m for m in REFERENCES if any((d, m) in at for d in datasets)]
+    rows = []
+    for method in dict.fromkeys(r.method for r in results):
+        label = next(r.label for r in results if r.method == method)
+        mine = [ranks[(d, method)] for d in datasets if (d, method) in ranks]
+        row = {"method": label, "mean rank": f"{np.mean(mine):.2f}" if mine else "",
+               "benchmarks": f"{len(mine)}/{len(datasets)}"}
+        row |= {f"Worst {d}": f"{worst[(d, method)]:.1f}" if (d, method) in worst else "" for d in datasets}
+        for ref in refs:
+            ref_label = next(r.label for r in results if r.method == ref)
+            for d in datasets:
+                a, b = at.get((d, method)), at.get((d, ref))
+                row[f"vs {ref_label} {d}"] = "—" if method == ref else verdict(a, b) if a and b else ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+BENCHMARK_CAPTION = (
+    "Across benchmarks: each method's mean rank by test worst-group accuracy (1 = best; ties share their mean rank) "
+    "over the benchmarks where it has a finished run, its test Worst (%, mean over its seeds) on each, and its paired "
+    f"comparison with ERM and DRO on each: better / worse when the {CONFIDENCE:.0%} Student-t interval of the "
+    "worst-group difference (paired by training seed) lies above / below 0, undecided when it contains 0, n/a under "
+    "2 paired seeds; in brackets the mean difference (pp).")
+
+
+def anchor_table(dataset: str, rows: list[StudyResult]) -> pd.DataFrame | None:
+    """The published numbers of the methods in `rows`, shown beside a dataset's measured rows, or None."""
+    labels = {r.label for r in rows}
+    shown = [a for a in ANCHORS.get(dataset, ("", ()))[1] if a.method in labels]
+    if not shown:
+        return None
+    return pd.DataFrame([{"published (not measured here)": a.method, "Avg": a.avg, "Worst": a.worst,
+                          "source": a.source} for a in shown])
+
+
+def anchor_caption(dataset: str) -> str:
+    return (f"Published anchors for {dataset}: {ANCHORS[dataset][0]}; test %, Avg weighted by training-group "
+            "proportions. Quoted from the papers, not measured by this experiment.")
 
 
 def _pm(mean: float, std: float) -> str:
@@ -321,22 +399,42 @@ def _shown(exp, results, avg: str) -> pd.DataFrame:
     return display(exp, summary(exp, results, avg), results)
 
 
+def sections(results) -> list[tuple[str, list[StudyResult]]]:
+    """[(dataset, its rows)]: one table per dataset."""
+    return [(d, [r for r in results if r.dataset == d]) for d in datasets_of(results)]
+
+
 def render_markdown(exp, results, avg: str) -> str:
-    table = _shown(exp, results, avg).to_markdown(index=False, disable_numparse=True)  # "58.0", not "58"
-    out = f"{caption(exp, results, avg)}\n\n{table}\n"
-    diffs = contrasts(results)
-    if len(diffs):
-        out += f"\n{contrast_caption(diffs)}\n\n{diffs.to_markdown(index=False, floatfmt='.1f')}\n"
+    out, several = f"{caption(exp, results, avg)}\n", len(datasets_of(results)) > 1
+    for dataset, rows in sections(results):
+        if several:
+            out += f"\n#### {dataset}\n"
+        out += f"\n{_shown(exp, rows, avg).to_markdown(index=False, disable_numparse=True)}\n"  # "58.0", not "58"
+        diffs = contrasts(rows)
+        if len(diffs):
+            out += f"\n{contrast_caption(diffs)}\n\n{diffs.to_markdown(index=False, floatfmt='.1f')}\n"
+        anchors = anchor_table(dataset, rows)
+        if anchors is not None:
+            out += f"\n{anchor_caption(dataset)}\n\n{anchors.to_markdown(index=False, disable_numparse=True)}\n"
+    bench = benchmark_summary(results)
+    if len(bench):
+        out += f"\n#### across benchmarks\n\n{BENCHMARK_CAPTION}\n\n{bench.to_markdown(index=False, disable_numparse=True)}\n"
     return out
 
 
 def tidy(exp, results, avg: str) -> pd.DataFrame:
-    """One tidy table: the results (table = "results") and the paired comparisons (table = "comparisons") as rows,
-    each with the columns of its kind (the others empty), counts as integers."""
-    parts = [summary(exp, results, avg).assign(table="results"), contrasts(results).assign(table="comparisons")]
+    """One tidy table: the results (table = "results"), the paired comparisons ("comparisons"), with several
+    datasets the summary across them ("benchmarks"), and published numbers ("published", their own `source`
+    column) as rows, each with the columns of its kind (the others empty), counts as integers."""
+    published = [a.rename(columns={"published (not measured here)": "method"}).assign(dataset=d)
+                 for d, rows in sections(results) if (a := anchor_table(d, rows)) is not None]
+    parts = [summary(exp, results, avg).assign(table="results"), contrasts(results).assign(table="comparisons"),
+             benchmark_summary(results).assign(table="benchmarks"),
+             *[p.astype({"Avg": float, "Worst": float}).assign(table="published") for p in published]]
     counts = [c for c in COLUMNS if c.startswith(("seeds ", "trials ")) or c == "compute (s)"] + ["paired seeds"]
     frame = pd.concat([df.astype({c: "Int64" for c in counts if c in df}) for df in parts if len(df)])
-    columns = ["experiment", "table", *dict.fromkeys([*COLUMNS, *CONTRAST_COLUMNS])]
+    columns = ["experiment", "table", *dict.fromkeys(c for c in [*COLUMNS, *CONTRAST_COLUMNS, *frame.columns]
+                                                     if c not in ("experiment", "table"))]
     return frame.assign(experiment=exp.name).reindex(columns=columns)
 
 
@@ -366,24 +464,47 @@ def _latex_table(df: pd.DataFrame, text: str, label: str) -> str:
 
 
 def render_latex(exp, results, avg: str) -> str:
-    shown = _shown(exp, results, avg).rename(columns={"trials (complete/pruned/failed)": "trials (c/p/f)"})
-    out = _latex_table(shown, caption(exp, results, avg), f"tab:{exp.name}")
-    diffs = contrasts(results)
-    if len(diffs):
-        cells = diffs.astype(object).map(lambda v: f"{v:.1f}" if isinstance(v, float) else v)
-        out += "\n" + _latex_table(cells, contrast_caption(diffs), f"tab:{exp.name}-ci")
+    out, several = "", len(datasets_of(results)) > 1
+    for dataset, rows in sections(results):
+        shown = _shown(exp, rows, avg).rename(columns={"trials (complete/pruned/failed)": "trials (c/p/f)"})
+        text = caption(exp, results, avg) + (f" Dataset {dataset}." if several else "")
+        out += ("\n" if out else "") + _latex_table(shown, text, f"tab:{exp.name}-{dataset}" if several
+                                                     else f"tab:{exp.name}")
+        diffs = contrasts(rows)
+        if len(diffs):
+            cells = diffs.astype(object).map(lambda v: f"{v:.1f}" if isinstance(v, float) else v)
+            out += "\n" + _latex_table(cells, contrast_caption(diffs), f"tab:{exp.name}-{dataset}-ci" if several
+                                       else f"tab:{exp.name}-ci")
+        anchors = anchor_table(dataset, rows)
+        if anchors is not None:
+            out += "\n" + _latex_table(anchors, anchor_caption(dataset), f"tab:{exp.name}-{dataset}-published")
+    bench = benchmark_summary(results)
+    if len(bench):
+        out += "\n" + _latex_table(bench, BENCHMARK_CAPTION, f"tab:{exp.name}-benchmarks")
     return out
 
 
 def _html_parts(exp, results, avg: str, with_js: bool) -> list[str]:
-    from .figures import figures
-    figs = figures(results, avg, exp.selection)
-    parts = [f"<h1>Experiment {html.escape(exp.name)}</h1>", f"<p>{html.escape(caption(exp, results, avg))}</p>",
-             _shown(exp, results, avg).to_html(index=False, border=0, classes="table")]
-    diffs = contrasts(results)
-    if len(diffs):
-        parts += [f"<p>{html.escape(contrast_caption(diffs))}</p>", diffs.to_html(index=False, border=0)]
-    for i, fig in enumerate(figs.values()):  # plotly.js inlined once: the file works offline
+    from .figures import benchmark_figure, figures
+    parts, several = [f"<h1>Experiment {html.escape(exp.name)}</h1>",
+                      f"<p>{html.escape(caption(exp, results, avg))}</p>"], len(datasets_of(results)) > 1
+    for dataset, rows in sections(results):
+        if several:
+            parts.append(f"<h2>{html.escape(dataset)}</h2>")
+        parts.append(_shown(exp, rows, avg).to_html(index=False, border=0, classes="table"))
+        diffs = contrasts(rows)
+        if len(diffs):
+            parts += [f"<p>{html.escape(contrast_caption(diffs))}</p>", diffs.to_html(index=False, border=0)]
+        anchors = anchor_table(dataset, rows)
+        if anchors is not None:
+            parts += [f"<p>{html.escape(anchor_caption(dataset))}</p>", anchors.to_html(index=False, border=0)]
+    figs = list(figures(results, avg, exp.selection).values())
+    bench = benchmark_summary(results)
+    if len(bench):
+        parts += ["<h2>across benchmarks</h2>", f"<p>{html.escape(BENCHMARK_CAPTION)}</p>",
+                  bench.to_html(index=False, border=0)]
+        figs.insert(0, benchmark_figure(results))
+    for i, fig in enumerate(figs):  # plotly.js inlined once: the file works offline
         parts.append(fig.to_html(full_html=False, include_plotlyjs=with_js and i == 0, default_width="100%"))
     return parts
 

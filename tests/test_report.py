@@ -367,3 +367,80 @@ def test_several_experiments_side_by_side(storage, tmp_path):
     assert page.count("<h1>Experiment") == 2 and page.count("<!DOCTYPE html>") == 1
     missing = report(url, "--experiment", "gold,nope")
     assert missing.stderr.strip() == "error: no experiment named 'nope' in this storage"
+
+
+# Two benchmarks, one configuration per method, seeds 0 (searched), 1 and 2; test worst-group per seed:
+CROSS = {"synthetic": {"erm": (0.50, 0.54, 0.52), "groupdro": (0.80, 0.86, 0.83), "fim": (0.60, 0.70, 0.65)},
+         "cmnist": {"erm": (0.60, 0.62, 0.70), "groupdro": (0.70, 0.60, 0.68), "fim": (0.64, 0.58, 0.70)}}
+# Written by hand from CROSS. Means: synthetic ERM 52, DRO 83, Ours 65 (ranks 3, 1, 2); cmnist ERM 64, DRO 66,
+# Ours 64 (ranks 2.5, 1, 2.5: a tie shares its mean rank). Paired differences (pp) with t(0.975, 2) = 4.3027:
+# synthetic Ours − ERM 10/16/13: sd 3, half 7.45 -> [5.5, 20.5] better; Ours − DRO −20/−16/−18: sd 2 -> worse;
+# DRO − ERM 30/32/31 -> better; cmnist Ours − ERM 4/−4/0: sd 4, half 9.9 -> undecided; DRO − ERM 10/−2/−2: mean 2,
+# sd 6.93, half 17.2 -> undecided; Ours − DRO −6/−2/2: mean −2 -> undecided.
+CROSS_HEADER = ["method", "mean rank", "benchmarks", "Worst synthetic", "Worst cmnist", "vs ERM synthetic",
+                "vs ERM cmnist", "vs DRO synthetic", "vs DRO cmnist"]
+CROSS_ROWS = [
+    ["ERM", "2.75", "2/2", "52.0", "64.0", "—", "—", "worse (−31.0)", "undecided (−2.0)"],
+    ["DRO", "1.00", "2/2", "83.0", "66.0", "better (+31.0)", "undecided (+2.0)", "—", "—"],
+    ["Ours", "2.25", "2/2", "65.0", "64.0", "better (+13.0)", "undecided (+0.0)", "worse (−18.0)", "undecided (−2.0)"],
+]
+
+
+def fill_benchmarks(storage, name="cross"):
+    exp = Experiment(name=name, datasets=list(CROSS), methods=["erm", "groupdro", "fim"], trials=1, epochs=4)
+    init_experiment(storage, exp, check_data=False)
+    for dataset, methods in CROSS.items():
+        for m, wgas in methods.items():
+            study = optuna.load_study(study_name=f"{name}/{dataset}/{m}", storage=storage)
+            study.add_trial(_trial(C, wgas[0], test=(wgas[0], 0.9, 0.9)))
+            config = study.trials[-1].number
+            seeds = optuna.load_study(study_name=f"{name}/{dataset}/{m}/seeds", storage=storage)
+            for seed, wga in enumerate(wgas[1:], start=1):
+                seeds.add_trial(_trial(C, wga, test=(wga, 0.9, 0.9), seed=seed, attrs={"config": config, "rank": 1}))
+    return exp
+
+
+def test_summary_across_benchmarks_golden(storage, tmp_path):
+    s, url = storage
+    fill_benchmarks(s)
+    p = report(url, "--experiment", "cross")
+    assert p.returncode == 0, p.stderr
+    text = p.stdout
+    assert text.index("#### synthetic") < text.index("#### cmnist") < text.index("#### across benchmarks")
+    summary = text[text.index("#### across benchmarks"):]
+    lines = [line for line in summary.splitlines() if line.startswith("|") and not line.startswith("|:")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == CROSS_HEADER
+    assert cells[1:] == CROSS_ROWS
+    # one table per dataset, each with its own rows only
+    tables = [text[text.index(f"#### {d}"):] for d in CROSS]
+    for d, part in zip(CROSS, tables):
+        rows = [r for r in markdown_rows(part.split("####")[1]) if r[0] in CROSS]
+        assert [r[0] for r in rows[:3]] == [d] * 3
+    # the CSV carries the same verdicts, the HTML the table and the figure
+    csv_text = report(url, "--experiment", "cross", "--format", "csv").stdout
+    bench = pd.read_csv(io.StringIO(csv_text)).query("table == 'benchmarks'")
+    assert bench["vs DRO synthetic"].tolist() == [r[7] for r in CROSS_ROWS]
+    html_text = report(url, "--experiment", "cross", "--format", "html").stdout
+    assert "across benchmarks" in html_text and "Worst-group accuracy across benchmarks" in html_text
+
+
+def test_published_anchors_stay_apart_from_measured_rows(storage):
+    s, url = storage
+    exp = Experiment(name="wb", datasets=["texdigits"], methods=["erm", "groupdro"], trials=1, epochs=4)
+    init_experiment(s, exp, check_data=False)
+    for m, wga in (("erm", 0.30), ("groupdro", 0.60)):
+        optuna.load_study(study_name=f"wb/texdigits/{m}", storage=s).add_trial(_trial(C, wga, test=(wga, 0.8, 0.9)))
+    text = report(url, "--experiment", "wb").stdout
+    measured, published = text.split("Published anchors for texdigits")
+    assert [r[:4] for r in markdown_rows(measured)] == [["texdigits", "ERM", "90.0", "30.0"],
+                                                         ["texdigits", "DRO", "90.0", "60.0"]]
+    assert "72.6" not in measured
+    rows = [r for r in markdown_rows(published) if r[0] != "published (not measured here)"]
+    assert rows == [["ERM", "97.3", "60.0", "the paper's Waterbirds table"],
+                    ["DRO", "93.2", "86.0", "the paper's Waterbirds table"],
+                    ["ERM", "97.3", "72.6", "Liu et al. 2021 (JTT paper), early stopping on val worst-group"],
+                    ["DRO", "93.5", "91.4", "Sagawa et al. 2020 (GroupDRO), strong L2"]]  # only the methods it ran
+    tidy = pd.read_csv(io.StringIO(report(url, "--experiment", "wb", "--format", "csv").stdout))
+    assert set(tidy.loc[tidy["table"] == "results", "Worst"]) == {30.0, 60.0}
+    assert tidy.loc[tidy["table"] == "published", "source"].notna().all()

