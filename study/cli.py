@@ -104,6 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the whole comparison on a laptop: SQLite, CPU, cmnist")
     demo.add_argument("--storage", default="sqlite:///demo.db", help="a fresh SQLite file (recreated)")
+    demo.add_argument("--datasets", default="cmnist",
+                      help="comma-separated bundled benchmarks, e.g. cmnist,texdigits (default: cmnist); with several "
+                           "the report ends with a summary across them")
     demo.add_argument("--workers", type=int, default=2)
     demo.add_argument("--trials", type=int, default=6, help="trials per method")
     demo.add_argument("--epochs", type=int, default=20)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 return run_demo(args.storage, workers=args.workers, trials=args.trials, epochs=args.epochs,
                                 seeds=args.seeds,
-                                top_k=args.top_k, html=args.html, methods=args.methods)
+                                top_k=args.top_k, html=args.html, methods=args.methods, datasets=args.datasets)
             except KeyboardInterrupt:
                 print("error: demo interrupted; its workers were stopped and their trials re-queued", file=sys.stderr)
                 return 2

@@ -1,4 +1,5 @@
-"""`python -m study demo`: ERM vs GroupDRO vs Ours on cmnist, on a laptop (SQLite, CPU, two workers)."""
+"""`python -m study demo`: ERM vs GroupDRO vs Ours on cmnist (or several bundled benchmarks), on a laptop (SQLite,
+CPU, two workers)."""
 from __future__ import annotations
 
 import os
@@ -85,7 +86,7 @@ def _refuse_foreign(db: Path) -> None:
 
 
 def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 2,
-             html: str | None = "demo-report.html", methods: str | None = None) -> int:
+             html: str | None = "demo-report.html", methods: str | None = None, datasets: str = "cmnist") -> int:
     started = time.time()
     url = make_url(storage_url)
     if url.get_backend_name() != "sqlite" or not url.database:
@@ -97,7 +98,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     if seeds == 1 or seeds < 0:
         raise ValueError(f"--seeds must be 0 (no seed phase) or >= 2 (the searched run counts as one), got {seeds}")
     names = list(COMPARISON) if methods is None else methods.split(",")  # "all" is expanded by Experiment
-    exp = Experiment(name=EXPERIMENT, datasets=["cmnist"], methods=names, trials=trials, epochs=epochs)
+    exp = Experiment(name=EXPERIMENT, datasets=datasets.split(","), methods=names, trials=trials, epochs=epochs)
     db = Path(url.database)
     _refuse_foreign(db)
     for old in (db, *db.parent.glob(f"{db.stem}.worker*.log")):
@@ -106,7 +107,8 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     init_experiment(storage, exp)
     STOP.install(interruptible=True)
     try:
-        print(f"experiment {EXPERIMENT!r} on {storage_url}: {trials} trials x {len(exp.methods)} methods, "
+        print(f"experiment {EXPERIMENT!r} on {storage_url}: {', '.join(exp.datasets)}, {trials} trials x "
+              f"{len(exp.methods)} methods, "
               f"{workers} workers, up to {exp.epochs} epochs per trial, then the top {top_k} configurations of each "
               f"with {seeds} seeds")
         t0 = time.time()

@@ -418,7 +418,8 @@ def render_markdown(exp, results, avg: str) -> str:
             out += f"\n{anchor_caption(dataset)}\n\n{anchors.to_markdown(index=False, disable_numparse=True)}\n"
     bench = benchmark_summary(results)
     if len(bench):
-        out += f"\n#### across benchmarks\n\n{BENCHMARK_CAPTION}\n\n{bench.to_markdown(index=False, disable_numparse=True)}\n"
+        table = bench.to_markdown(index=False, disable_numparse=True)
+        out += f"\n#### across benchmarks\n\n{BENCHMARK_CAPTION}\n\n{table}\n"
     return out
 
 

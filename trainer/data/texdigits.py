@@ -61,33 +61,36 @@ def _sources():
     return torch.from_numpy(digits.reshape(-1, 28, 28).astype(np.float32) / 255.0), labels, textures
 
 
-SATURATION = (0.6, 1.0)         # of the object's colour (HSV), its hue uniform
-
-
 def _colours(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Saturated, bright RGB colours of random hue (HSV with s in [0.6, 1], v in [0.8, 1])."""
-    h, s, v = torch.rand(n, generator=gen), SATURATION[0] + (SATURATION[1] - SATURATION[0]) * torch.rand(n, generator=gen), 0.8 + 0.2 * torch.rand(
-        n, generator=gen)
+    """Saturated, bright RGB colours of uniform random hue (HSV with s in [0.6, 1], v in [0.8, 1])."""
+    h, s, v = (lo + (hi - lo) * torch.rand(n, generator=gen) for lo, hi in ((0, 1), (0.6, 1), (0.8, 1)))
     k = (torch.tensor([5.0, 3.0, 1.0]) + 6 * h[:, None]) % 6
     return v[:, None] - v[:, None] * s[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def uniform(lo: float, hi: float, gen: torch.Generator) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=gen))
+
+
+def crop_box(band: tuple[float, float], shape: tuple[int, int], size: int, gen: torch.Generator):
+    """(top, left, side) of a background crop inside `band`'s rows of a texture of `shape`."""
+    rows = (int(band[0] * shape[0]), int(band[1] * shape[0]))
+    side = min(int(round(uniform(*CROP_SCALE, gen) * size)), rows[1] - rows[0])
+    top = rows[0] + int(torch.randint(rows[1] - rows[0] - side + 1, (), generator=gen))
+    left = int(torch.randint(shape[1] - side + 1, (), generator=gen))
+    return top, left, side
 
 
 def _render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
             gen: torch.Generator) -> torch.Tensor:
     """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows with the coloured digit on it."""
-    def uniform(lo: float, hi: float) -> float:
-        return lo + (hi - lo) * float(torch.rand((), generator=gen))
-
-    rows = (int(band[0] * texture.shape[0]), int(band[1] * texture.shape[0]))
-    side = min(int(round(uniform(*CROP_SCALE) * size)), rows[1] - rows[0])
-    top = rows[0] + int(torch.randint(rows[1] - rows[0] - side + 1, (), generator=gen))
-    left = int(torch.randint(texture.shape[1] - side + 1, (), generator=gen))
+    top, left, side = crop_box(band, tuple(texture.shape), size, gen)
     crop = texture[top:top + side, left:left + side]
     if torch.rand((), generator=gen) < 0.5:
         crop = crop.flip(1)
     bg = F.interpolate(crop[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
     bg = 0.5 + TEXTURE_CONTRAST * (bg - 0.5)
-    d = int(round(uniform(*OBJECT_SCALE) * size))
+    d = int(round(uniform(*OBJECT_SCALE, gen) * size))
     alpha = F.interpolate(digit[None, None], size=(d, d), mode="bilinear", align_corners=False)[0].clamp(0, 1)
     centre, shift = (size - d) // 2, int(JITTER * size)
     y0, x0 = (max(0, min(size - d, centre + int(torch.randint(-shift, shift + 1, (), generator=gen))))
