@@ -75,12 +75,14 @@ def main():
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--method", default="erm")
     p.add_argument("--repeats", type=int, default=3, help="median over this many measurements")
+    p.add_argument("--only", help="comma-separated column prefixes (bundled, earlier, texdigits; default: all)")
     args = p.parse_args()
+    configs = {k: v for k, v in CONFIGS.items() if not args.only or k.split(":")[0] in args.only.split(",")}
     torch.set_num_threads(1)
     med = statistics.median
     start = med(_wall([sys.executable, "-c", "import study.worker"]) for _ in range(args.repeats))
     rows = {}
-    for name, (dataset, settings) in CONFIGS.items():
+    for name, (dataset, settings) in configs.items():
         t0 = time.perf_counter()
         splits = load_splits(dataset, image_size=settings["image_size"])
         data = time.perf_counter() - t0
@@ -92,10 +94,9 @@ def main():
                       "forward/backward (per trial)": fwd, "evaluation (per trial)": ev,
                       "storage and objective (per trial)": store, "trial": fwd + ev + store}
     df = pd.DataFrame(rows)
-    bundled, *others = df.columns
-    for name in others[:2]:  # how much cheaper the bundled benchmark is than the earlier ones
-        df[f"bundled / {name.split(': ')[1]}"] = df[bundled] / df[name]
-    df["texdigits / bundled"] = df[others[2]] / df[bundled]
+    bundled = next((c for c in df.columns if c.startswith("bundled")), None)
+    for name in [c for c in df.columns if bundled and c != bundled]:  # ratios to the bundled benchmark
+        df[f"{name.split(':')[0]} {name.split(': ')[1].split(',')[0]} / bundled"] = df[name] / df[bundled]
     print(f"\n{args.method}, {args.epochs} epochs, 1 thread, median of {args.repeats} (seconds)\n")
     print(df.round(3).to_markdown())
 

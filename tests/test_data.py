@@ -158,3 +158,19 @@ def test_texdigits_is_deterministic_and_cached(tmp_path, monkeypatch):
     assert load_splits("texdigits", data_seed=2, image_size=32).checksum != first.checksum
     with pytest.raises(ValueError, match="train_agreement must be in"):
         load_splits("texdigits", train_agreement=1.5)
+
+
+def test_texdigits_training_shifts_are_seeded_and_evaluation_is_untouched(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path))
+    s = load_splits("texdigits", image_size=32)
+    x = s.train.x[:8]
+    assert torch.equal(s.train.batch_transform(x, train=False), x)
+    one = s.train.batch_transform(x, train=True, generator=torch.Generator().manual_seed(0))
+    two = s.train.batch_transform(x, train=True, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(one, two) and one.shape == x.shape and not torch.equal(one, x)
+    # a shift moves pixels, it makes none: every shifted image's centre is a window of its padded original
+    pad = int(0.1 * 32)
+    padded = torch.nn.functional.pad(x, (pad,) * 4, mode="reflect")
+    for i in range(8):
+        windows = padded[i].unfold(1, 32, 1).unfold(2, 32, 1)  # 3 x (2 pad + 1)^2 positions x 32 x 32
+        assert any(torch.equal(windows[:, r, c], one[i]) for r in range(2 * pad + 1) for c in range(2 * pad + 1))

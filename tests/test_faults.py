@@ -132,6 +132,8 @@ def test_demo_never_deletes_a_storage_it_did_not_make(tmp_path, pg_url):
     one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}", "--trials", "0"), "trials must be an integer")
     one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}"), "holds other experiments (mine/")
     one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}", "--workers", "0"), "--workers must be >= 1")
+    one_line_error(study_main("demo", "--storage", f"sqlite:///{keep}", "--datasets", "cmnist,birds"),
+                   "unknown dataset 'birds'")
     assert digest(keep) == before
     notes = tmp_path / "notes.db"
     notes.write_text("my notes\n")

@@ -280,9 +280,10 @@ def test_an_untrained_baseline_is_flagged(storage):
     init_experiment(s, Experiment(name="flat", datasets=["synthetic"], methods=["erm", "fim", "groupdro"], trials=2,
                                   epochs=4), check_data=False)
     study = {m: optuna.load_study(study_name=f"flat/synthetic/{m}", storage=s) for m in ("erm", "fim", "groupdro")}
-    # ERM: selected at its first epoch and never better; Ours: trained (best epoch 4 after a 1-epoch warm-up);
-    # DRO: a single predicted class (worst-class accuracy 0) at a later epoch
-    study["erm"].add_trial(_trial(C, 0.0, test=(0.0, 0.55, 0.9), epochs=1, attrs={"first_own_epoch": 1}))
+    # ERM: selected at its first epoch and never better, near chance on val; Ours: trained (best epoch 4 after a
+    # 1-epoch warm-up); DRO: a single predicted class (worst-class accuracy 0) at a later epoch
+    study["erm"].add_trial(_trial(C, 0.0, val_avg=0.55, test=(0.0, 0.55, 0.9), epochs=1,
+                                  attrs={"first_own_epoch": 1}))
     study["fim"].add_trial(_trial(C, 0.7, test=(0.7, 0.9, 0.9), attrs={"first_own_epoch": 2}))
     collapsed = _trial(C, 0.0, test=(0.0, 0.5, 0.5))
     collapsed.user_attrs["test"]["worst_class"] = 0.0
@@ -292,6 +293,17 @@ def test_an_untrained_baseline_is_flagged(storage):
     assert [r[1] for r in markdown_rows(p.stdout) if len(r) == 10] == ["ERM †", "DRO †", "Ours"]
     assert "† synthetic/ERM: its best epoch is its first in every seed — not a trained baseline" in p.stdout
     assert "† synthetic/DRO: predicts a single class in every seed" in p.stdout and "synthetic/Ours:" not in p.stdout
+
+
+def test_a_model_of_the_spurious_attribute_is_a_trained_baseline(storage):
+    s, url = storage
+    init_experiment(s, Experiment(name="shortcut", datasets=["synthetic"], methods=["erm"], trials=1, epochs=4),
+                    check_data=False)
+    # val worst-group 0 at its first epoch, 95% train-weighted: it learned the attribute, not nothing
+    optuna.load_study(study_name="shortcut/synthetic/erm", storage=s).add_trial(
+        _trial(C, 0.0, val_avg=0.95, test=(0.0, 0.5, 0.95), epochs=1, attrs={"first_own_epoch": 1}))
+    p = report(url, "--experiment", "shortcut")
+    assert [r[1] for r in markdown_rows(p.stdout) if len(r) == 10] == ["ERM"] and "†" not in p.stdout
 
 
 def test_unknown_experiment_is_one_line_error(storage, tmp_path):

@@ -32,7 +32,7 @@ class DatasetDefaults:
 # these learning rates instead (and the search range around them).
 FAMILY_LR = {"scratch": 0.05, "pretrained": 1e-3}
 SCRATCH_MODELS = ("cnn", "cnn_narrow", "cnn_stem")  # no pretrained weights exist for these
-IMAGE_DATASETS = ("waterbirds", "celeba", "folder")  # the ones with an augmentation (crop + flip)
+IMAGE_DATASETS = ("waterbirds", "celeba", "folder", "texdigits")  # the ones with an augmentation (texdigits: shifts)
 
 SAGAWA = "Sagawa et al. 2020 (group_DRO): SGD momentum 0.9, no augmentation, BatchNorm trained"
 
@@ -44,8 +44,9 @@ DATASETS = {
     "cmnist": (load_cmnist, DatasetDefaults("cnn_narrow", 20, 0.01, 1e-4, 64, 7, False, 5.0, False, False,
                                             "ours (README: benchmark); IRM's construction has no augmentation")),
     # texdigits: Waterbirds-shaped, digits on textures at 64 x 64 (trainer/data/texdigits.py); a strided stem gives
-    # the small CNN an object-sized receptive field at a 28-px input's cost; lr 0.05, FAMILY_LR's scratch rate
-    "texdigits": (load_texdigits, DatasetDefaults("cnn_stem", 20, 0.05, 1e-4, 64, 64, False, 5.0, False, False,
+    # the small CNN an object-sized receptive field at a 28-px input's cost; lr 0.05, FAMILY_LR's scratch rate;
+    # random shifts of the training batches (GroupDRO 71-73% worst-group with them, 52-55% without, 2 seeds)
+    "texdigits": (load_texdigits, DatasetDefaults("cnn_stem", 20, 0.05, 1e-4, 64, 64, False, 5.0, True, False,
                                                   "ours (README: benchmark)")),
     "synthetic": (load_synthetic, DatasetDefaults("cnn", 3, 0.05, 1e-4, 32, 16, False, 5.0, False, False, "ours")),
     # Sagawa et al. 2020 (GroupDRO) recipe: ResNet-50, SGD momentum 0.9, batch 128, no clipping; their commands have

@@ -5,10 +5,12 @@ An object (the label) on a background (the shortcut), in Waterbirds' proportions
   (its stroke as the alpha mask, a random hue independent of label and background), 0.8 of the image side, near
   the centre (as Waterbirds' birds are); label y = digit >= 5 (y = 0 is the majority class, as landbirds);
 - background: a random crop (random side, random flip) of one of two real texture photographs bundled with
-  scikit-image, attribute a = 0 grass, a = 1 gravel (both CC0), drawn at 15% of its contrast. Why: trained from
-  scratch (no pretrained features exist offline), at full contrast no method learned the digit at all — ERM and
-  GroupDRO ended at chance on the balanced test set (average 48-53%) while the digit alone, without the
-  shortcut, is learnable (82-87%); at 15% the texture still predicts 95% of the training labels perfectly;
+  scikit-image, attribute a = 0 grass, a = 1 gravel (both CC0, stored grey), coloured as grass and gravel are
+  (green, grey-brown: `TINTS`) with its texture at 15% of its contrast. Why, measured while building it (README):
+  trained from scratch (no pretrained features exist offline), at full contrast no method learned the digit at all
+  (test average at chance) although the digit alone is learnable (82-87%); faded but grey, the texture no longer
+  carried from one split's rows to another's, and ERM fell to predicting the majority class; coloured, the
+  background is the shortcut Waterbirds' is (forest green against water blue);
 - train: Waterbirds' class imbalance (3,682 : 1,113 = 3.3 : 1; here 1,843 : 557) and its agreement (95% of each
   class on its own background: groups 1,751 / 92 / 28 / 529 against Waterbirds' 3,498 / 184 / 56 / 1,057);
   val and test: 150 images per group, so the background is independent of the label (Waterbirds keeps its class
@@ -17,6 +19,7 @@ An object (the label) on a background (the shortcut), in Waterbirds' proportions
 - disjoint sources: every digit is used once, in one split; each split crops its backgrounds from its own band of
   rows of each texture (train the top 60%, val the next 20%, test the last 20%), so no pixel is shared either.
 Generated deterministically from `data_seed` (and `train_agreement`, `image_size`) and cached in DEBIAS_CACHE_DIR.
+Training batches are shifted at random by up to 10% of the side when the run augments (the recipe does).
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ import torch.nn.functional as F
 from .base import Splits, TensorGroupDataset
 from .decoded import cache_dir
 
-VERSION = "3"  # bump when the generation changes: older cache files are then ignored
+VERSION = "4"  # bump when the generation changes: older cache files are then ignored
 TEXTURES = ("grass", "gravel")  # attribute a = index; scikit-image's CC0 texture photographs (512 x 512, grey)
 TRAIN_CLASS = (1843, 557)       # training images per class: Waterbirds' 3,682 : 1,113 at half its size
 EVAL_GROUP = 150                # val and test images per group
 BANDS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}  # rows of each texture per split
 OBJECT_SCALE = (0.8, 0.8)       # digit side / image side
 TEXTURE_CONTRAST = 0.15         # background drawn at this fraction of its contrast (see the module docstring)
+TINTS = ((0.36, 0.55, 0.22), (0.58, 0.52, 0.45))  # background mean colour per attribute: grass green, gravel grey
 JITTER = 0.03                   # largest shift of the digit from the centre / image side
 CROP_SCALE = (1.0, 1.5)         # background crop side / image side, in texture pixels (64 px image: 64-96 px crop)
 
@@ -82,7 +86,7 @@ def crop_box(band: tuple[float, float], shape: tuple[int, int], size: int, gen: 
 
 
 def _render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
-            gen: torch.Generator) -> torch.Tensor:
+            gen: torch.Generator, a: int = 0) -> torch.Tensor:
     """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows with the coloured digit on it."""
     top, left, side = crop_box(band, tuple(texture.shape), size, gen)
     crop = texture[top:top + side, left:left + side]
@@ -95,7 +99,7 @@ def _render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float
     centre, shift = (size - d) // 2, int(JITTER * size)
     y0, x0 = (max(0, min(size - d, centre + int(torch.randint(-shift, shift + 1, (), generator=gen))))
               for _ in range(2))
-    img = bg.expand(3, size, size).clone()
+    img = (2 * bg * torch.tensor(TINTS[a])[:, None, None]).clamp(0, 1)  # bg's mean is about 0.5
     patch = img[:, y0:y0 + d, x0:x0 + d]
     img[:, y0:y0 + d, x0:x0 + d] = patch * (1 - alpha) + colour[:, None, None] * alpha
     return img
@@ -118,10 +122,31 @@ def generate(data_seed: int = 0, train_agreement: float = 0.95, image_size: int 
             as_ += [a] * n
         idx = torch.cat(idx)
         colours = _colours(len(idx), gen)
-        x = torch.stack([_render(digits[i], textures[a], band, c, image_size, gen)
+        x = torch.stack([_render(digits[i], textures[a], band, c, image_size, gen, a)
                          for i, a, c in zip(idx.tolist(), as_, colours)])
         out[split] = ((x * 255).round().to(torch.uint8), torch.tensor(ys), torch.tensor(as_), idx)
     return out
+
+
+SHIFT = 0.1  # training augmentation: random translation by up to this fraction of the side (reflected border)
+
+
+class TexDigitsDataset(TensorGroupDataset):
+    """A texdigits split; with augmentation (the recipe's), training batches are shifted at random."""
+
+    def batch_transform(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None):
+        if not train:
+            return x
+        n, c, h, w = x.shape
+        pad = max(1, int(SHIFT * h))
+        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        device = generator.device if generator is not None else x.device
+        dy, dx = (torch.randint(2 * pad + 1, (n, 1), generator=generator, device=device).to(x.device)
+                  for _ in range(2))
+        rows, cols = dy + torch.arange(h, device=x.device), dx + torch.arange(w, device=x.device)
+        # one gather for the batch: no per-image loop, no read back to the host
+        return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[
+            None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def load_texdigits(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 64, **_) -> Splits:
@@ -141,7 +166,7 @@ def load_texdigits(data_seed: int = 0, train_agreement: float = 0.95, image_size
         tmp.replace(path)
     splits, h = {}, hashlib.sha256()
     for name, (x, y, a, _) in data.items():
-        splits[name] = TensorGroupDataset(x.float() / 255.0, y, a, n_classes=2, n_attr=2)
+        splits[name] = TexDigitsDataset(x.float() / 255.0, y, a, n_classes=2, n_attr=2)
         for t in (x, y, a):
             h.update(t.numpy().tobytes())
     return Splits(**splits, name="texdigits", checksum=h.hexdigest()[:16])
