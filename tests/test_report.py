@@ -350,8 +350,10 @@ def test_seed_phase_end_to_end_with_real_workers(pg_url):
 def test_latex_compiles_and_fits_the_page(storage, tmp_path):
     s, url = storage
     fill(s)
-    latex = report(url, "--experiment", "gold", "--format", "latex").stdout
+    fill_benchmarks(s)  # one table per dataset, the summary across them
+    latex = report(url, "--experiment", "gold,cross", "--format", "latex").stdout
     assert r"val\_wga" in latex and r"\%" in latex and r"\resizebox{\linewidth}" in latex
+    assert r"\label{tab:cross-benchmarks}" in latex and "worse ($-$31.0)" in latex
     doc = tmp_path / "r.tex"
     doc.write_text("\\documentclass{article}\n\\usepackage[T1]{fontenc}\n\\usepackage{booktabs,graphicx}\n"
                    f"\\begin{{document}}\n{latex}\\end{{document}}\n")
@@ -389,13 +391,13 @@ CROSS = {"synthetic": {"erm": (0.50, 0.54, 0.52), "groupdro": (0.80, 0.86, 0.83)
 # synthetic Ours − ERM 10/16/13: sd 3, half 7.45 -> [5.5, 20.5] better; Ours − DRO −20/−16/−18: sd 2 -> worse;
 # DRO − ERM 30/32/31 -> better; cmnist Ours − ERM 4/−4/0: sd 4, half 9.9 -> undecided; DRO − ERM 10/−2/−2: mean 2,
 # sd 6.93, half 17.2 -> undecided; Ours − DRO −6/−2/2: mean −2 -> undecided.
-CROSS_HEADER = ["method", "mean rank", "benchmarks", "Worst synthetic", "Worst cmnist", "vs ERM synthetic",
-                "vs ERM cmnist", "vs DRO synthetic", "vs DRO cmnist"]
-CROSS_ROWS = [
-    ["ERM", "2.75", "2/2", "52.0", "64.0", "—", "—", "worse (−31.0)", "undecided (−2.0)"],
-    ["DRO", "1.00", "2/2", "83.0", "66.0", "better (+31.0)", "undecided (+2.0)", "—", "—"],
-    ["Ours", "2.25", "2/2", "65.0", "64.0", "better (+13.0)", "undecided (+0.0)", "worse (−18.0)", "undecided (−2.0)"],
-]
+GOLDEN_SUMMARY = GOLDEN / "summary_across_benchmarks.md"  # the expected summary, written by hand from the above
+
+
+def table_cells(text: str) -> list[list[str]]:
+    """The cells of every Markdown table line but the separator, header first."""
+    lines = [line for line in text.splitlines() if line.startswith("|") and not line.startswith("|:")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
 def fill_benchmarks(storage, name="cross"):
@@ -419,11 +421,8 @@ def test_summary_across_benchmarks_golden(storage, tmp_path):
     assert p.returncode == 0, p.stderr
     text = p.stdout
     assert text.index("#### synthetic") < text.index("#### cmnist") < text.index("#### across benchmarks")
-    summary = text[text.index("#### across benchmarks"):]
-    lines = [line for line in summary.splitlines() if line.startswith("|") and not line.startswith("|:")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    assert cells[0] == CROSS_HEADER
-    assert cells[1:] == CROSS_ROWS
+    expected = table_cells(GOLDEN_SUMMARY.read_text())
+    assert table_cells(text[text.index("#### across benchmarks"):]) == expected
     # one table per dataset, each with its own rows only
     tables = [text[text.index(f"#### {d}"):] for d in CROSS]
     for d, part in zip(CROSS, tables):
@@ -432,7 +431,7 @@ def test_summary_across_benchmarks_golden(storage, tmp_path):
     # the CSV carries the same verdicts, the HTML the table and the figure
     csv_text = report(url, "--experiment", "cross", "--format", "csv").stdout
     bench = pd.read_csv(io.StringIO(csv_text)).query("table == 'benchmarks'")
-    assert bench["vs DRO synthetic"].tolist() == [r[7] for r in CROSS_ROWS]
+    assert bench["vs DRO synthetic"].tolist() == [r[7] for r in expected[1:]]
     html_text = report(url, "--experiment", "cross", "--format", "html").stdout
     assert "across benchmarks" in html_text and "Worst-group accuracy across benchmarks" in html_text
 
