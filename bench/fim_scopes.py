@@ -70,7 +70,7 @@ def searched(size: int, args) -> pd.DataFrame:
     from study.demo import run_workers
     from study.experiment import Experiment, init_experiment, load_experiment
     from study.replicate import replicate
-    from study.report import collect
+    from study.results import collect
     from study.storage import make_storage
 
     db = Path(tempfile.mkdtemp(prefix=f"fim_scopes{size}_")) / "s.db"

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from study.experiment import Experiment, init_experiment
-from study.report import best_trial
+from study.results import best_trial
 from study.storage import make_storage
 from study.worker import run_worker
 

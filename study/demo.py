@@ -17,9 +17,10 @@ from trainer.methods import COMPARISON
 
 from .experiment import Experiment, init_experiment, load_experiment
 from .replicate import replicate
-from .report import collect, render_html, render_markdown
+from .report import render_html, render_markdown
+from .results import collect, trial_counts
 from .storage import make_storage
-from .worker import StopSignals, trial_counts
+from .worker import StopSignals
 
 EXPERIMENT = "demo"
 

@@ -1,16 +1,23 @@
-"""The report's plotly figures, drawn from the StudyResults of `study.report.collect`."""
+"""The report's plotly figures, drawn from the StudyResults of `study.results.collect`."""
 from __future__ import annotations
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 from optuna.trial import TrialState
 
-COLORS = {"ERM": "#7f7f7f", "DRO": "#1f77b4", "Ours": "#d62728"}
-OTHER = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+from trainer.methods import METHODS
+
+from .results import AVG
+
+# One colour per registered method, in the registry's order (ERM grey, GroupDRO blue, Ours red, ...): a method keeps
+# its colour in every figure and every report, whatever else the experiment holds.
+PALETTE = ("#7f7f7f", "#1f77b4", "#d62728", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d")
 
 
-def _color(label: str, i: int) -> str:
-    return COLORS.get(label, OTHER[i % len(OTHER)])
+def color(method: str) -> str:
+    return PALETTE[list(METHODS).index(method) % len(PALETTE)] if method in METHODS else PALETTE[0]
 
 
 def _name(r, results) -> str:
@@ -37,10 +44,10 @@ def _trial_axis(fig: go.Figure, results) -> go.Figure:
 def history(results, objective: str) -> go.Figure:
     """Completed trials (filled) with the best so far, and pruned ones (open) at their last reported value."""
     fig = go.Figure()
-    for i, r in enumerate(results):
+    for r in results:
         done = sorted((t for t in r.search if t.state == TrialState.COMPLETE), key=lambda t: t.number)
         pruned = [t for t in r.search if t.state == TrialState.PRUNED and t.intermediate_values]
-        c, name = _color(r.label, i), _name(r, results)
+        c, name = color(r.method), _name(r, results)
         fig.add_scatter(x=[t.number for t in done], y=[t.value for t in done], mode="markers", name=name,
                         legendgroup=name, marker_color=c)
         fig.add_scatter(x=[t.number for t in pruned],
@@ -58,10 +65,10 @@ def history(results, objective: str) -> go.Figure:
 
 def avg_vs_worst(results, avg_key: str) -> go.Figure:
     fig = go.Figure()
-    for i, r in enumerate(results):
+    for r in results:
         done = [t for t in r.search if t.state == TrialState.COMPLETE and "test" in t.user_attrs]
         pts = [(100 * t.user_attrs["test"][avg_key], 100 * t.user_attrs["test"]["wga"]) for t in done]
-        c, name = _color(r.label, i), _name(r, results)
+        c, name = color(r.method), _name(r, results)
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=name, legendgroup=name,
                         marker_color=c, text=[f"trial {t.number}" for t in done])
         front = pareto_front(pts)
@@ -72,12 +79,12 @@ def avg_vs_worst(results, avg_key: str) -> go.Figure:
 
 def group_accuracy(results) -> go.Figure:
     fig = go.Figure()
-    for i, r in enumerate(results):
+    for r in results:
         if r.best is None:
             continue
         groups = r.best.user_attrs["test"]["groups"]
         fig.add_bar(x=[f"{group_name(g)} (n={g['count']})" for g in groups], y=[100 * g["acc"] for g in groups],
-                    name=_name(r, results), marker_color=_color(r.label, i))
+                    name=_name(r, results), marker_color=color(r.method))
     return fig.update_layout(barmode="group", xaxis_title="test group (label y, spurious attribute a)",
                              yaxis_title="accuracy of the best trial (%)")
 
@@ -89,8 +96,8 @@ def group_name(g: dict) -> str:
 
 def val_curves(results, objective: str) -> go.Figure:
     fig = go.Figure()
-    for i, r in enumerate(results):
-        c, name, first = _color(r.label, i), _name(r, results), True
+    for r in results:
+        c, name, first = color(r.method), _name(r, results), True
         for t in r.search:
             if t.state not in (TrialState.COMPLETE, TrialState.PRUNED) or not t.intermediate_values:
                 continue
@@ -107,15 +114,14 @@ def val_curves(results, objective: str) -> go.Figure:
 
 def benchmark_figure(results) -> go.Figure:
     """Test worst-group accuracy of every method on every benchmark: mean over its seeds, bars ± 1 std."""
-    import numpy as np
     fig = go.Figure()
-    for i, method in enumerate(dict.fromkeys(r.method for r in results)):
+    for method in dict.fromkeys(r.method for r in results):
         rows = [r for r in results if r.method == method and r.runs()]
         if not rows:
             continue
         values = [100 * np.array([t.user_attrs["test"]["wga"] for t in r.runs()]) for r in rows]
         fig.add_bar(x=[r.dataset for r in rows], y=[v.mean() for v in values], name=rows[0].label,
-                    marker_color=_color(rows[0].label, i),
+                    marker_color=color(method),
                     error_y=dict(type="data", array=[v.std(ddof=1) if len(v) > 1 else 0 for v in values]),
                     hovertext=[f"{len(v)} seeds" for v in values])
     return fig.update_layout(barmode="group", xaxis_title="benchmark", yaxis_title="test worst-group accuracy (%)",
@@ -161,7 +167,6 @@ def lambda_share(results) -> go.Figure | None:
 def figures(results, avg: str = "train_weighted", objective: str = "val_wga") -> dict[str, go.Figure]:
     """{id: figure}; the id names the figure in optuna-dashboard (a rerun replaces it). `objective`: the
     selection metric's name, as the studies and the dashboard call it."""
-    from .report import AVG
     out = {
         "history": (f"Optimization history: {objective} per trial, best so far, pruned trials open",
                     history(results, objective)),

@@ -9,8 +9,7 @@ that failed stays failed: the report shows it).
 """
 from __future__ import annotations
 
-from .report import collect, ranked
-from .worker import trial_counts
+from .results import collect, ranked, trial_counts
 
 TOP_K = 3   # configurations carried into the seed phase
 SEEDS = 5   # seeds per configuration, the searched run counting as one (BalancingGroups ranks by 5)

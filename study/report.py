@@ -11,13 +11,11 @@ import argparse
 import html
 import re
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from scipy import stats
 
@@ -25,11 +23,9 @@ from trainer.methods import get_method
 from trainer.metrics import get_selection
 
 from .anchors import ANCHORS
-from .experiment import load_experiment
-from .storage import retried_numbers
+from .figures import benchmark_figure, figures
+from .results import AVG, StudyResult, collect
 
-AVG = {"train_weighted": ("avg_train_weighted", "group accuracies weighted by training-set group proportions"),
-       "plain": ("avg_plain", "plain test accuracy")}
 FORMATS = ("markdown", "csv", "latex", "html")
 CONFIDENCE = 0.95
 FEW_SEEDS = 5  # under this many paired seeds the caption warns that the interval is rough
@@ -37,136 +33,6 @@ COLUMNS = ["dataset", "method", "Avg", "Avg std", "Worst", "Worst std", "val", "
            "seeds asked", "train group labels", "selection group labels", "trials complete", "trials pruned",
            "trials failed", "compute (s)"]
 CONTRAST_COLUMNS = ["dataset", "comparison", "paired seeds", "Worst diff (pp)", "95% CI low", "95% CI high"]
-
-
-def rank_key(t: FrozenTrial) -> tuple:
-    """The one ranking rule (report, seed phase, status): the selection metric, ties broken by val average (it reads
-    no group label), then fewer epochs."""
-    return t.value, t.user_attrs["val"]["avg_plain"], -t.user_attrs.get("epochs_run", 0)
-
-
-def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """COMPLETE trials with metrics, best first."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and "val" in t.user_attrs]
-    return sorted(done, key=lambda t: (rank_key(t), -t.number), reverse=True)
-
-
-def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    top = ranked(trials)
-    return top[0] if top else None
-
-
-def _finished(t: FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and "test" in t.user_attrs
-
-
-@dataclass
-class Config:
-    """One configuration of the seed phase: the searched trial (one seed) and its re-runs with other seeds."""
-    rank: int                                 # 1 = best searched trial
-    searched: FrozenTrial
-    reruns: list[FrozenTrial] = field(default_factory=list)  # one per seed, a retried lineage as its last attempt
-
-    def runs(self) -> list[FrozenTrial]:
-        """Finished runs, by seed."""
-        return sorted([t for t in (self.searched, *self.reruns) if _finished(t)], key=lambda t: t.user_attrs["seed"])
-
-    @property
-    def asked(self) -> int:
-        return 1 + len(self.reruns)
-
-    @property
-    def failed(self) -> int:
-        return sum(t.state == TrialState.FAIL for t in self.reruns)
-
-    @property
-    def pending(self) -> int:
-        return sum(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in self.reruns)
-
-    def score(self) -> tuple:
-        """Mean selection metric over the finished seeds; ties: mean val average, then the better search rank."""
-        runs = self.runs()
-        return (float(np.mean([t.value for t in runs])),
-                float(np.mean([t.user_attrs["val"]["avg_plain"] for t in runs])), -self.rank)
-
-
-@dataclass
-class StudyResult:
-    """One (dataset, method) study and its seed phase, read once: what every table and figure is drawn from."""
-    name: str
-    dataset: str
-    method: str
-    search: list[FrozenTrial]               # searched trials, a retry lineage counted once
-    configs: list[Config] = field(default_factory=list)  # the seed phase's top-k configurations, by search rank
-    compute_s: float = 0.0                  # train seconds of every trial, retried and seed-phase ones included
-    study: Any = None                       # the search study and its seed-phase sibling (None before this
-    seeds_study: Any = None                 # version's init), as loaded: for the seed phase to enqueue into
-
-    @property
-    def cls(self):
-        return get_method(self.method)
-
-    @property
-    def label(self) -> str:
-        return self.cls.label or self.method
-
-    @property
-    def search_best(self) -> FrozenTrial | None:
-        """The best searched trial (one seed)."""
-        return best_trial(self.search)
-
-    @property
-    def best(self) -> FrozenTrial | None:
-        """The searched trial of the selected configuration (the best searched trial without a seed phase)."""
-        return self.selected.searched if self.selected else best_trial(self.search)
-
-    @property
-    def selected(self) -> Config | None:
-        """The configuration with the best mean val metric over its seeds, once the seed phase has run."""
-        return max(self.configs, key=Config.score) if self.configs else None
-
-    def count(self, state: TrialState) -> int:
-        return sum(t.state == state for t in self.search)
-
-    def runs(self) -> list[FrozenTrial]:
-        """The runs the table averages: the selected configuration's finished seeds, else the best trial alone."""
-        if self.selected:
-            return self.selected.runs()
-        return [self.best] if self.best else []
-
-    @property
-    def asked(self) -> int:
-        return self.selected.asked if self.selected else int(self.best is not None)
-
-
-def _kept(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    retried = retried_numbers(trials)
-    return [t for t in trials if t.number not in retried]
-
-
-def collect(storage, experiment: str):
-    """(experiment, [StudyResult]) in the methods' row order per dataset (ERM, DRO, Ours, then others)."""
-    exp, studies, seeds = load_experiment(storage, experiment, seeds=True)
-    results = []
-    for s in studies:
-        trials = s.get_trials(deepcopy=False)
-        r = StudyResult(name=s.study_name, dataset=s.user_attrs["dataset"], method=s.user_attrs["method"],
-                        search=_kept(trials), study=s, seeds_study=seeds.get(s.study_name))
-        seed_trials = seeds[s.study_name].get_trials(deepcopy=False) if s.study_name in seeds else []
-        by_number = {t.number: t for t in r.search}
-        for t in _kept(seed_trials):
-            config = next((c for c in r.configs if c.searched.number == t.user_attrs["config"]), None)
-            if config is None and t.user_attrs["config"] in by_number:
-                config = Config(rank=t.user_attrs["rank"], searched=by_number[t.user_attrs["config"]])
-                r.configs.append(config)
-            if config:
-                config.reruns.append(t)
-        r.configs.sort(key=lambda c: c.rank)
-        r.compute_s = sum(t.user_attrs.get("train_seconds", 0.0) for t in (*trials, *seed_trials))
-        results.append(r)
-    rank = {d: i for i, d in enumerate(exp.datasets)}
-    results.sort(key=lambda r: (rank.get(r.dataset, len(rank)), r.cls.order, r.method))
-    return exp, results
 
 
 def untrained(r: StudyResult) -> str | None:
@@ -260,9 +126,6 @@ def contrasts(results: list[StudyResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 
-REFERENCES = ("erm", "groupdro")  # across benchmarks, every method is judged against these
-
-
 def verdict(a: StudyResult, b: StudyResult) -> str:
     """'better (+12.3)', 'worse (−4.0)' or 'undecided (+1.2)': where the 95% interval of the paired worst-group
     difference a − b lies; 'n/a' under 2 paired seeds."""
@@ -292,7 +155,7 @@ def benchmark_summary(results: list[StudyResult]) -> pd.DataFrame:
     for d in datasets:
         ranks |= {(d, m): v for m, v in pd.Series({m: w for (e, m), w in worst.items() if e == d}).rank(
             ascending=False, method="average").items()}
-    refs = [m for m in REFERENCES if any((d, m) in at for d in datasets)]
+    refs = sorted({r.method for r in results if r.cls.reference}, key=lambda m: get_method(m).order)
     rows = []
     for method in dict.fromkeys(r.method for r in results):
         label = next(r.label for r in results if r.method == method)
@@ -490,7 +353,6 @@ def render_latex(exp, results, avg: str) -> str:
 
 
 def _html_parts(exp, results, avg: str, with_js: bool) -> list[str]:
-    from .figures import benchmark_figure, figures
     parts, several = [f"<h1>Experiment {html.escape(exp.name)}</h1>",
                       f"<p>{html.escape(caption(exp, results, avg))}</p>"], len(datasets_of(results)) > 1
     for dataset, rows in sections(results):
@@ -584,7 +446,6 @@ def to_dashboard(storage, experiment: str, avg: str) -> int:
     import optuna
     from optuna_dashboard import save_plotly_graph_object
 
-    from .figures import figures
     exp, results = collect(storage, experiment)
     n = 0
     for r in results:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .experiment import load_experiment
-from .report import best_trial
-from .worker import trial_counts
+from .results import best_trial, trial_counts
 
 
 def status_table(storage, experiment: str) -> pd.DataFrame:

@@ -25,7 +25,8 @@ from trainer.methods import get_method
 from trainer.metrics import get_selection
 
 from .experiment import Experiment, load_experiment, make_pruner, search_space
-from .storage import StorageUnavailable, retried_numbers, ride_out, study_lock
+from .results import trial_counts
+from .storage import StorageUnavailable, ride_out, study_lock
 
 
 # The worker records heartbeats itself (see `heartbeat`): Optuna's reminder that study.optimize would do it is moot.
@@ -130,29 +131,6 @@ class Objective:
             raise
         _record(trial, self.method, result, history, t0)
         return result["val"][get_selection(self.exp.selection).key]
-
-
-MAX_CONSECUTIVE_FAILURES = 3  # a study whose last trials all failed is halted, not run into the ground
-
-
-def trial_counts(study: optuna.Study) -> dict:
-    """Trial states of one study. `used`: trials that count toward the search budget — a retried lineage once, a
-    failed trial not at all (a failure is not a result). `halted`: the reason the study takes no more trials (its
-    last MAX_CONSECUTIVE_FAILURES finished trials all failed), or None."""
-    trials = study.get_trials(deepcopy=False)
-    retried = retried_numbers(trials)
-    counts = {s.name.lower(): 0 for s in TrialState}
-    for t in trials:
-        counts[t.state.name.lower()] += 1
-    counts["retried"] = sum(1 for t in trials if t.number in retried)
-    counts["used"] = sum(t.state != TrialState.FAIL for t in trials)
-    done = sorted((t for t in trials if t.state.is_finished() and t.number not in retried), key=lambda t: t.number)
-    last = done[-MAX_CONSECUTIVE_FAILURES:]
-    counts["halted"] = (f"{len(last)} consecutive failed trials, the last: "
-                        f"{last[-1].user_attrs.get('fail_reason', 'no reason recorded')}"
-                        if len(last) == MAX_CONSECUTIVE_FAILURES and all(t.state == TrialState.FAIL for t in last)
-                        else None)
-    return counts
 
 
 class StopSignals:

@@ -142,6 +142,7 @@ def test_method_names_live_with_the_methods():
     assert [c.label for c in sorted(METHODS.values(), key=lambda c: c.order)][:3] == ["ERM", "DRO", "Ours"]
     assert [n for n, c in METHODS.items() if c.proposed] == ["fim"]
     assert [n for n, c in METHODS.items() if c.control] == ["erm"]
+    assert [n for n, c in METHODS.items() if c.reference] == ["erm", "groupdro"]
 
 
 def test_a_running_trial_that_never_had_a_heartbeat_is_failed_and_retried(pg_url):

@@ -15,7 +15,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from study.experiment import Experiment, init_experiment
-from study.report import collect, t_interval
+from study.report import t_interval
+from study.results import collect
 from study.storage import make_storage
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -146,7 +146,7 @@ def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url, trials):
     assert retries[0].params == doomed.params
     assert "fail_reason" not in retries[0].user_attrs
     assert retries[0].user_attrs["epochs_run"] == len(retries[0].intermediate_values)  # its own run, not the dead one's
-    from study.report import collect
+    from study.results import collect
     (r,) = collect(storage_for(pg_url), "kill")[1]
     # the killed attempt's compute counts (the reference trial stays WAITING forever only if nobody runs it)
     assert r.compute_s == pytest.approx(sum(t.user_attrs.get("train_seconds", 0) for t in study.trials))

@@ -3,4 +3,4 @@ from .base import Method
 
 
 class ERM(Method):
-    label, order, control = "ERM", 0, True
+    label, order, control, reference = "ERM", 0, True, True

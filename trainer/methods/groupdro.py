@@ -21,7 +21,7 @@ class GroupDRO(Method):
         "adjustment": Float(0.0, 4.0),         # default 0 (Sagawa et al. search 0..5)
     }
     group_labels = "train"
-    label, order = "DRO", 1
+    label, order, reference = "DRO", 1, True
     name_note = "DRO is GroupDRO (Sagawa et al., 2020)."
 
     def __init__(self, params: GroupDROParams, **kw):
