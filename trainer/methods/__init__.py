@@ -25,10 +25,32 @@ METHODS: dict[str, type[Method]] = {
 COMPARISON = ("erm", "groupdro", "fim")  # the paper's table: the control, the group-label baseline, the proposal
 
 
+LABELS_USED = {"none": "no", "train": "yes", "val": "val split"}  # Method.group_labels, as the tables say it
+
+
+def _spec(name: str, spec) -> str:
+    """One searched parameter as the README prints it: `eta_q` 0.001–1 log, `scope` {logits, last_layer, full}."""
+    if hasattr(spec, "choices"):
+        return f"`{name}` {{{', '.join(map(str, spec.choices))}}}"
+    log = " log" if getattr(spec, "log", False) else ""
+    return f"`{name}` {spec.low:g}–{spec.high:g}{log}"
+
+
+def methods_table() -> str:
+    """The README's methods table, from the registry: name, report label, family, whether it trains on group labels,
+    reference, searched parameters (beside lr, weight decay and batch size, which every method searches)."""
+    rows = ["| name | label | family | trains on group labels | reference | searched |", "|:--|:--|:--|:--|:--|:--|"]
+    for name, cls in METHODS.items():
+        space = ", ".join(_spec(k, v) for k, v in cls.SPACE.items()) or "—"
+        rows.append(f"| `{name}` | {cls.label or name} | {cls.family} | {LABELS_USED[cls.group_labels]} | "
+                    f"{cls.cites} | {space} |")
+    return "\n".join(rows) + "\n"
+
+
 def get_method(name: str) -> type[Method]:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
     return METHODS[name]
 
 
-__all__ = ["COMPARISON", "METHODS", "Method", "RunContext", "get_method"]
+__all__ = ["COMPARISON", "LABELS_USED", "METHODS", "Method", "RunContext", "get_method", "methods_table"]

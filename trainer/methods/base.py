@@ -102,6 +102,8 @@ class Method(nn.Module):
     proposed: ClassVar[bool] = False  # the paper's method: compared against every other row
     control: ClassVar[bool] = False   # the reference every other method is compared with (ERM)
     reference: ClassVar[bool] = False  # across benchmarks, every method is judged against these (ERM, GroupDRO)
+    family: ClassVar[str] = ""         # the README's methods table: the kind of method ...
+    cites: ClassVar[str] = ""          # ... and where it comes from
 
     def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor, grad_clip: float = 0.0,
                  conflicting: torch.Tensor | None = None, train_labels: torch.Tensor | None = None):

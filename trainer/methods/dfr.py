@@ -73,6 +73,7 @@ class DFR(Method):
     Params = DFRParams
     group_labels = "val"
     label, order = "DFR", 50
+    family, cites = "last-layer retraining", "Kirichenko et al., ICLR 2023"
     val_note = ("DFR: its val is the worst-group accuracy on a held-out half of val of the head fit on the other "
                 "half; the tested head is re-fit on all of val.")
 

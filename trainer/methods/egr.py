@@ -23,6 +23,7 @@ class EGR(Method):
     Params = EGRParams
     SPACE = {"mu": Float(1e-4, 1.0, log=True)}  # our own range (no anchor suite runs EGR); default 0.01
     label, order = "EGR", 12
+    family, cites = "flatness", "Barrett & Dherin, ICLR 2021"
 
     def __init__(self, params: EGRParams, **kw):
         super().__init__(params, **kw)

@@ -4,3 +4,4 @@ from .base import Method
 
 class ERM(Method):
     label, order, control, reference = "ERM", 0, True, True
+    family, cites = "baseline", "Vapnik, 1992"

@@ -73,6 +73,7 @@ class FisherConstrained(Method):
     }
     LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
     label, order, proposed = "Ours", 2, True
+    family, cites = "Fisher constraint (the paper)", "the paper"
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
     COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps")
 

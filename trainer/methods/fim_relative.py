@@ -43,6 +43,8 @@ class FisherRelative(FisherConstrained):
     Params = FIMRelativeParams
     SPACE = {**FisherConstrained.SPACE, "scope": Choice(RELATIVE_SCOPES), "q": Float(0.05, 0.95)}
     label, order, proposed = "Ours + bias-relative K (beyond the paper)", 3, False
+    family = "Fisher constraint (beyond the paper)"
+    cites = "the paper; the bias-amplified model of Nam et al., NeurIPS 2020"
 
     def __init__(self, params: FIMRelativeParams, **kw):
         if params.scope not in RELATIVE_SCOPES:

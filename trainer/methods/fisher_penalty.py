@@ -35,6 +35,7 @@ class FisherPenalty(Method):
     Params = FisherPenaltyParams
     SPACE = {"alpha": Float(1e-3, 10.0, log=True), "every_k": Choice((1, 10))}  # our own ranges; defaults 0.1, 1
     label, order = "Fisher penalty", 11
+    family, cites = "flatness", "Jastrzebski et al., ICML 2021"
 
     def __init__(self, params: FisherPenaltyParams, **kw):
         super().__init__(params, **kw)

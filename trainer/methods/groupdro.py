@@ -22,6 +22,7 @@ class GroupDRO(Method):
     }
     group_labels = "train"
     label, order, reference = "DRO", 1, True
+    family, cites = "group robustness", "Sagawa et al., ICLR 2020"
     name_note = "DRO is GroupDRO (Sagawa et al., 2020)."
 
     def __init__(self, params: GroupDROParams, **kw):

@@ -29,6 +29,7 @@ class JTT(Method):
     Params = JTTParams
     SPACE = {"stage1_epochs": Int(1, 10), "up": Float(4.0, 100.0, log=True)}  # BalancingGroups' up grid 4...100
     label, order = "JTT", 40
+    family, cites = "label-free debiasing", "Liu et al., ICML 2021"
     LOGGED = ("error_frac", "error_enrichment")
 
     def __init__(self, params: JTTParams, **kw):

@@ -121,6 +121,7 @@ class LatentAug(Method):
     group_labels = "train"  # the attribute hyperplane is fit on the training split's attribute labels
     LOGGED = ("generator_seconds", "generator_cached")
     label, order = "Latent de-biasing", 25
+    family, cites = "generative augmentation", "Ramaswamy, Kim, Russakovsky, CVPR 2021"
 
     def __init__(self, params: LatentAugParams, **kw):
         super().__init__(params, **kw)

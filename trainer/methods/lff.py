@@ -38,6 +38,7 @@ class LfF(Method):
     Params = LfFParams
     SPACE = {"q": Float(0.05, 0.95), "ema_alpha": Float(0.5, 0.99)}  # q: SubpopBench's range; defaults 0.7, 0.7
     label, order = "LfF", 20
+    family, cites = "label-free debiasing", "Nam et al., NeurIPS 2020"
     LOGGED = ("weight_enrichment", "biased_acc_aligned", "biased_acc_conflicting")
 
     def __init__(self, params: LfFParams, **kw):

@@ -16,6 +16,7 @@ def inverse_frequency(keys: torch.Tensor) -> torch.Tensor:
 class Resample(Method):
     group_labels = "train"
     label, order = "ReSample", 30
+    family, cites = "rebalancing", "Idrissi et al., CLeaR 2022; Yang et al., ICML 2023 (SubpopBench)"
 
     def keys(self) -> torch.Tensor:
         """What is balanced: the group of each training sample."""

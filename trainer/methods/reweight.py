@@ -22,6 +22,7 @@ def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
 class Reweight(Method):
     group_labels = "train"
     label, order = "ReWeight", 32
+    family, cites = "rebalancing", "Yang et al., ICML 2023 (SubpopBench)"
 
     def __init__(self, params, **kw):
         super().__init__(params, **kw)

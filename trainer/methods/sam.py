@@ -39,6 +39,7 @@ class SAM(Method):
     Params = SAMParams
     SPACE = {"rho": Float(0.01, 0.5, log=True)}  # our own range (no anchor suite runs SAM); default 0.05
     label, order = "SAM", 10
+    family, cites = "flatness", "Foret et al., ICLR 2021; ASAM: Kwon et al., ICML 2021"
 
     def __init__(self, params: SAMParams, **kw):
         super().__init__(params, **kw)

@@ -23,6 +23,7 @@ def balanced_subset(keys: torch.Tensor, generator: torch.Generator) -> torch.Ten
 class Subsample(Method):
     group_labels = "train"
     label, order = "Subsample", 34
+    family, cites = "rebalancing", "Idrissi et al., CLeaR 2022 (BalancingGroups)"
     replacement = False  # each kept sample once per epoch
 
     def __init__(self, params, **kw):
