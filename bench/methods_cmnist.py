@@ -65,7 +65,7 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def paired(df: pd.DataFrame, against: str, order: list[str]) -> list[str]:
     """Each row's test Worst minus `against`'s over the same seeds (pp), with its 95% t-interval and verdict."""
-    from study.report import t_interval
+    from study.report import decided, t_interval
     ref = df[df["method"] == against].set_index("seed")["worst"]
     out = []
     for label in order:
@@ -75,8 +75,7 @@ def paired(df: pd.DataFrame, against: str, order: list[str]) -> list[str]:
             out.append("")
             continue
         mean, lo, hi = t_interval(diffs)
-        word = "better" if lo > 0 else "worse" if hi < 0 else "undecided"
-        out.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] {word}")
+        out.append(f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] {decided(lo, hi)}")
     return out
 
 

@@ -126,6 +126,11 @@ def contrasts(results: list[StudyResult]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CONTRAST_COLUMNS)
 
 
+def decided(lo: float, hi: float) -> str:
+    """What a confidence interval of a difference says: 'better' (above 0), 'worse' (below 0) or 'undecided'."""
+    return "better" if lo > 0 else "worse" if hi < 0 else "undecided"
+
+
 def verdict(a: StudyResult, b: StudyResult) -> str:
     """'better (+12.3)', 'worse (−4.0)' or 'undecided (+1.2)': where the 95% interval of the paired worst-group
     difference a − b lies; 'n/a' under 2 paired seeds."""
@@ -133,8 +138,7 @@ def verdict(a: StudyResult, b: StudyResult) -> str:
     if len(diffs) < 2:
         return "n/a"
     mean, lo, hi = t_interval(diffs)
-    word = "better" if lo > 0 else "worse" if hi < 0 else "undecided"
-    return f"{word} ({_r(mean):+.1f})".replace("-", "−")
+    return f"{decided(lo, hi)} ({_r(mean):+.1f})".replace("-", "−")
 
 
 def datasets_of(results: list[StudyResult]) -> list[str]:

@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,6 +38,15 @@ CROP_SCALE, CROP_RATIO = (0.7, 1.0), (3 / 4, 4 / 3)  # the same as the PIL path'
 
 def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias-study")
+
+
+def save_atomically(obj, path: Path) -> None:
+    """torch.save to `path` through a temporary file beside it, then a rename: a reader (another worker building
+    the same cache entry) sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
 
 
 def stored_size(image_size: int) -> int:

@@ -24,14 +24,13 @@ Training batches are shifted at random by up to 10% of the side when the run aug
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .base import Splits, TensorGroupDataset
-from .decoded import cache_dir
+from .decoded import cache_dir, save_atomically
 
 VERSION = "4"  # bump when the generation changes: older cache files are then ignored
 TEXTURES = ("grass", "gravel")  # attribute a = index; scikit-image's CC0 texture photographs (512 x 512, grey)
@@ -160,10 +159,7 @@ def load_texdigits(data_seed: int = 0, train_agreement: float = 0.95, image_size
         data = torch.load(path, weights_only=True)
     except (OSError, RuntimeError, EOFError):
         data = generate(data_seed, train_agreement, image_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # several workers may build it at once
-        torch.save(data, tmp)
-        tmp.replace(path)
+        save_atomically(data, path)  # several workers may build it at once
     splits, h = {}, hashlib.sha256()
     for name, (x, y, a, _) in data.items():
         splits[name] = TexDigitsDataset(x.float() / 255.0, y, a, n_classes=2, n_attr=2)

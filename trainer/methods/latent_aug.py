@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.decoded import cache_dir
+from ..data.decoded import cache_dir, save_atomically
 from .base import Int, Method, param
 
 STAGE_VERSION = "1"  # bump when the generator stage changes: cached stages are then ignored
@@ -160,10 +160,7 @@ class LatentAug(Method):
         else:
             with torch.enable_grad():
                 stage = generator_stage(x, y, a, self.params)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{time.time_ns()}.tmp")
-            torch.save(stage, tmp)
-            tmp.replace(path)  # atomic: two workers training the same stage write the same file
+            save_atomically(stage, path)  # two workers training the same stage write the same file
         self.stage_log = {"generator_seconds": round(time.time() - t0, 2), "generator_cached": cached,
                           "plane_acc_target": stage["plane_acc_target"],
                           "plane_acc_attribute": stage["plane_acc_attribute"], "planes_cos": stage["planes_cos"]}
