@@ -17,7 +17,8 @@ def assert_complete(url, experiment, budget):
         assert TrialState.RUNNING not in states and TrialState.WAITING not in states, (name, states)
         failed = {t.number for t in trials if t.state == TrialState.FAIL}
         retried = {t.system_attrs.get("failed_trial") for t in trials}
-        assert failed <= retried, (name, failed, retried)  # no lost trial
+        reasons = {t.number: t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL}
+        assert failed <= retried, (name, failed, retried, reasons)  # no lost trial (the reasons say why it failed)
         if not name.endswith("/seeds"):  # the seed phase was not asked for
             assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == budget, (name, states)
 
