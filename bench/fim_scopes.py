@@ -82,7 +82,7 @@ def searched(size: int, args) -> pd.DataFrame:
     for scope in args.scopes.split(","):
         name = f"scopes{size}-{scope}"
         methods = {"baselines": ["erm", "groupdro"], "relative": ["fim_relative"]}.get(scope, ["fim"])
-        exp = Experiment(name=name, datasets=["cmnist"], methods=methods, trials=args.trials, image_size=size,
+        exp = Experiment.of(name=name, datasets=["cmnist"], methods=methods, trials=args.trials, image_size=size,
                          space={} if scope in ("baselines", "relative") else {"fim": {"scope": [scope]}})
         init_experiment(storage, exp)
         _, studies, seed_studies = load_experiment(storage, name, seeds=True)

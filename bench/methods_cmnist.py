@@ -30,13 +30,13 @@ def run_one(job):
     recipe = {"dataset": "cmnist", **recipe}
     r = fit(TrainConfig(method=method, seed=seed, epochs=epochs, method_params=params, **recipe),
             log=None)
-    own = [h for h in r["history"] if h.get("constrained")]  # the Fisher method's constrained epochs
+    own = [h for h in r.history if h.get("constrained")]  # the Fisher method's constrained epochs
     diag = {k: float(np.mean([h[k] for h in own])) if own else np.nan
             for k in ("at_cap_frac", "at_zero_frac", "violated_frac")}
     enrichment = [h["lambda_enrichment"] for h in own if h.get("lambda_enrichment") is not None]
-    return {"method": label, "seed": seed, "avg": r["test"]["avg_train_weighted"], "avg_plain": r["test"]["avg_plain"],
-            "worst": r["test"]["wga"], "val_wga": r["val"]["wga"], "best_epoch": r["best_epoch"],
-            "seconds": r["seconds"], **diag, "enrichment": float(np.mean(enrichment)) if enrichment else np.nan}
+    return {"method": label, "seed": seed, "avg": r.test["avg_train_weighted"], "avg_plain": r.test["avg_plain"],
+            "worst": r.test["wga"], "val_wga": r.val["wga"], "best_epoch": r.best_epoch,
+            "seconds": r.seconds, **diag, "enrichment": float(np.mean(enrichment)) if enrichment else np.nan}
 
 
 def runs(specs, seeds: int, epochs: int | None, jobs: int, **recipe) -> pd.DataFrame:

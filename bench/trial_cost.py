@@ -60,7 +60,7 @@ def storage_seconds(dataset: str, method: str, epochs: int, settings: dict) -> f
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         storage = make_storage(f"sqlite:///{tmp}/t.db")
-        exp = Experiment(name="cost", datasets=[dataset], methods=[method], trials=1, epochs=epochs, patience=0,
+        exp = Experiment.of(name="cost", datasets=[dataset], methods=[method], trials=1, epochs=epochs, patience=0,
                          **settings)
         init_experiment(storage, exp, check_data=False)
         t0 = time.perf_counter()

@@ -32,24 +32,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     init.add_argument("--datasets", help="comma-separated dataset names, e.g. cmnist")
     init.add_argument("--methods", help="comma-separated method names (python -m trainer --help lists them), or 'all'")
     init.add_argument("--trials", type=int, help="trial budget per (dataset, method) study (default 20)")
-    init.add_argument("--epochs", type=int, help="max epochs per trial (default: the dataset's)")
     init.add_argument("--pruner", help="median, hyperband or none (default median)")
-    init.add_argument("--data-dir", help="root of on-disk datasets")
-    init.add_argument("--model", help="architecture (default: the dataset's)")
-    init.add_argument("--weights", help="pretrained weights file for every trial (default: torchvision's cache)")
-    init.add_argument("--image-size", type=int, help="crop size (default: the dataset's)")
-    init.add_argument("--patience", type=int,
-                      help="early stopping patience in the method's own epochs (default max(10, epochs // 4))")
-    init.add_argument("--seed", type=int, help="training seed of searched trials (default 0)")
-    init.add_argument("--selection", help="model-selection metric: val_wga (default; reads val group labels), "
-                                          "val_worst_class or val_avg (no group label)")
-    init.add_argument("--grad-clip", type=float, help="max gradient norm for every method (default: the dataset's)")
-    for name, text in (("pretrained", "start ResNets from ImageNet weights"),
-                       ("augment", "random resized crop + flip of training images"),
-                       ("freeze-bn", "BatchNorm statistics frozen while training (pretrained models)")):
-        init.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, help=f"{text} (default: the recipe)")
-    init.add_argument("--deterministic", action=argparse.BooleanOptionalAction,
-                      help="deterministic CUDA algorithms in every trial (default off)")
+    from trainer.cli import add_method_flags
+    from trainer.config import TrainConfig
+    from trainer.settings import add_flags
+    # every run setting an experiment fixes for all its trials, and every method parameter (fixed for the methods
+    # that have it; a fixed parameter is not searched), generated from the trainer's declarations
+    add_flags(init.add_argument_group("run settings of every trial (default: the dataset's recipe)"),
+              TrainConfig.settings("experiment"))
+    add_method_flags(init)
     _storage_args(init)
 
     worker = sub.add_parser("worker", help="run trials until every study meets its budget")
@@ -128,18 +119,27 @@ def _storage(args):
 
 
 def _experiment_from_args(args):
+    from trainer.cli import method_params_from_args
+    from trainer.config import TrainConfig
+
     from .experiment import Experiment
-    keys = ("datasets", "methods", "trials", "epochs", "pruner", "data_dir", "model", "weights", "image_size",
-            "patience", "seed", "selection", "grad_clip", "pretrained", "augment", "freeze_bn", "deterministic")
+    keys = ("datasets", "methods", "trials", "pruner", *(f.name for f in TrainConfig.settings("experiment")))
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    for key in ("datasets", "methods"):
+        if key in given:
+            given[key] = given[key].split(",")
     if args.config:
-        return Experiment.from_toml(args.config, name=args.experiment, **given)
-    missing = [f"--{k}" for k in ("experiment", "datasets", "methods")
-               if getattr(args, k) is None]
-    if missing:
-        raise ValueError(f"init needs {', '.join(missing)} (or --config FILE)")
-    given["datasets"], given["methods"] = given["datasets"].split(","), given["methods"].split(",")
-    return Experiment(name=args.experiment, **given)
+        exp = Experiment.from_toml(args.config, name=args.experiment, **given)
+    else:
+        missing = [f"--{k}" for k in ("experiment", "datasets", "methods") if getattr(args, k) is None]
+        if missing:
+            raise ValueError(f"init needs {', '.join(missing)} (or --config FILE)")
+        exp = Experiment.from_dict({"name": args.experiment, **given})
+    params = method_params_from_args(args, exp.methods)
+    if params:  # the method flags: fixed for the experiment's methods that have them, over the file's values
+        exp = Experiment.from_dict({**exp.settings(), "params": {m: {**exp.params.get(m, {}), **params.get(m, {})}
+                                                                  for m in {*exp.params, *params}}})
+    return exp
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,7 +99,7 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     if seeds == 1 or seeds < 0:
         raise ValueError(f"--seeds must be 0 (no seed phase) or >= 2 (the searched run counts as one), got {seeds}")
     names = list(COMPARISON) if methods is None else methods.split(",")  # "all" is expanded by Experiment
-    exp = Experiment(name=EXPERIMENT, datasets=datasets.split(","), methods=names, trials=trials, epochs=epochs)
+    exp = Experiment.of(name=EXPERIMENT, datasets=datasets.split(","), methods=names, trials=trials, epochs=epochs)
     db = Path(url.database)
     _refuse_foreign(db)
     for old in (db, *db.parent.glob(f"{db.stem}.worker*.log")):
@@ -110,8 +110,8 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     try:
         print(f"experiment {EXPERIMENT!r} on {storage_url}: {', '.join(exp.datasets)}, {trials} trials x "
               f"{len(exp.methods)} methods, "
-              f"{workers} workers, up to {exp.epochs} epochs per trial, then the top {top_k} configurations of each "
-              f"with {seeds} seeds")
+              f"{workers} workers, up to {exp.run.epochs} epochs per trial, then the top {top_k} configurations of "
+              f"each with {seeds} seeds")
         t0 = time.time()
         _, studies, seed_studies = load_experiment(storage, EXPERIMENT, seeds=True)
         run_workers(storage_url, db, workers, studies, trials * len(studies), "search")

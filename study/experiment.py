@@ -11,12 +11,12 @@ import optuna
 
 import torch
 
-from trainer.config import default_patience
-from trainer.data import get_dataset, load_splits, recipe
+from trainer.config import TrainConfig, default_patience
+from trainer.data import get_dataset, recipe
 from trainer.methods import METHODS, get_method
 from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
-from trainer.models import MODELS
+from trainer.settings import check
 
 PRUNERS = ("median", "hyperband", "none")
 SEEDS_SUFFIX = "seeds"   # the seed-phase study of (dataset, method) is "<experiment>/<dataset>/<method>/seeds"
@@ -27,27 +27,21 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+RUN_SETTINGS = {f.name: f for f in TrainConfig.settings("experiment")}  # what an experiment fixes for every trial
+SEARCHED_RUN = ("lr", "weight_decay", "batch_size")  # searched for every method, unless the experiment fixes them
+
+
 @dataclass
 class Experiment:
+    """One study per (dataset, method). `run` holds the trainer's settings that every trial shares (unset: the
+    dataset's recipe); `params` fixes method parameters for every trial. A setting fixed here is not searched."""
     name: str
     datasets: list[str]
     methods: list[str]
     trials: int = 20               # search budget per (dataset, method) study; a retried lineage counts once
-    epochs: int | None = None      # max epochs per trial; None = the dataset's default
     pruner: str = "median"         # median, hyperband or none (every worker builds the same one)
-    data_dir: str | None = None    # root of on-disk datasets (fixed, not searched)
-    model: str | None = None       # architecture; None = the dataset's default
-    pretrained: bool | None = None  # ImageNet weights (ResNets); None = the dataset's recipe for the model
-    weights: str | None = None     # pretrained weights file of every trial; None = torchvision's local cache
-    augment: bool | None = None    # crop + flip of training images; None = the dataset's recipe
-    freeze_bn: bool | None = None  # BatchNorm statistics frozen in training; None = the dataset's recipe
-    deterministic: bool = False    # deterministic CUDA algorithms: every trial's command reproduces it exactly
-    image_size: int | None = None  # None = the dataset's default
-    patience: int | None = None    # early stopping in the method's own epochs; None = max(10, epochs // 4)
-    seed: int = 0                  # training seed of every searched trial (the seed phase adds seed+1, ...)
-    data_seed: int = 0             # generated splits/colours, fixed for the experiment
-    selection: str = "val_wga"     # val_wga, val_worst_class or val_avg: early stopping, pruning, objective, seeds
-    grad_clip: float | None = None  # max gradient norm for every method alike; None = the dataset's recipe
+    run: TrainConfig = field(default_factory=TrainConfig)  # its per-trial settings (dataset, method, ...) unused
+    params: dict = field(default_factory=dict)  # {METHOD: {param: value}}: fixed for every trial, not searched
     space: dict = field(default_factory=dict)  # bound overrides: {METHOD: {param: [low, high]}, "train": {...}}
 
     def __post_init__(self):
@@ -65,55 +59,68 @@ class Experiment:
             get_dataset(d)
         for m in self.methods:
             get_method(m)
-        for key, low, optional in (("trials", 1, False), ("epochs", 1, True), ("image_size", 1, True),
-                                   ("patience", 0, True), ("seed", 0, False), ("data_seed", 0, False)):
-            value = getattr(self, key)
-            if not (optional and value is None) and not (_is_int(value) and low <= value < 2**31):
-                raise ValueError(f"{key} must be an integer from {low} to 2**31 - 1{' or unset' if optional else ''}"
-                                 f", got {value!r}")
+        if not (_is_int(self.trials) and 1 <= self.trials < 2**31):
+            raise ValueError(f"trials must be an integer from 1 to 2**31 - 1, got {self.trials!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
-        if self.model is not None and self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r} (choose from {', '.join(MODELS)})")
-        for key in ("pretrained", "augment", "freeze_bn", "deterministic"):
+        for name, f in RUN_SETTINGS.items():
+            setattr(self.run, name, check(f, getattr(self.run, name)))
+        for key in ("params", "space"):
             value = getattr(self, key)
-            if not (isinstance(value, bool) or (value is None and key != "deterministic")):
-                raise ValueError(f"{key} must be true or false{'' if key == 'deterministic' else ' or unset'}, "
-                                 f"got {value!r}")
-        get_selection(self.selection)
-        if self.grad_clip is not None and not (isinstance(self.grad_clip, (int, float)) and not isinstance(
-                self.grad_clip, bool) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise ValueError(f"grad_clip must be a finite number >= 0 or unset, got {self.grad_clip!r}")
-        if self.data_dir is not None and not isinstance(self.data_dir, str):
-            raise ValueError(f"data_dir must be a path, got {self.data_dir!r}")
-        if not isinstance(self.space, dict) or not all(isinstance(v, dict) for v in self.space.values()):
-            raise ValueError(f"space must be tables [space.METHOD] of name = [low, high], got {self.space!r}")
+            if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+                raise ValueError(f"{key} must be tables [{key}.METHOD] of name = value, got {value!r}")
+        unknown = set(self.params) - set(self.methods)
+        if unknown:
+            raise ValueError(f"params for {', '.join(sorted(unknown))}: not a method of this experiment "
+                             f"({', '.join(self.methods)})")
         unknown = set(self.space) - {"train", *self.methods}
         if unknown:
             raise ValueError(f"space override for {', '.join(sorted(unknown))}: not 'train' or a method of this "
                              f"experiment ({', '.join(self.methods)})")
-        if self.weights is not None and not isinstance(self.weights, str):
-            raise ValueError(f"weights must be a path, got {self.weights!r}")
         for d in self.datasets:
             self.recipe(d).resolved()  # the fixed settings are valid for every dataset (model, augment, freeze_bn)
             for m in self.methods:
-                check_space(search_space(self, d, m), m, self.epochs_for(d))
+                check_space(search_space(self, d, m), m, self.epochs_for(d), self.params.get(m, {}))
 
-    def recipe(self, dataset: str):
-        """The settings every trial on `dataset` shares (model, pretrained, augmentation, BatchNorm, ...), as a
-        TrainConfig whose unset fields resolve to the dataset's recipe for the experiment's model."""
-        from trainer.config import TrainConfig
-        return TrainConfig(dataset=dataset, data_dir=self.data_dir, model=self.model, pretrained=self.pretrained,
-                           weights=self.weights,
-                           image_size=self.image_size, epochs=self.epochs, patience=self.patience,
-                           selection=self.selection, grad_clip=self.grad_clip, data_seed=self.data_seed,
-                           augment=self.augment, freeze_bn=self.freeze_bn, deterministic=self.deterministic)
+    def settings(self) -> dict:
+        """What the studies store: the experiment's own settings, with `run` holding only the run settings."""
+        return {**{k: v for k, v in asdict(self).items() if k != "run"},
+                "run": {name: getattr(self.run, name) for name in RUN_SETTINGS}}
+
+    @classmethod
+    def of(cls, **settings) -> "Experiment":
+        """From settings by name, run settings among them: Experiment.of(name=..., epochs=4, ...)."""
+        return cls.from_dict(settings)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "") -> "Experiment":
+        """From stored settings, a TOML file or flags: run settings may be given at the top level (epochs = 4) or
+        in a `run` table; a setting added since the settings were written takes its default."""
+        data = dict(data)
+        run = data.pop("run", None) or {}
+        if not isinstance(run, dict):
+            raise ValueError(f"{where}run must be a table of run settings, got {run!r}")
+        run = dict(run)
+        run.update({k: data.pop(k) for k in list(data) if k in RUN_SETTINGS})
+        known = {f.name for f in dataclasses.fields(cls)} - {"run"}
+        unknown = (set(data) - known) | (set(run) - set(RUN_SETTINGS))
+        if unknown:
+            raise ValueError(f"{where}unknown setting(s) {', '.join(sorted(unknown))} (run settings: "
+                             f"{', '.join(RUN_SETTINGS)})")
+        return cls(**data, run=TrainConfig(**run))
+
+    def recipe(self, dataset: str, method: str | None = None) -> TrainConfig:
+        """The settings every trial of (dataset, method) shares, as a TrainConfig whose unset fields resolve to the
+        dataset's recipe for the experiment's model; the method's fixed parameters included."""
+        method = method or self.run.method  # none: the trainer's default method, for the settings alone
+        return dataclasses.replace(self.run, dataset=dataset, method=method,
+                                   method_params=dict(self.params.get(method, {})))
 
     def check_weights(self, dataset: str) -> None:
         """The pretrained weights the dataset's recipe starts from are on this machine (init checks them as it
         checks the data: not every trial failing on a worker later)."""
         cfg = self.recipe(dataset).resolved()
-        if cfg.pretrained:
+        if cfg.pretrained and cfg.model is not None:
             from trainer.models import pretrained_weights_path
             try:
                 pretrained_weights_path(cfg.model, cfg.weights)
@@ -133,14 +140,17 @@ class Experiment:
 
     def load_splits(self, dataset: str):
         """The dataset exactly as every trial of this experiment reads it."""
-        return load_splits(dataset, data_dir=self.data_dir, data_seed=self.data_seed,
-                           image_size=self.image_size or get_dataset(dataset)[1].image_size)
+        return self.recipe(dataset).resolved().load_splits()
 
     def epochs_for(self, dataset: str) -> int:
-        return self.epochs or get_dataset(dataset)[1].epochs
+        return self.run.epochs or get_dataset(dataset)[1].epochs
 
     def patience_for(self, dataset: str) -> int:
-        return self.patience if self.patience is not None else default_patience(self.epochs_for(dataset))
+        return self.run.patience if self.run.patience is not None else default_patience(self.epochs_for(dataset))
+
+    @property
+    def selection(self) -> str:
+        return self.run.selection
 
     def selection_text(self) -> str:
         return (f"best epoch by {get_selection(self.selection).text} within a trial, among the method's own epochs "
@@ -153,10 +163,6 @@ class Experiment:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ValueError(f"{path}: cannot read experiment config ({e})") from None
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {', '.join(sorted(unknown))}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         if "name" not in data:
             raise ValueError(f"{path}: no experiment name (name = \"...\" or --experiment)")
@@ -166,12 +172,12 @@ class Experiment:
         missing = [k for k in ("datasets", "methods") if k not in data]
         if missing:
             raise ValueError(f"{path}: missing setting(s) {', '.join(missing)}")
-        return cls(**data)
+        return cls.from_dict(data, where=f"{path}: ")
 
 
 def train_space(exp: Experiment, dataset: str) -> dict:
     """Searched for every method, around the dataset's recipe for the experiment's model."""
-    d = recipe(dataset, exp.model, exp.pretrained)
+    d = recipe(dataset, exp.run.model, exp.run.pretrained)
     return {
         "lr": Float(d.lr / 10, d.lr * 10, log=True),
         "weight_decay": Float(1e-5, 1.0, log=True),  # GroupDRO's strong-regularisation recipe uses 1.0
@@ -188,12 +194,16 @@ def _number(scope: str, name: str, v, integer: bool):
 
 
 def search_space(exp: Experiment, dataset: str, method: str) -> dict:
-    space = {**train_space(exp, dataset), **get_method(method).space_for(exp.epochs_for(dataset))}
+    """The searched parameters of (dataset, method): the training ones and the method's, less those the experiment
+    fixes, with the experiment's bound overrides."""
+    fixed = {n for n in SEARCHED_RUN if getattr(exp.run, n) is not None} | set(exp.params.get(method, {}))
+    space = {n: s for n, s in {**train_space(exp, dataset), **get_method(method).space_for(exp.epochs_for(dataset))
+                               }.items() if n not in fixed}
     for scope in ("train", method):
         for name, bounds in exp.space.get(scope, {}).items():
             if name not in space:
                 raise ValueError(f"space override {scope}.{name}: no such searched parameter "
-                                 f"(has: {', '.join(space)})")
+                                 f"({'fixed by the experiment; ' if name in fixed else ''}has: {', '.join(space)})")
             old = space[name]
             if isinstance(old, Choice):
                 if not isinstance(bounds, list) or not bounds or len(set(map(repr, bounds))) != len(bounds):
@@ -212,31 +222,40 @@ def search_space(exp: Experiment, dataset: str, method: str) -> dict:
     return space
 
 
-def check_space(space: dict, method: str, epochs: int) -> None:
+def check_space(space: dict, method: str, epochs: int, params: dict | None = None) -> None:
     """Every value the search can draw must be one the trainer and the method accept: each searched parameter is
-    tried at its bounds (each choice) in a real TrainConfig and a real method instance, before anything is written."""
-    from trainer.config import TrainConfig
+    tried at its bounds (each choice) in a real TrainConfig and a real method instance, beside the experiment's fixed
+    `params`, before anything is written."""
     cls = get_method(method)
+    params = params or {}
+
+    def build(values: dict) -> None:
+        cls(cls.Params(**{**params, **values}), n_train=4, n_groups=4, train_groups=torch.arange(4),
+            train_labels=torch.arange(4) % 2)
     # a method's searched integers (warm-ups, stages) at their lowest, so that its defaults fit the epoch budget
-    fixed = {n: s.low for n, s in space.items() if isinstance(s, Int) and n in {f.name for f in cls.param_fields()}}
+    fixed = {**params, **{n: s.low for n, s in space.items()
+                          if isinstance(s, Int) and n in {f.name for f in cls.param_fields()}}}
+    try:  # the experiment's fixed parameters: known, typed, within the epochs, accepted by the method
+        TrainConfig(dataset="synthetic", method=method, epochs=epochs, method_params=fixed).resolved()
+        build({})
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"params.{method}: {params} not accepted ({e})") from None
     for name, spec in space.items():
         for value in spec.choices if isinstance(spec, Choice) else (spec.low, spec.high):
             try:
-                if name in ("lr", "weight_decay", "batch_size"):
-                    if name == "batch_size" and not (_is_int(value) and value >= 1):
-                        raise ValueError(f"batch_size must be an integer >= 1, got {value!r}")
+                if name in SEARCHED_RUN:
                     TrainConfig(dataset="synthetic", method=method, epochs=epochs, method_params=fixed,
                                 **{name: value}).resolved()
                 else:
-                    params = cls.Params(**{name: value})
-                    cls(params, n_train=4, n_groups=4, train_groups=torch.arange(4), train_labels=torch.arange(4) % 2)
+                    build({name: value})
             except (ValueError, TypeError) as e:
                 raise ValueError(f"search space {method}.{name}: value {value!r} is not accepted ({e})") from None
 
 
 def reference_params(exp: Experiment, dataset: str, method: str) -> dict:
     """The published recipe as trial parameters (enqueued first), restricted to values inside the space."""
-    d, params = recipe(dataset, exp.model, exp.pretrained), dataclasses.asdict(get_method(method).Params())
+    d = recipe(dataset, exp.run.model, exp.run.pretrained)
+    params = dataclasses.asdict(get_method(method).Params(**exp.params.get(method, {})))
     ref = {"lr": d.lr, "weight_decay": d.weight_decay, "batch_size": d.batch_size, **params}
     out = {}
     for name, spec in search_space(exp, dataset, method).items():
@@ -251,7 +270,7 @@ def latest_first_own_epoch(exp: Experiment, dataset: str, method: str) -> int:
     """The latest first own epoch the search can draw (integer parameters such as warm-ups at their upper bound)."""
     cls = get_method(method)
     high = {n: s.high for n, s in search_space(exp, dataset, method).items() if isinstance(s, Int)}
-    return cls.first_own_epoch(cls.Params(**high))
+    return cls.first_own_epoch(cls.Params(**{**exp.params.get(method, {}), **high}))
 
 
 def make_pruner(exp: Experiment, dataset: str, method: str) -> optuna.pruners.BasePruner:
@@ -272,33 +291,39 @@ def _diff(old: dict, new: dict) -> list[str]:
 
 
 def _stored_settings(storage, name: str, existing: set[str]) -> dict | None:
-    """The settings an existing experiment's studies hold (a setting added to Experiment since: its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(Experiment) if f.default is not dataclasses.MISSING}
+    """The settings an existing experiment's studies hold, in this version's form (a setting added since: its
+    default; run settings written at the top level by an earlier version: in `run`)."""
     for n in sorted(existing):
         if n.startswith(name + "/"):
             attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(n))
             if "experiment" in attrs:
-                return {**defaults, **attrs["experiment"]}
+                return Experiment.from_dict(attrs["experiment"]).settings()
     return None
+
+
+def _flat(settings: dict) -> dict:
+    """The settings that must agree when an experiment is extended, run settings by their own names."""
+    return {**{k: v for k, v in settings.items() if k not in ("run", "datasets", "methods", "space", "params")},
+            **settings["run"]}
 
 
 def _extended(exp: Experiment, stored: dict) -> Experiment:
     """`exp` as an addition to the stored experiment: its datasets and methods joined to the stored ones (stored
-    first), space overrides of the new methods added; any other difference is a conflict, named in the error."""
-    new = asdict(exp)
-    known_space = {k: v for k, v in new["space"].items() if k in stored["space"] or k == "train" or
-                   k in stored["methods"]}
-    conflicts = _diff({k: v for k, v in stored.items() if k not in ("datasets", "methods", "space")},
-                      {k: v for k, v in new.items() if k not in ("datasets", "methods", "space")})
-    conflicts += [f"space.{k}: {stored['space'].get(k)!r} -> {v!r}" for k, v in known_space.items()
-                  if stored["space"].get(k) != v]
+    first), space overrides and fixed parameters of the new methods added; any other difference is a conflict,
+    named in the error."""
+    new = exp.settings()
+    conflicts = _diff(_flat(stored), _flat(new))
+    for key in ("space", "params"):  # of the stored methods: each table, parameter by parameter
+        for k, v in new[key].items():
+            if k in stored[key] or k == "train" or k in stored["methods"]:
+                conflicts += [f"{key}.{k}.{c}" for c in _diff(stored[key].get(k, {}), v)]
     if conflicts:
         raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(conflicts)} "
                          f"(a new dataset or method is added to it; other settings need a new experiment)")
     merged = {**stored, "datasets": list(dict.fromkeys([*stored["datasets"], *new["datasets"]])),
               "methods": list(dict.fromkeys([*stored["methods"], *new["methods"]])),
-              "space": {**stored["space"], **new["space"]}}
-    return Experiment(**merged)
+              "space": {**stored["space"], **new["space"]}, "params": {**stored["params"], **new["params"]}}
+    return Experiment.from_dict(merged)
 
 
 def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[str]:
@@ -316,7 +341,7 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
         for d in exp.datasets:
             exp.load_splits(d)
             exp.check_weights(d)
-    settings = asdict(exp)
+    settings = exp.settings()
     ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
     half, stale = set(), []  # killed before their settings were written: completed below; extended: updated
     for name in sorted(ours & existing):
@@ -362,7 +387,7 @@ def load_experiment(storage, name: str, seeds: bool = False):
                             "init again to complete it")
     if settings is None:
         raise incomplete
-    exp = Experiment(**settings)
+    exp = Experiment.from_dict(settings)
     studies = [optuna.load_study(study_name=s, storage=storage) for s, _, _ in exp.studies() if s in names]
     if any("experiment" not in s.user_attrs for s in studies) or len(studies) < len(exp.studies()):
         raise incomplete

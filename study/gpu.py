@@ -42,6 +42,7 @@ def _key(host: str, index: int) -> int:
 class PostgresGpuLock:
     def __init__(self, url: str, host: str):
         self.url, self.host = url, host
+        self.index: int | None = None  # the claimed GPU
         self.conn = self._connect()
 
     def _connect(self):
@@ -59,6 +60,8 @@ class PostgresGpuLock:
     def keep(self, log=print) -> None:
         """Between trials: a database restart ends the lock's session; take the same GPU's lock again."""
         index = self.index
+        if index is None:
+            return  # nothing claimed
         import psycopg2
         try:
             with self.conn.cursor() as cur:
@@ -80,6 +83,7 @@ class FileGpuLock:
         self.dir = Path(tempfile.gettempdir()) / f"debias-study-gpus-{hashlib.sha256(host.encode()).hexdigest()[:8]}"
         self.dir.mkdir(exist_ok=True)
         self.held: list = []
+        self.index: int | None = None  # the claimed GPU
 
     def keep(self, log=print) -> None:
         pass  # the kernel holds the lock as long as the process
@@ -100,6 +104,7 @@ def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: floa
     Keep the returned lock referenced: the claim ends with it."""
     host = os.environ.get(HOST_ENV, "default")
     pg = make_url(storage_url).get_backend_name() == "postgresql"
+    lock: PostgresGpuLock | FileGpuLock
     if pg:
         import psycopg2
         try:

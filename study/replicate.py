@@ -40,7 +40,7 @@ def replicate(storage, experiment: str, seeds: int = SEEDS, top_k: int = TOP_K) 
         have = {(c.searched.number, t.user_attrs["seed"]) for c in r.configs for t in c.reruns}
         new = []
         for rank, t in enumerate(ranked(r.search)[:top_k], start=1):
-            for seed in range(exp.seed + 1, exp.seed + seeds):
+            for seed in range(exp.run.seed + 1, exp.run.seed + seeds):
                 if (t.number, seed) not in have:
                     study.enqueue_trial(t.params, user_attrs={"seed": seed, "config": t.number, "rank": rank})
                     new.append((rank, seed))

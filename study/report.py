@@ -155,7 +155,7 @@ def benchmark_summary(results: list[StudyResult]) -> pd.DataFrame:
     at = {(r.dataset, r.method): r for r in results}
     worst = {(r.dataset, r.method): _pct([t.user_attrs["test"]["wga"] for t in r.runs()])[0]
              for r in results if r.runs()}
-    ranks = {}
+    ranks: dict[tuple[str, str], float] = {}
     for d in datasets:
         ranks |= {(d, m): v for m, v in pd.Series({m: w for (e, m), w in worst.items() if e == d}).rank(
             ascending=False, method="average").items()}
@@ -237,15 +237,15 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
     if seeded:
         k = max(len(r.configs) for r in seeded)
         n = max(c.asked for r in seeded for c in r.configs)
-        protocol = (f"Protocol: a search of {exp.trials} trials per method (seed {exp.seed}); the top {k} "
+        protocol = (f"Protocol: a search of {exp.trials} trials per method (seed {exp.run.seed}); the top {k} "
                     f"configurations by {exp.selection} re-run with {n} training seeds each (the searched run "
                     f"counting as one); the configuration with the best mean {exp.selection} over its seeds is "
                     "selected and its cells are mean ± std over its finished seeds (seeds: finished/asked). "
                     "A row without a seed phase is 1 seed.")
     else:
         protocol = (f"Protocol: a search of {exp.trials} trials per method; each row is the best searched trial, "
-                    f"1 seed (seed {exp.seed}); `python -m study replicate` adds the seed phase.")
-    patience = (f"{exp.patience}" if exp.patience is not None else
+                    f"1 seed (seed {exp.run.seed}); `python -m study replicate` adds the seed phase.")
+    patience = (f"{exp.run.patience}" if exp.run.patience is not None else
                 "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
     notes = "".join(f" {note}" for note in dict.fromkeys(n for r in results for n in (r.cls.name_note, r.cls.val_note)
                                                           if n))
@@ -407,8 +407,9 @@ SUFFIXES = {".md": "markdown", ".csv": "csv", ".tex": "latex", ".html": "html", 
 RENDER = {"markdown": render_markdown, "csv": render_csv, "latex": render_latex, "html": render_html}
 
 
-REPORT_MARK = {"markdown": "Experiment ", "csv": ("experiment,table,", "dataset,method,"),  # this layout, the last
-               "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
+REPORT_MARK: dict[str, str | tuple[str, ...]] = {
+    "markdown": "Experiment ", "csv": ("experiment,table,", "dataset,method,"),  # this layout, the last
+    "latex": "\\begin{table}", "html": "<!DOCTYPE html>"}
 
 
 def check_outputs(paths: list[str], fmt: str | None, storage) -> list[tuple[Path, str]]:

@@ -162,7 +162,7 @@ def trial_counts(study: optuna.Study) -> dict:
     last MAX_CONSECUTIVE_FAILURES finished trials all failed), or None."""
     trials = study.get_trials(deepcopy=False)
     retried = retried_numbers(trials)
-    counts = {s.name.lower(): 0 for s in TrialState}
+    counts: dict[str, Any] = {s.name.lower(): 0 for s in TrialState}
     for t in trials:
         counts[t.state.name.lower()] += 1
     counts["retried"] = sum(1 for t in trials if t.number in retried)

@@ -20,7 +20,7 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
             "study": s.study_name, "budget": exp.trials, "used": c["used"], "complete": c["complete"],
             "pruned": c["pruned"], "failed": c["fail"], "running": c["running"], "waiting": c["waiting"],
             "seed phase (done/all)": f"{sc.get('complete', 0)}/{sc.get('used', 0)}" if sc else "-",
-            f"best {exp.selection}": round(best.value, 4) if best else None,
+            f"best {exp.selection}": round(best.value, 4) if best and best.value is not None else None,
             "epochs trained": sum(len(t.intermediate_values) for t in trials),
             "halted": c["halted"] or "",
         })

@@ -11,6 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -18,7 +19,8 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, InterfaceError, OperationalError,
+                            PendingRollbackError, SQLAlchemyError)
 
 DEFAULT_STORAGE = "sqlite:///studies.db"
 HEARTBEAT_INTERVAL = 60  # seconds between heartbeats of a running trial
@@ -44,16 +46,44 @@ class StorageUnavailable(StorageError):
 _PERMANENT = ("authentication failed", "does not exist", "no password supplied", "permission denied",
               "unable to open database file", "invalid dsn", "could not translate host name", "readonly database",
               "no such table")
+# What a connection cut off by a restart says when the driver does not raise it as a connection error (libpq's
+# answer to a half-read result, a commit on a dead connection):
+_TRANSIENT = ("server closed the connection", "connection already closed", "terminating connection",
+              "no connection to the server", "could not receive data", "ssl syscall error",
+              "no message from the libpq", "the database system is")
 
 
 def _connection_error(e: BaseException | None) -> BaseException | None:
     """The transient connection-level database error in e's cause chain (server down or restarting), if any."""
     while e is not None:
-        if isinstance(e, (OperationalError, InterfaceError)) or (
-                isinstance(e, DBAPIError) and e.connection_invalidated):
-            return None if any(p in str(e).lower() for p in _PERMANENT) else e
+        text = str(e).lower()
+        # PendingRollbackError: a session whose connection died mid-transaction (SQLAlchemy wants the rollback that
+        # Optuna's commit path has just attempted): a new session on a new connection succeeds
+        if isinstance(e, (OperationalError, InterfaceError, DisconnectionError, PendingRollbackError)) or (
+                isinstance(e, DBAPIError) and e.connection_invalidated) or (
+                isinstance(e, SQLAlchemyError) and any(p in text for p in _TRANSIENT)):
+            return None if any(p in text for p in _PERMANENT) else e
         e = e.__cause__ or e.__context__
     return None
+
+
+def database_error(e: BaseException | None) -> bool:
+    """An error of the database or of Optuna's storage layer in e's chain as Python shows it (not the trial's own
+    doing; a StorageUnavailable, raised `from None`, is the worker's to report, not a trial's)."""
+    while e is not None:
+        if isinstance(e, (SQLAlchemyError, optuna.exceptions.StorageInternalError)):
+            return True
+        e = e.__cause__ if e.__cause__ is not None else None if e.__suppress_context__ else e.__context__
+    return False
+
+
+def cause_chain(e: BaseException | None) -> str:
+    """The exception's class chain, outermost first, with the innermost message (what a one-line report hides)."""
+    names, last = [], e
+    while e is not None:
+        names.append(type(e).__name__)
+        last, e = e, e.__cause__ or e.__context__
+    return " <- ".join(names) + (f": {first_line(last)}" if last is not None else "")
 
 
 def first_line(e: BaseException) -> str:
@@ -99,7 +129,7 @@ class ResilientRDBStorage(RDBStorage):
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
         stale = RDBStorage._get_stale_trial_ids(self, study_id)
-        grace = self.grace_period or 2 * self.heartbeat_interval
+        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
         now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores datetime_start as naive UTC
         with _create_scoped_session(self.scoped_session) as session:
             silent = (session.query(models.TrialModel.trial_id)
@@ -135,6 +165,9 @@ def _resilient(name: str):
         except StorageUnavailable as e:
             self._gave_up = str(e)
             raise
+        except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # not ridden out: the whole chain
+            print(f"storage call {name} failed: {cause_chain(e)}", file=sys.stderr, flush=True)
+            raise
     return call
 
 
@@ -152,7 +185,7 @@ def _quiet_heartbeat(self, trial_id: int, _call=ResilientRDBStorage.record_heart
         pass  # the heartbeat thread stays quiet: the worker's own next storage call reports the outage
 
 
-ResilientRDBStorage.record_heartbeat = _quiet_heartbeat
+setattr(ResilientRDBStorage, "record_heartbeat", _quiet_heartbeat)
 
 
 def storage_url(url: str | None = None) -> str:
@@ -269,7 +302,7 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         if read_only and not _has_optuna_tables(parsed.database):
             raise StorageError(f"storage {mask_url(url)}: {parsed.database!r} is not an Optuna storage (left as it is)")
         # Several local processes share the file: wait for the lock instead of failing.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     elif dialect == "postgresql":
         if parsed.drivername not in ("postgresql", "postgresql+psycopg2"):
             raise StorageError(f"use the psycopg2 driver (postgresql://...), not {parsed.drivername!r}: "
@@ -354,5 +387,5 @@ def study_lock(storage: RDBStorage, study_name: str):
                          {"k": advisory_key(f"debias-study-claim:{study_name}")})
             yield
         return
-    with _file_lock(storage.engine.url.database + ".claim"):
+    with _file_lock(f"{storage.engine.url.database}.claim"):
         yield

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 import dataclasses
 import os
 import signal
@@ -19,14 +20,13 @@ from optuna.trial import TrialState
 
 from trainer import TrainConfig, fit
 from trainer.data import DataError
-from trainer.loop import resolve_device
+from trainer.loop import FitResult, resolve_device
 from trainer.cli import command_for
 from trainer.methods import get_method
-from trainer.metrics import get_selection
 
-from .experiment import Experiment, load_experiment, make_pruner, search_space
+from .experiment import SEARCHED_RUN, Experiment, load_experiment, make_pruner, search_space
 from .results import trial_counts
-from .storage import StorageUnavailable, ride_out, study_lock
+from .storage import StorageUnavailable, cause_chain, database_error, ride_out, study_lock
 
 
 # The worker records heartbeats itself (see `heartbeat`): Optuna's reminder that study.optimize would do it is moot.
@@ -39,6 +39,10 @@ class EnvironmentFault(RuntimeError):
 
 class StudiesHalted(RuntimeError):
     """Some studies stopped taking trials after consecutive failures: the worker exits non-zero and says why."""
+
+
+class StorageFault(RuntimeError):
+    """A storage call failed mid-trial (a database hiccup, not the trial's doing): the trial is re-queued."""
 
 
 class WorkerStopped(KeyboardInterrupt):
@@ -58,7 +62,7 @@ def _metrics(m: dict) -> dict:
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
 
 
-def _record(trial: optuna.Trial, method: str, result: dict | None, history: list[dict], t0: float) -> None:
+def _record(trial: optuna.Trial, method: str, result: FitResult | None, history: list[dict], t0: float) -> None:
     """Small user attrs (the dashboard re-reads them every few seconds)."""
     trial.set_user_attr("epochs_run", len(history))
     trial.set_user_attr("train_seconds", round(time.time() - t0, 2))
@@ -66,9 +70,9 @@ def _record(trial: optuna.Trial, method: str, result: dict | None, history: list
         trial.set_user_attr(key, [h.get(key) for h in history])
     if result:
         for key in ("best_epoch", "first_own_epoch", "selection", "device", "data_checksum"):
-            trial.set_user_attr(key, result[key])
-        trial.set_user_attr("val", _metrics(result["val"]))
-        trial.set_user_attr("test", _metrics(result["test"]))
+            trial.set_user_attr(key, getattr(result, key))
+        trial.set_user_attr("val", _metrics(result.val))
+        trial.set_user_attr("test", _metrics(result.test))
 
 
 RECIPE_KEYS = ("model", "pretrained", "image_size", "epochs", "augment", "freeze_bn", "grad_clip", "deterministic")
@@ -87,11 +91,12 @@ class Objective:
 
     def config(self, trial: optuna.Trial) -> TrainConfig:
         params = {name: spec.suggest(trial, name) for name, spec in self.space.items()}
+        recipe = self.exp.recipe(self.dataset, self.method)
         return dataclasses.replace(
-            self.exp.recipe(self.dataset), method=self.method, seed=trial.user_attrs.get("seed", self.exp.seed),
-            device=self.device, threads=torch.get_num_threads(),  # recorded: a CPU rerun needs the same count
-            lr=params.pop("lr"), weight_decay=params.pop("weight_decay"),
-            batch_size=params.pop("batch_size"), method_params=params)
+            recipe, seed=trial.user_attrs.get("seed", recipe.seed), device=self.device,
+            threads=torch.get_num_threads(),  # recorded: a CPU rerun needs the same count
+            **{n: params.pop(n) for n in SEARCHED_RUN if n in params},
+            method_params={**recipe.method_params, **params})
 
     def __call__(self, trial: optuna.Trial, prune: bool) -> float:
         """Trains one trial; returns its selection metric at the best epoch. Seed-phase runs are never pruned."""
@@ -123,14 +128,17 @@ class Objective:
         except (Exception, KeyboardInterrupt) as e:
             if isinstance(e, WorkerStopped):
                 STOP.handled()  # the fail reason and the re-queue below must not be cut short
-            reason = "worker stopped by signal" if isinstance(e, WorkerStopped) else f"{type(e).__name__}: {e}"
+            reason = ("worker stopped by signal" if isinstance(e, WorkerStopped) else
+                      f"storage error: {cause_chain(e)}" if database_error(e) else f"{type(e).__name__}: {e}")
             trial.set_user_attr("fail_reason", reason[:500])
             _record(trial, self.method, None, history, t0)
             if isinstance(e, (DataError, FileNotFoundError)):
                 raise EnvironmentFault(reason) from e
+            if database_error(e):
+                raise StorageFault(reason) from e
             raise
         _record(trial, self.method, result, history, t0)
-        return result["val"][get_selection(self.exp.selection).key]
+        return result.objective
 
 
 class StopSignals:
@@ -142,7 +150,8 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, exc: type[BaseException]):
-        self.exc, self.old, self.signum, self.open, self.done = exc, {}, None, False, threading.Event()
+        self.exc, self.signum, self.open, self.done = exc, None, False, threading.Event()
+        self.old: dict[int, Any] = {}
 
     def _on_signal(self, signum, frame):
         if self.signum is None:
@@ -244,6 +253,10 @@ def run_trial(phase: Phase, trial: optuna.Trial, storage) -> optuna.trial.Frozen
             value = phase.objective(trial, prune=phase.search)
     except optuna.TrialPruned:
         return study.tell(trial, state=TrialState.PRUNED)
+    except StorageFault:  # not the trial's fault either: the same parameters again; this worker goes on
+        frozen = study.tell(trial, state=TrialState.FAIL)
+        storage.get_heartbeat_stale_trial_callback()(study, frozen)
+        return frozen
     except EnvironmentFault:  # this host cannot train it: not the trial's fault, so it runs again elsewhere
         frozen = study.tell(trial, state=TrialState.FAIL)
         storage.get_heartbeat_stale_trial_callback()(study, frozen)

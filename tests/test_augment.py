@@ -85,6 +85,6 @@ def test_training_on_images_with_either_loader(waterbirds_dir, loader):
                       pretrained=False, image_size=24, epochs=2, batch_size=4, num_workers=0, device="cpu",
                       image_loader=loader, method_params={"warmup_epochs": 1})
     runs = [fit(cfg, log=None) for _ in range(2)]
-    assert runs[0]["epochs_run"] == 2 and not runs[0]["compiled"]
-    assert runs[0]["history"][-1]["constrained"] and runs[0]["test"]["groups"]
-    assert [h["train_loss"] for h in runs[0]["history"]] == [h["train_loss"] for h in runs[1]["history"]]
+    assert runs[0].epochs_run == 2 and not runs[0].compiled
+    assert runs[0].history[-1]["constrained"] and runs[0].test["groups"]
+    assert [h["train_loss"] for h in runs[0].history] == [h["train_loss"] for h in runs[1].history]

@@ -117,10 +117,10 @@ def test_jtt_stage_two_draws_each_error_up_times_as_often():
 def test_jtt_through_the_loop_selects_a_stage_two_epoch_of_a_fresh_model():
     r = fit(TrainConfig(dataset="synthetic", method="jtt", epochs=5, patience=0,
                         method_params={"stage1_epochs": 2, "up": 10.0}), log=None)
-    assert r["first_own_epoch"] == 3 and r["best_epoch"] >= 3
-    assert [h["own"] for h in r["history"]] == [False, False, True, True, True]
-    assert r["history"][1]["error_frac"] is None and 0 <= r["history"][2]["error_frac"] <= 1
-    assert r["group_labels"] == "none"
+    assert r.first_own_epoch == 3 and r.best_epoch >= 3
+    assert [h["own"] for h in r.history] == [False, False, True, True, True]
+    assert r.history[1]["error_frac"] is None and 0 <= r.history[2]["error_frac"] <= 1
+    assert r.group_labels == "none"
     with pytest.raises(ValueError, match="epochs"):  # no stage-2 epoch left
         TrainConfig(dataset="synthetic", method="jtt", epochs=2, method_params={"stage1_epochs": 2}).resolved()
 
@@ -157,7 +157,7 @@ def test_dfr_through_the_loop_refits_the_head_and_reports_the_held_out_half():
     erm = fit(TrainConfig(dataset="cmnist", method="erm", epochs=3), splits=splits, log=None)
     r = fit(TrainConfig(dataset="cmnist", method="dfr", epochs=3), splits=splits, log=None)
     # stage 1 is the ERM run itself: the same seed trains the same model
-    assert [h["val_wga"] for h in r["history"]] == [h["val_wga"] for h in erm["history"]]
-    assert sum(g["count"] for g in r["val"]["groups"]) == len(splits.val) // 2  # the half its head never saw
-    assert r["group_labels"] == "val" and r["best_epoch"] == erm["best_epoch"]
-    assert r["test"]["wga"] > erm["test"]["wga"] + 0.2  # re-fit on balanced val features: the shortcut is gone
+    assert [h["val_wga"] for h in r.history] == [h["val_wga"] for h in erm.history]
+    assert sum(g["count"] for g in r.val["groups"]) == len(splits.val) // 2  # the half its head never saw
+    assert r.group_labels == "val" and r.best_epoch == erm.best_epoch
+    assert r.test["wga"] > erm.test["wga"] + 0.2  # re-fit on balanced val features: the shortcut is gone

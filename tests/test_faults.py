@@ -55,7 +55,7 @@ def test_worker_without_the_data_stops_and_fails_nothing(pg_url, waterbirds_dir)
 
 def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
     from study.experiment import Experiment, init_experiment
-    init_experiment(storage_for(pg_url), Experiment(name="nan", datasets=["synthetic"], methods=["erm"], trials=5,
+    init_experiment(storage_for(pg_url), Experiment.of(name="nan", datasets=["synthetic"], methods=["erm"], trials=5,
                                                     epochs=2, space={"train": {"lr": [1e11, 1e12]}}))
     w = start_worker(pg_url, "nan")
     out = w.communicate(timeout=300)[0]
@@ -72,12 +72,12 @@ def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
 
 # 2. init checks every setting and bound against what the trainer and the method accept
 @pytest.mark.parametrize("args, toml, expect", [
-    (["--patience", "-1"], None, "patience must be an integer from 0"),
-    (["--seed", "-1"], None, "seed must be an integer from 0"),
-    (["--seed", str(2**64)], None, "seed must be an integer from 0 to 2**31 - 1"),
+    (["--patience", "-1"], None, "patience must be an integer >= 0 or unset, got -1"),
+    (["--seed", "-1"], None, "seed must be an integer from 0 to 2147483647, got -1"),
+    (["--seed", str(2**64)], None, "seed must be an integer from 0 to 2147483647, got 18446744073709551616"),
     (["--model", "foo"], None, "unknown model 'foo'"),
-    (["--image-size", "0"], None, "image_size must be an integer from 1"),
-    ([], "epochs = 1.5", "epochs must be an integer from 1"),
+    (["--image-size", "0"], None, "image_size must be an integer >= 1 or unset, got 0"),
+    ([], "epochs = 1.5", "epochs must be an integer >= 1 or unset, got 1.5"),
     ([], "[space.fim]\nrho = [1.5, 2]", "fim.rho: value 1.5 is not accepted"),
     ([], "[space.fim]\nrho = [0.1, inf]", "fim.rho: bound inf is not a finite number"),
     ([], '[space.fim]\nscope = ["bogus"]', "fim.scope: value 'bogus' is not accepted"),

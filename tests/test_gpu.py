@@ -64,8 +64,8 @@ def test_compiled_bf16_training_runs(waterbirds_dir):
                       pretrained=False, image_size=24, epochs=3, batch_size=4, device="cuda", compile=True,
                       method_params={"scope": "last_layer", "warmup_epochs": 1})
     r = fit(cfg, log=None)
-    assert r["compiled"] and r["epochs_run"] == 3 and r["history"][-1]["constrained"]
-    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in r["history"])
+    assert r.compiled and r.epochs_run == 3 and r.history[-1]["constrained"]
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in r.history)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -77,5 +77,5 @@ def test_deterministic_runs_reproduce_bit_for_bit(waterbirds_dir, method):
                       pretrained=False, image_size=24, epochs=2, batch_size=4, device="cuda", augment=True,
                       deterministic=True, patience=0, method_params=params)
     a, b = (fit(cfg, log=None) for _ in range(2))
-    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
-    assert a["test"] == b["test"] and a["val"] == b["val"]
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert a.test == b.test and a.val == b.val

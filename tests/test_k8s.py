@@ -114,7 +114,7 @@ def test_app_arguments_parse_with_the_real_cli():
     # the experiment settings are a valid experiment (without touching the data)
     from study.experiment import Experiment
     settings = tomllib.loads(config["experiment.toml"])
-    Experiment(name=config["EXPERIMENT"], **settings)
+    Experiment.of(name=config["EXPERIMENT"], **settings)
 
 
 def test_workers_one_gpu_each_non_root_and_read_only_data():

@@ -24,16 +24,16 @@ def test_a_tiny_run_trains_on_real_and_synthetic_and_a_second_trial_reuses_the_g
     params = {"n_pairs": 64, "gen_epochs": 3, "width": 8, "latent_dim": 4}
     runs = [fit(TrainConfig(dataset="synthetic", method="latent_aug", epochs=2, seed=seed, method_params=params),
                 log=None) for seed in (0, 1)]  # two trials of one study: different training seeds
-    first, second = (r["history"][0] for r in runs)
+    first, second = (r.history[0] for r in runs)
     assert first["generator_cached"] is False and second["generator_cached"] is True
     assert second["generator_seconds"] < first["generator_seconds"]
     assert len(list((tmp_path / "latent_aug").glob("*.pt"))) == 1  # one stage, shared
-    assert runs[0]["history"][1].get("generator_seconds") is None  # logged once, in the epoch that built it
+    assert runs[0].history[1].get("generator_seconds") is None  # logged once, in the epoch that built it
     for r in runs:
-        assert r["uses_group_labels"] and 0.0 <= r["test"]["wga"] <= 1.0
+        assert r.uses_group_labels and 0.0 <= r.test["wga"] <= 1.0
     stage = torch.load(next((tmp_path / "latent_aug").glob("*.pt")), weights_only=True)
     assert stage["x"].shape[0] == 128 and stage["y"].tolist()[:64] == stage["y"].tolist()[64:]  # pairs share labels
     torch.testing.assert_close(stage["a_score"][64:], -stage["a_score"][:64], rtol=1e-4, atol=1e-4)
     p = fit(TrainConfig(dataset="synthetic", method="latent_aug", epochs=2, seed=0,
                         method_params={**params, "width": 9}), log=None)
-    assert p["history"][0]["generator_cached"] is False  # other settings: another stage
+    assert p.history[0]["generator_cached"] is False  # other settings: another stage

@@ -253,10 +253,10 @@ def test_gce_gradient_is_q_times_the_papers():
 def test_lff_biased_model_learns_the_shortcut_on_cmnist():
     splits = load_splits("cmnist")
     r = fit(TrainConfig(dataset="cmnist", method="lff", epochs=3), splits=splits, log=None)
-    last = r["history"][-1]
+    last = r.history[-1]
     assert last["biased_acc_aligned"] > 0.9 > 0.5 > last["biased_acc_conflicting"], last
     assert last["weight_enrichment"] > 1  # the debiased model's weight goes to the bias-conflicting samples
-    assert r["group_labels"] == "none"
+    assert r.group_labels == "none"
 
 
 # ---------------------------------------------------------------- the interface through the real loop
@@ -328,9 +328,9 @@ def test_hooks_setup_weights_stages_and_after_fit_through_the_loop(monkeypatch):
     assert not torch.allclose(start, p.end_of_stage_1) and n_state == 0
     assert p.opt_ids[2] != p.opt_ids[1] and p.opt_ids[1] == p.opt_ids[0]
     # after_fit changed the model before the test pass, and its val metrics replace the selected epoch's
-    n_class0 = sum(g["count"] for g in r["test"]["groups"][:2])
-    assert r["test"]["avg_plain"] == pytest.approx(n_class0 / sum(g["count"] for g in r["test"]["groups"]))
-    assert r["val"]["groups"][2]["acc"] == 0.0 and r["val"]["groups"][0]["acc"] == 1.0
+    n_class0 = sum(g["count"] for g in r.test["groups"][:2])
+    assert r.test["avg_plain"] == pytest.approx(n_class0 / sum(g["count"] for g in r.test["groups"]))
+    assert r.val["groups"][2]["acc"] == 0.0 and r.val["groups"][0]["acc"] == 1.0
 
 
 def test_every_registered_method_says_which_group_labels_it_trains_on():

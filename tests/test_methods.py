@@ -11,7 +11,7 @@ from trainer.fisher import last_layer_trace, logit_trace
 from trainer.methods import METHODS
 from trainer.methods.fim import FIMParams, FisherConstrained
 from trainer.methods.groupdro import GroupDRO, GroupDROParams
-from trainer.metrics import bias_conflicting, group_metrics
+from trainer.metrics import bias_conflicting, get_selection, group_metrics
 
 SHORT = {"jtt": {"stage1_epochs": 1},  # leave a stage-2 epoch in these short runs
          "latent_aug": {"gen_epochs": 3, "n_pairs": 200}}  # a short generator stage: test_latent_aug.py checks it
@@ -26,16 +26,17 @@ def cmnist():
 
 
 def _check_result(r, method, epochs):
-    assert r["method"] == method and 1 <= r["best_epoch"] <= r["epochs_run"] <= epochs
+    assert r.method == method and 1 <= r.best_epoch <= r.epochs_run <= epochs
     for split in ("val", "test"):
-        m = r[split]
+        m = getattr(r, split)
         assert 0 <= m["wga"] <= m["avg_plain"] + 1e-9 <= 1 + 1e-9
         assert m["wga"] == min(g["acc"] for g in m["groups"])
-        n = 128 if r["dataset"] == "synthetic" else 1000
+        n = 128 if r.dataset == "synthetic" else 1000
         held_out = split == "val" and METHODS[method].val_note  # DFR: the val half its head never saw
         assert sum(g["count"] for g in m["groups"]) == (n // 2 if held_out else n)
-    assert len(r["history"]) == r["epochs_run"] and all(math.isfinite(h["train_loss"]) for h in r["history"])
-    assert set(r["hparams"]["method_params"]) == {f.name for f in METHODS[method].param_fields()}
+    assert r.objective == r.val[get_selection(r.selection).key]  # what a study maximises
+    assert len(r.history) == r.epochs_run and all(math.isfinite(h["train_loss"]) for h in r.history)
+    assert set(r.hparams["method_params"]) == {f.name for f in METHODS[method].param_fields()}
 
 
 @pytest.mark.parametrize("method, params", CASES)
@@ -43,7 +44,7 @@ def test_every_method_on_synthetic(method, params):
     r = fit(TrainConfig(dataset="synthetic", method=method, epochs=3, method_params=params), log=None)
     _check_result(r, method, 3)
     if method == "fim":
-        last = r["history"][-1]
+        last = r.history[-1]
         assert last["constrained"] and 0 <= last["violated_frac"] <= 1
         assert abs(sum(last["lambda_share"]) - 1) < 1e-3 or last["lambda_max"] == 0  # shares of no mass: zeros
         assert last["lambda_max"] <= 10
@@ -53,17 +54,17 @@ def test_every_method_on_synthetic(method, params):
 def test_every_method_on_cmnist(method, params, cmnist):
     r = fit(TrainConfig(dataset="cmnist", method=method, epochs=2, method_params=params), splits=cmnist, log=None)
     _check_result(r, method, 2)
-    assert r["group_labels"] == METHODS[method].group_labels
-    assert r["uses_group_labels"] == (METHODS[method].group_labels == "train")
+    assert r.group_labels == METHODS[method].group_labels
+    assert r.uses_group_labels == (METHODS[method].group_labels == "train")
     if method == "fim":  # after one warm-up epoch the constraints bind and lambda mass appears
-        last = r["history"][-1]
+        last = r.history[-1]
         assert last["lambda_mean"] > 0 and abs(sum(last["lambda_share"]) - 1) < 1e-3
 
 
 def test_same_seed_same_result():
     cfg = TrainConfig(dataset="synthetic", method="fim", epochs=2, seed=3)
     a, b = fit(cfg, log=None), fit(cfg, log=None)
-    assert a["test"] == b["test"] and a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    assert a.test == b.test and a.history[-1]["train_loss"] == b.history[-1]["train_loss"]
 
 
 def test_callback_sees_every_epoch_and_can_stop():
@@ -212,8 +213,8 @@ def test_fim_calibrates_on_the_view_the_constraint_uses(monkeypatch, augment):
     monkeypatch.setattr(FisherConstrained, "start_epoch", start_epoch)
     r = fit(TrainConfig(dataset="synthetic", method="fim", model="cnn", epochs=2, augment=augment,
                         method_params={"warmup_epochs": 1}), splits=splits, log=None)
-    assert r["history"][-1]["constrained"]
-    n_batches = -(-len(t) // r["hparams"]["batch_size"])
+    assert r.history[-1]["constrained"]
+    n_batches = -(-len(t) // r.hparams["batch_size"])
     # every calibration forward ran as a training step does: train-mode BatchNorm on batches of its size, augmented
     # exactly when training is
     assert seen == [(True, augment)] * n_batches

@@ -48,14 +48,14 @@ def test_label_free_selection_reads_no_group_label(method):
                       method_params={"warmup_epochs": 1} if method == "fim" else {})
     a = fit(cfg, splits=load_splits("cmnist"), log=None)
     b = fit(cfg, splits=_shuffle_attributes(load_splits("cmnist")), log=None)
-    assert [h["val_selection"] for h in a["history"]] == [h["val_selection"] for h in b["history"]]
-    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
-    assert a["best_epoch"] == b["best_epoch"]
+    assert [h["val_selection"] for h in a.history] == [h["val_selection"] for h in b.history]
+    assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
+    assert a.best_epoch == b.best_epoch
     # the test split is untouched, so the selected model's test metrics agree (the train-weighted average alone
     # reads training-set group proportions: a reporting convention, not a decision)
     same = ("wga", "avg_plain", "worst_class", "groups")
-    assert {k: a["test"][k] for k in same} == {k: b["test"][k] for k in same}
-    assert [h["val_wga"] for h in a["history"]] != [h["val_wga"] for h in b["history"]]  # the scramble is real
+    assert {k: a.test[k] for k in same} == {k: b.test[k] for k in same}
+    assert [h["val_wga"] for h in a.history] != [h["val_wga"] for h in b.history]  # the scramble is real
 
 
 def test_label_free_regime_from_init_to_report(pg_url):
@@ -89,20 +89,20 @@ def test_label_free_regime_from_init_to_report(pg_url):
 def test_a_warm_up_epoch_is_never_the_selected_model():
     r = fit(TrainConfig(dataset="synthetic", method="fim", epochs=4, patience=0,
                         method_params={"warmup_epochs": 2}), log=None)
-    assert r["first_own_epoch"] == 3 and r["best_epoch"] >= 3
-    assert [h["own"] for h in r["history"]] == [False, False, True, True]
-    own = [h for h in r["history"] if h["own"]]
-    assert r["val"]["wga"] == max(h["val_wga"] for h in own)
+    assert r.first_own_epoch == 3 and r.best_epoch >= 3
+    assert [h["own"] for h in r.history] == [False, False, True, True]
+    own = [h for h in r.history if h["own"]]
+    assert r.val["wga"] == max(h["val_wga"] for h in own)
 
 
 def test_warm_up_longer_than_the_budget_is_refused_and_the_space_adapts():
     with pytest.raises(ValueError, match="from epoch 3 .* but epochs is 2"):
         fit(TrainConfig(dataset="synthetic", method="fim", epochs=2, method_params={"warmup_epochs": 2}), log=None)
-    exp = Experiment(name="w", datasets=["synthetic"], methods=["fim"], epochs=2)
+    exp = Experiment.of(name="w", datasets=["synthetic"], methods=["fim"], epochs=2)
     from study.experiment import search_space
     assert search_space(exp, "synthetic", "fim")["warmup_epochs"].high == 1  # one constrained epoch left
     # the median pruner never judges a trial before the latest first own epoch the search can draw (3 + 1)
-    exp = Experiment(name="w", datasets=["synthetic"], methods=["fim", "erm"], epochs=8)
+    exp = Experiment.of(name="w", datasets=["synthetic"], methods=["fim", "erm"], epochs=8)
     assert make_pruner(exp, "synthetic", "fim")._n_warmup_steps == 4
     assert make_pruner(exp, "synthetic", "erm")._n_warmup_steps == 2
 
@@ -114,8 +114,8 @@ def test_gradient_clipping_applies_to_every_method():
     # a tiny clip slows ERM's first epoch: the setting reaches a method that does not clip by itself
     a = fit(TrainConfig(dataset="synthetic", method="erm", epochs=1, grad_clip=1e-6, lr=0.05), log=None)
     b = fit(TrainConfig(dataset="synthetic", method="erm", epochs=1, grad_clip=0.0, lr=0.05), log=None)
-    assert a["hparams"]["grad_clip"] == 1e-6 and b["hparams"]["grad_clip"] == 0.0
-    assert a["history"][0]["train_loss"] != b["history"][0]["train_loss"]
+    assert a.hparams["grad_clip"] == 1e-6 and b.hparams["grad_clip"] == 0.0
+    assert a.history[0]["train_loss"] != b.history[0]["train_loss"]
 
 
 def test_patience_scales_with_the_budget_and_storage_timeouts_are_short_for_people(pg_url):

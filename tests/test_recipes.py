@@ -39,7 +39,7 @@ def _run(waterbirds_dir, **kw):
 @pytest.mark.parametrize("loader", ["decoded", "pil"])
 def test_waterbirds_recipe_trains_on_the_evaluation_transform(waterbirds_dir, recorder, loader):
     r = _run(waterbirds_dir, image_loader=loader)
-    assert r["hparams"]["augment"] is False  # Sagawa et al.'s Waterbirds recipe: no augmentation
+    assert r.hparams["augment"] is False  # Sagawa et al.'s Waterbirds recipe: no augmentation
     from trainer.data import load_splits
     evals = load_splits("waterbirds", data_dir=str(waterbirds_dir), image_size=24)  # decoded eval transform
     assert len(recorder) == 2
@@ -83,10 +83,10 @@ def test_recipes_follow_the_dataset_and_the_model():
     assert TrainConfig(dataset="cmnist").resolved().lr == 0.01  # the dataset's own model keeps its recipe
     assert recipe("folder", "cnn").lr == 0.05 and recipe("folder", "resnet18").lr == 1e-3
     # the search range and the enqueued reference configuration move with the model
-    exp = Experiment(name="r", datasets=["folder"], methods=["erm"], model="cnn")
+    exp = Experiment.of(name="r", datasets=["folder"], methods=["erm"], model="cnn")
     lr = search_space(exp, "folder", "erm")["lr"]
     assert (lr.low, lr.high) == pytest.approx((0.005, 0.5)) and reference_params(exp, "folder", "erm")["lr"] == 0.05
-    lr = search_space(Experiment(name="r", datasets=["folder"], methods=["erm"]), "folder", "erm")["lr"]
+    lr = search_space(Experiment.of(name="r", datasets=["folder"], methods=["erm"]), "folder", "erm")["lr"]
     assert (lr.low, lr.high) == pytest.approx((1e-4, 1e-2))
 
 
@@ -100,7 +100,7 @@ def test_impossible_recipes_are_refused(kw, message):
         TrainConfig(**kw).resolved()
     exp_kw = {k: v for k, v in kw.items() if k != "dataset"}
     with pytest.raises(ValueError, match=message):  # refused by init too, before anything is written
-        Experiment(name="r", datasets=[kw["dataset"]], methods=["erm"], **exp_kw)
+        Experiment.of(name="r", datasets=[kw["dataset"]], methods=["erm"], **exp_kw)
 
 
 def test_recipe_settings_reach_the_recorded_command():
@@ -121,5 +121,5 @@ def test_deterministic_mode_is_on_during_the_run_only(recorder, monkeypatch):
             for _ in range(2)]
     assert modes and set(modes) == {(True, True, False)}
     assert not torch.are_deterministic_algorithms_enabled()  # restored for the worker's next trial
-    assert runs[0]["history"][-1]["train_loss"] == runs[1]["history"][-1]["train_loss"]
-    assert runs[0]["test"] == runs[1]["test"]
+    assert runs[0].history[-1]["train_loss"] == runs[1].history[-1]["train_loss"]
+    assert runs[0].test == runs[1].test

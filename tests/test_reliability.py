@@ -9,8 +9,9 @@ from optuna.trial import TrialState
 from conftest import start_worker, study_main
 from test_study import FAST_HEARTBEAT, _running_with_progress, _wait_for, init, storage_for, studies_of
 
-def assert_complete(url, experiment, budget):
-    """Every study met its budget; nothing RUNNING or WAITING; every failed trial was retried to the end."""
+def assert_complete(url, experiment, budget, outs=()):
+    """Every study met its budget; nothing RUNNING or WAITING; every failed trial was retried to the end (`outs`:
+    the workers' output, shown when it was not)."""
     for name, study in studies_of(url, experiment).items():
         trials = study.get_trials(deepcopy=False)
         states = [t.state for t in trials]
@@ -18,7 +19,7 @@ def assert_complete(url, experiment, budget):
         failed = {t.number for t in trials if t.state == TrialState.FAIL}
         retried = {t.system_attrs.get("failed_trial") for t in trials}
         reasons = {t.number: t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL}
-        assert failed <= retried, (name, failed, retried, reasons)  # no lost trial (the reasons say why it failed)
+        assert failed <= retried, (name, failed, retried, reasons, outs)  # no lost trial (the reasons say why)
         if not name.endswith("/seeds"):  # the seed phase was not asked for
             assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == budget, (name, states)
 
@@ -39,7 +40,52 @@ def test_database_restart_mid_study_loses_nothing(private_cluster):
     assert [w.returncode for w in workers] == [0, 0], outs
     assert any("unreachable" in o and "retrying" in o for o in outs), outs  # the outage was met, and ridden out
     assert all("Traceback" not in o and "claimed GPU" in o for o in outs), outs
-    assert_complete(pg_url, "restart", 2)
+    assert_complete(pg_url, "restart", 2, outs)
+
+
+def _raised(make):
+    """The exception as Python chains it when raised inside an except block of another."""
+    try:
+        make()
+    except Exception as e:
+        return e
+
+
+def test_restart_errors_are_ridden_out_and_permanent_ones_are_not():
+    import psycopg2
+    from sqlalchemy.exc import DatabaseError, PendingRollbackError, ProgrammingError
+
+    from study.storage import StorageUnavailable, _connection_error, cause_chain, database_error
+
+    def commit_on_dead(exc):  # Optuna's commit path: StorageInternalError raised from SQLAlchemy's error
+        def make():
+            try:
+                raise exc
+            except Exception as e:
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from e
+        return make
+    transient = [
+        PendingRollbackError("Can't reconnect until invalid transaction is rolled back", None, None),
+        DatabaseError("COMMIT", {}, psycopg2.DatabaseError("error with status PGRES_TUPLES_OK and no message from "
+                                                          "the libpq")),
+        DatabaseError("SELECT 1", {}, psycopg2.DatabaseError("server closed the connection unexpectedly")),
+    ]
+    for exc in transient:
+        e = _raised(commit_on_dead(exc))
+        assert _connection_error(e) is exc, cause_chain(e)
+    assert "StorageInternalError <- PendingRollbackError" in cause_chain(_raised(commit_on_dead(transient[0])))
+    permanent = [ProgrammingError("SELECT", {}, psycopg2.ProgrammingError('relation "trials" does not exist')),
+                 DatabaseError("COMMIT", {}, psycopg2.DatabaseError("value too long for type character varying"))]
+    for exc in permanent:
+        assert _connection_error(_raised(commit_on_dead(exc))) is None, exc
+        assert database_error(_raised(commit_on_dead(exc)))  # a trial it cuts short is re-queued, not lost
+
+    def gave_up():
+        try:
+            raise transient[0]
+        except Exception:
+            raise StorageUnavailable("storage unreachable for 600 s") from None
+    assert not database_error(_raised(gave_up)) and not database_error(ValueError("a trial's own error"))
 
 
 def test_database_down_too_long_stops_the_worker_with_one_line(private_cluster):

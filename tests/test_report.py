@@ -57,7 +57,7 @@ def fill(storage, name="gold", methods=("erm", "groupdro", "fim"), seed_phase=Tr
     Seed phase (top 2, 3 seeds, the searched run = seed 0) — ERM: rank 2 has the better mean val (0.60 vs 0.54) and
     is selected. DRO: rank 1 (mean val 0.845 over 2 finished seeds) beats rank 2 (0.74); its seed 2 failed.
     Ours: one configuration."""
-    exp = Experiment(name=name, datasets=["synthetic"], methods=list(methods), trials=4, epochs=4)
+    exp = Experiment.of(name=name, datasets=["synthetic"], methods=list(methods), trials=4, epochs=4)
     init_experiment(storage, exp, check_data=False)
     S = {m: optuna.load_study(study_name=f"{name}/synthetic/{m}", storage=storage) for m in methods}
     X = {m: optuna.load_study(study_name=f"{name}/synthetic/{m}/seeds", storage=storage) for m in methods}
@@ -250,7 +250,7 @@ def test_figures_into_the_dashboard(storage):
 
 def test_study_without_finished_trials_and_empty_experiment(storage):
     s, url = storage
-    init_experiment(s, Experiment(name="empty", datasets=["synthetic"], methods=["erm", "fim"]), check_data=False)
+    init_experiment(s, Experiment.of(name="empty", datasets=["synthetic"], methods=["erm", "fim"]), check_data=False)
     p = report(url, "--experiment", "empty")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("no finished trial") == 2 and "| 0/0/0 " in p.stdout
@@ -261,7 +261,7 @@ def test_study_without_finished_trials_and_empty_experiment(storage):
 def test_every_method_gets_a_row_with_its_group_label_use(storage):
     from trainer.methods import METHODS
     s, url = storage
-    exp = Experiment(name="all", datasets=["synthetic"], methods=["all"], trials=2, epochs=4)
+    exp = Experiment.of(name="all", datasets=["synthetic"], methods=["all"], trials=2, epochs=4)
     assert exp.methods == list(METHODS)  # --methods all: every registered method
     init_experiment(s, exp, check_data=False)
     for m in ("erm", "dfr", "jtt", "resample", "resample_class"):
@@ -278,7 +278,7 @@ def test_every_method_gets_a_row_with_its_group_label_use(storage):
 
 def test_an_untrained_baseline_is_flagged(storage):
     s, url = storage
-    init_experiment(s, Experiment(name="flat", datasets=["synthetic"], methods=["erm", "fim", "groupdro"], trials=2,
+    init_experiment(s, Experiment.of(name="flat", datasets=["synthetic"], methods=["erm", "fim", "groupdro"], trials=2,
                                   epochs=4), check_data=False)
     study = {m: optuna.load_study(study_name=f"flat/synthetic/{m}", storage=s) for m in ("erm", "fim", "groupdro")}
     # ERM: selected at its first epoch and never better, near chance on val; Ours: trained (best epoch 4 after a
@@ -298,7 +298,7 @@ def test_an_untrained_baseline_is_flagged(storage):
 
 def test_a_model_of_the_spurious_attribute_is_a_trained_baseline(storage):
     s, url = storage
-    init_experiment(s, Experiment(name="shortcut", datasets=["synthetic"], methods=["erm"], trials=1, epochs=4),
+    init_experiment(s, Experiment.of(name="shortcut", datasets=["synthetic"], methods=["erm"], trials=1, epochs=4),
                     check_data=False)
     # val worst-group 0 at its first epoch, 95% train-weighted: it learned the attribute, not nothing
     optuna.load_study(study_name="shortcut/synthetic/erm", storage=s).add_trial(
@@ -402,7 +402,7 @@ def table_cells(text: str) -> list[list[str]]:
 
 
 def fill_benchmarks(storage, name="cross"):
-    exp = Experiment(name=name, datasets=list(CROSS), methods=["erm", "groupdro", "fim"], trials=1, epochs=4)
+    exp = Experiment.of(name=name, datasets=list(CROSS), methods=["erm", "groupdro", "fim"], trials=1, epochs=4)
     init_experiment(storage, exp, check_data=False)
     for dataset, methods in CROSS.items():
         for m, wgas in methods.items():
@@ -439,7 +439,7 @@ def test_summary_across_benchmarks_golden(storage, tmp_path):
 
 def test_published_anchors_stay_apart_from_measured_rows(storage):
     s, url = storage
-    exp = Experiment(name="wb", datasets=["texdigits"], methods=["erm", "groupdro"], trials=1, epochs=4)
+    exp = Experiment.of(name="wb", datasets=["texdigits"], methods=["erm", "groupdro"], trials=1, epochs=4)
     init_experiment(s, exp, check_data=False)
     for m, wga in (("erm", 0.30), ("groupdro", 0.60)):
         optuna.load_study(study_name=f"wb/texdigits/{m}", storage=s).add_trial(_trial(C, wga, test=(wga, 0.8, 0.9)))

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .data import IMAGE_DATASETS, SCRATCH_MODELS, recipe
-from .methods import get_method
-from .metrics import get_selection
+from .data import DATASETS, IMAGE_DATASETS, SCRATCH_MODELS, load_splits, recipe
+from .methods import METHODS, get_method
+from .metrics import SELECTIONS
 from .models import MODELS
+from .settings import check, param
 
 
 IMAGE_LOADERS = ("decoded", "pil")
@@ -22,44 +23,72 @@ def default_patience(epochs: int) -> int:
     return max(10, epochs // 4)
 
 
+SEED_MAX = 2**31 - 1  # Optuna and numpy take seeds below 2**32; a study stores them as signed 32-bit integers
+TRIAL = "trial"  # the settings a study sets per trial (searched or the study's) or per worker: not an experiment's
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "cmnist"          # registry name: cmnist, waterbirds, celeba, folder, synthetic
-    method: str = "erm"              # registry name: erm, groupdro, fim
-    data_dir: str | None = None      # root of an on-disk dataset (official layout)
-    model: str | None = None         # cnn, resnet18, resnet50; None = the dataset's default
-    pretrained: bool | None = None   # ImageNet weights for ResNets; None = the dataset's default
-    weights: str | None = None       # explicit pretrained weights file (overrides torchvision's cache)
-    image_size: int | None = None    # crop size of image datasets; None = the dataset's default
-    epochs: int | None = None        # maximum epochs; None = the dataset's default
-    batch_size: int | None = None
-    lr: float | None = None          # SGD learning rate
-    weight_decay: float | None = None
-    momentum: float = 0.9            # SGD momentum (published recipes use 0.9)
-    patience: int | None = None      # stop after this many of the method's own epochs without a better selection
-                                     # metric; 0 = never; None = default_patience(epochs), which scales with the budget
-    selection: str = "val_wga"       # model-selection metric: val_wga, val_worst_class or val_avg (trainer/metrics.py)
-    grad_clip: float | None = None   # max gradient norm for every method alike; 0 = off; None = the dataset's recipe
-    seed: int = 0                    # model init, sampling order, augmentation
-    data_seed: int = 0               # splits and colours of generated datasets; fixed across training seeds
-    train_agreement: float = 0.95    # cmnist: fraction of training samples whose colour agrees with the label
-    device: str = "auto"             # auto = cuda when available, else cpu
-    num_workers: int = 4             # DataLoader processes of the PIL image loader
-    image_loader: str = "decoded"    # decoded: cached uint8 tensors, augmented on the device; pil: per-item PIL
-    compile: bool | None = None      # torch.compile the model; None = on for CUDA runs of >= COMPILE_MIN_STEPS
-    augment: bool | None = None      # random resized crop + flip of training images; None = the dataset's recipe
-    freeze_bn: bool | None = None    # BatchNorm statistics frozen in training (pretrained models); None = the recipe
-    deterministic: bool = False      # deterministic algorithms (CUDA): a recorded command reproduces its run exactly
-    threads: int | None = None       # torch CPU threads: a CPU run's numbers depend on them; None = torch's choice
-    method_params: dict = field(default_factory=dict)  # the method's own hyperparameters (see its Params)
+    """Every setting of one run. Each field's metadata (help, choices, limits) makes the trainer's flags, the
+    study's `init` flags, and the checks of a value from any of them, a TOML file or a stored study."""
+    dataset: str = param("cmnist", "dataset", choices=DATASETS, scope=TRIAL)
+    method: str = param("erm", "debiasing method", choices=METHODS, scope=TRIAL)
+    data_dir: str | None = param(None, "root of an on-disk dataset in its official layout")
+    model: str | None = param(None, "architecture (default: the dataset's)", choices=tuple(MODELS))
+    pretrained: bool | None = param(None, "start ResNets from ImageNet weights (default: the dataset's)")
+    weights: str | None = param(None, "pretrained weights file (else torchvision's local cache)")
+    image_size: int | None = param(None, "crop size of image datasets (default: the dataset's)", low=1)
+    epochs: int | None = param(None, "maximum epochs (default: the dataset's)", low=1)
+    batch_size: int | None = param(None, "batch size (default: the dataset's; searched by a study)", low=1)
+    lr: float | None = param(None, "SGD learning rate (default: the dataset's; searched by a study)", low=0.0)
+    weight_decay: float | None = param(None, "weight decay (default: the dataset's; searched by a study)", low=0.0)
+    momentum: float = param(0.9, "SGD momentum (published recipes use 0.9)", low=0.0)
+    patience: int | None = param(None, "early stopping after this many of the method's own epochs without a better "
+                                 "selection metric; 0 = never (default: max(10, epochs // 4))", low=0)
+    selection: str = param("val_wga", "model-selection metric: val_wga (reads val group labels), val_worst_class or "
+                           "val_avg (no group label)", choices=tuple(SELECTIONS))
+    grad_clip: float | None = param(None, "max gradient norm for every method alike, 0 = off (default: the dataset's)",
+                                    low=0.0)
+    seed: int = param(0, "training seed: model init, sampling order, augmentation (a study: of its searched "
+                      "trials; the seed phase adds seed+1, ...)", low=0, high=SEED_MAX)
+    data_seed: int = param(0, "seed of generated splits and colours (cmnist, texdigits): fixed across training "
+                           "seeds", low=0, high=SEED_MAX)
+    train_agreement: float = param(0.95, "cmnist: fraction of training samples whose colour agrees with the label",
+                                   low=0.0, high=1.0)
+    device: str = param("auto", "auto (cuda when available, else cpu), cpu, cuda, cuda:N", scope=TRIAL)
+    num_workers: int = param(4, "DataLoader processes of the PIL image loader", low=0)
+    image_loader: str = param("decoded", "decoded: images decoded once, cached, augmented on the device; pil: "
+                              "per-item PIL", choices=IMAGE_LOADERS)
+    compile: bool | None = param(None, f"torch.compile the model (default: on for CUDA runs of >= "
+                                 f"{COMPILE_MIN_STEPS} steps)")
+    augment: bool | None = param(None, "random resized crop + flip of training images (default: the dataset's)")
+    freeze_bn: bool | None = param(None, "keep BatchNorm statistics frozen while training a pretrained model "
+                                   "(default: the dataset's)")
+    deterministic: bool = param(False, "deterministic CUDA algorithms, so that the recorded command reproduces the "
+                                "run exactly")
+    threads: int | None = param(None, "torch CPU threads: a CPU run's numbers depend on them (default: torch's "
+                                "choice)", low=1, scope=TRIAL)
+    method_params: dict = field(default_factory=dict, metadata={"scope": TRIAL})  # the method's (see its Params)
+
+    @classmethod
+    def settings(cls, scope: str | None = None) -> list:
+        """The fields that are settings (flags), all or those of one scope: TRIAL, or "experiment" for the rest."""
+        out = [f for f in fields(cls) if "help" in f.metadata]
+        if scope is None:
+            return out
+        return [f for f in out if f.metadata.get("scope", "experiment") == scope]
 
     def resolved(self) -> "TrainConfig":
         """Fill unset fields from the dataset's defaults, validate, and expand method params to all fields."""
-        defaults = recipe(self.dataset, self.model, self.pretrained)
-        method_cls = get_method(self.method)
+        # types, choices and limits of every setting, from its metadata
+        given = replace(self, **{f.name: check(f, getattr(self, f.name)) for f in self.settings()})
+        if not isinstance(given.method_params, dict):
+            raise ValueError(f"method_params must be a table of the method's parameters, got {given.method_params!r}")
+        defaults = recipe(given.dataset, given.model, given.pretrained)
+        method_cls = get_method(given.method)
         filled = {f.name: getattr(defaults, f.name) for f in fields(defaults)
-                  if hasattr(self, f.name) and getattr(self, f.name) is None}
-        cfg = replace(self, **filled)
+                  if hasattr(given, f.name) and getattr(given, f.name) is None}
+        cfg = replace(given, **filled)
         if cfg.model in SCRATCH_MODELS and cfg.pretrained:
             raise ValueError(f"model {cfg.model!r} has no pretrained weights (use --no-pretrained or a ResNet)")
         if cfg.augment and cfg.dataset not in IMAGE_DATASETS:
@@ -68,32 +97,30 @@ class TrainConfig:
         if cfg.freeze_bn and not cfg.pretrained:
             raise ValueError(f"freeze_bn needs a pretrained model: a randomly initialised {cfg.model}'s BatchNorm "
                              "statistics would stay at their initial 0 and 1")
+        assert cfg.epochs is not None  # every recipe sets it
         if cfg.patience is None:
             cfg.patience = default_patience(cfg.epochs)
-        get_selection(cfg.selection)
-        if cfg.model not in MODELS:
-            raise ValueError(f"unknown model {cfg.model!r} (choose from {', '.join(MODELS)})")
-        if cfg.threads is not None and cfg.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {cfg.threads}")
-        for name in ("epochs", "batch_size", "image_size"):
-            if getattr(cfg, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-        if cfg.image_loader not in IMAGE_LOADERS:
-            raise ValueError(f"unknown image loader {cfg.image_loader!r} (choose from {', '.join(IMAGE_LOADERS)})")
-        if not (cfg.lr > 0 and cfg.weight_decay >= 0 and cfg.patience >= 0 and cfg.grad_clip >= 0):
-            raise ValueError(f"need lr > 0, weight_decay >= 0, patience >= 0, grad_clip >= 0; got {cfg.lr}, "
-                             f"{cfg.weight_decay}, {cfg.patience}, {cfg.grad_clip}")
+        if cfg.lr is None or not cfg.lr > 0:
+            raise ValueError(f"lr must be > 0, got {cfg.lr}")
         known = {f.name for f in method_cls.param_fields()}
         unknown = set(cfg.method_params) - known
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(sorted(unknown))} for method {cfg.method!r} "
                              f"(has: {', '.join(sorted(known)) or 'none'})")
-        cfg.method_params = asdict(method_cls.Params(**cfg.method_params))
+        given_params = {f.name: check(f, cfg.method_params[f.name], f"{cfg.method}.")
+                        for f in method_cls.param_fields() if f.name in cfg.method_params}
+        cfg.method_params = asdict(method_cls.Params(**given_params))
         first = method_cls.first_own_epoch(method_cls.Params(**cfg.method_params))
         if first > cfg.epochs:
             raise ValueError(f"method {cfg.method!r} trains its own epochs from epoch {first} (after its warm-up or "
                              f"first stage), but epochs is {cfg.epochs}")
         return cfg
+
+    def load_splits(self):
+        """The dataset as this (resolved) run reads it."""
+        return load_splits(self.dataset, data_dir=self.data_dir, image_size=self.image_size, data_seed=self.data_seed,
+                           train_agreement=self.train_agreement, decoded=self.image_loader == "decoded",
+                           augment=self.augment)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -38,10 +38,12 @@ backprop of the penalty (Hessian-vector products H_i g_i), run on the active sam
 from __future__ import annotations
 
 import contextlib
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 from torch.nn.modules.batchnorm import _BatchNorm
 
 SCOPES = ("logits", "last_layer", "full")
@@ -245,25 +247,25 @@ class ParameterTrace:
                 t = t + d3.sum(2).pow(2).sum(1)
             return t
         conv = isinstance(m, nn.Conv2d)
+        layer = cast(nn.Conv2d, m)  # read for its convolution geometry only when conv
         # Linear on [B, in] or [B, ..., in]: the middle dimensions are positions
         d3 = d.flatten(2) if conv else d.reshape(b, -1, d.shape[-1]).transpose(1, 2)  # [B, C_out, S]
 
         def columns():  # the layer's input at each output position, [B, C_in k^2 (Linear: in), S]
             if conv:
-                return F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)
+                return F.unfold(a, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
             return a.reshape(b, -1, a.shape[-1]).transpose(1, 2)
         t = d3.new_zeros(b)
         if _trainable(m, "weight"):
             s = d3.shape[2]
             if s == 1:
                 t = t + d3.pow(2).sum((1, 2)) * columns().pow(2).sum((1, 2))
-            elif d3.shape[1] * m.weight[0].numel() <= s * s:  # the per-sample gradients are the smaller object
+            elif d3.shape[1] * layer.weight[0].numel() <= s * s:  # the per-sample gradients are the smaller object
                 if conv:  # all of them from one convolution with the batch as groups (2x faster than unfold + bmm)
                     c_in = a.shape[1]
-                    g = torch.nn.grad.conv2d_weight(a.reshape(1, b * c_in, *a.shape[2:]),
-                                                    (b * d.shape[1], c_in, *m.kernel_size),
-                                                    d.reshape(1, b * d.shape[1], *d.shape[2:]),
-                                                    m.stride, m.padding, m.dilation, groups=b)
+                    g = conv2d_weight(a.reshape(1, b * c_in, *a.shape[2:]), (b * d.shape[1], c_in, *layer.kernel_size),
+                                      d.reshape(1, b * d.shape[1], *d.shape[2:]), layer.stride, layer.padding,
+                                      layer.dilation, groups=b)
                 else:
                     g = torch.bmm(d3, columns().transpose(1, 2))
                 t = t + g.reshape(b, -1).pow(2).sum(1)

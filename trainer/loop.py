@@ -7,19 +7,50 @@ import functools
 import os
 import random
 import time
-from typing import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, cast
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .config import COMPILE_MIN_STEPS, TrainConfig
-from .data import Splits, TensorGroupDataset, load_splits, make_loader
+from .data import Splits, TensorGroupDataset, make_loader
 from .methods import RunContext, get_method
 from .metrics import bias_conflicting, get_selection, group_metrics, selection_key
 from .models import buffers_kept, build_model
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
+
+
+@dataclass
+class FitResult:
+    """One run's result; `python -m trainer --output` writes `to_dict()` as JSON. Metrics are fractions in [0, 1]."""
+    method: str
+    dataset: str
+    seed: int
+    hparams: dict[str, Any]       # every effective setting: the resolved TrainConfig
+    group_labels: str             # the labels the method trains on: none, val or train
+    selection: str                # the model-selection metric (trainer/metrics.py)
+    objective: float              # that metric at the selected epoch: what a study maximises
+    best_epoch: int
+    first_own_epoch: int          # earlier epochs (a warm-up, a first stage) are never selected
+    epochs_run: int
+    seconds: float
+    compiled: bool
+    device: str
+    data_checksum: str
+    val: dict[str, Any]           # at the selected epoch: wga, worst_class, avg_plain, avg_train_weighted, groups
+    test: dict[str, Any]          # the same keys, at the selected epoch
+    history: list[dict[str, Any]]  # per epoch: epoch, own, train_*, val_*, seconds and the method's diagnostics
+
+    @property
+    def uses_group_labels(self) -> bool:
+        return self.group_labels == "train"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "uses_group_labels": self.uses_group_labels}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -131,24 +162,25 @@ def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, chan
 
 
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
-        progress: bool = False, log: Callable[[str], None] | None = print) -> dict:
-    """Train one model with one method; return the result record (see README for its keys)."""
+        progress: bool = False, log: Callable[[str], None] | None = print) -> FitResult:
+    """Train one model with one method; return its result."""
     cfg = cfg.resolved()
     with deterministic_mode(cfg.deterministic):
         return _fit(cfg, callback, splits, progress, log)
 
 
-def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
+def _fit(cfg: TrainConfig, callback, splits, progress, log) -> FitResult:
     t_start = time.time()
+    # resolved() filled every recipe setting
+    assert cfg.epochs is not None and cfg.batch_size is not None and cfg.grad_clip is not None
+    epochs, batch_size, grad_clip = cfg.epochs, cfg.batch_size, cfg.grad_clip
     selection = get_selection(cfg.selection)
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # before anything runs: reductions on a CPU depend on the thread count
     seed_everything(cfg.seed)
     if splits is None:
-        splits = load_splits(cfg.dataset, data_dir=cfg.data_dir, image_size=cfg.image_size,
-                             data_seed=cfg.data_seed, train_agreement=cfg.train_agreement,
-                             decoded=cfg.image_loader == "decoded", augment=cfg.augment)
+        splits = cfg.load_splits()
     train, n_attr = _place(splits.train, device), splits.train.n_attr
     train_counts = train.group_counts()
     cuda = device.type == "cuda"
@@ -166,28 +198,28 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
     method_cls = get_method(cfg.method)
     params = method_cls.Params(**cfg.method_params)
     method = method_cls(params, n_train=len(train), n_groups=splits.n_groups, train_groups=train.g,
-                        grad_clip=cfg.grad_clip, conflicting=bias_conflicting(train.y, train.a),
+                        grad_clip=grad_clip, conflicting=bias_conflicting(train.y, train.a),
                         train_labels=train.y).to(device)
     method.setup(RunContext(new_model, new_optimizer, device, autocast))
     first_own = method_cls.first_own_epoch(params)  # earlier epochs (a warm-up, a first stage) are never selected
     optimizer = new_optimizer(model.parameters())
     gen = torch.Generator().manual_seed(cfg.seed)
     workers = 0 if isinstance(train, TensorGroupDataset) else cfg.num_workers
-    loader_kw = dict(num_workers=workers, pin_memory=cuda)
+    loader_kw: dict[str, Any] = dict(num_workers=workers, pin_memory=cuda)
 
     def epoch_loader(weights):  # one generator for every epoch's sampler: one reproducible stream
-        return make_loader(train, cfg.batch_size, shuffle=True, generator=gen, replacement=method.replacement,
+        return make_loader(train, batch_size, shuffle=True, generator=gen, replacement=method.replacement,
                            weights=None if weights is None else weights.cpu(), **loader_kw)
 
     weights = method.sampling_weights()
     train_loader = epoch_loader(weights)
-    steps = cfg.epochs * len(train_loader)
+    steps = epochs * len(train_loader)
     compiled = cfg.compile if cfg.compile is not None else cuda and steps >= COMPILE_MIN_STEPS
-    net = torch.compile(model) if compiled else model  # `model` keeps the plain state_dict keys
+    net = cast(nn.Module, torch.compile(model)) if compiled else model  # `model` keeps the plain state_dict keys
     augment_gen = torch.Generator(device=device).manual_seed(cfg.seed)  # crops and flips, drawn on the device
     augment = functools.partial(train.batch_transform, train=cfg.augment, generator=augment_gen)
     evaluate_split = functools.partial(evaluate, net, n_attr=n_attr, train_counts=train_counts, device=device,
-                                       batch_size=cfg.batch_size * 2, autocast=autocast, channels_last=cuda,
+                                       batch_size=batch_size * 2, autocast=autocast, channels_last=cuda,
                                        num_workers=workers)
 
     def train_batches(eval: bool = False, inputs: bool = False):
@@ -196,17 +228,17 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
         not augmented, eval mode): for methods that calibrate on, or select from, the training set. inputs=True:
         the training step's (x, y, idx) instead, for a method's own passes (BatchNorm statistics restored after)."""
         if eval:
-            loader = make_loader(train, cfg.batch_size * 2, shuffle=False, **loader_kw)
+            loader = make_loader(train, batch_size * 2, shuffle=False, **loader_kw)
             plain = functools.partial(train.batch_transform, train=False)
             return ((lo, h, y, i) for lo, h, y, _, i in predict(net, loader, device, autocast, cuda, plain))
         gen_view = torch.Generator().manual_seed(cfg.seed + 1)  # its own draws: the training stream is untouched
-        loader = make_loader(train, cfg.batch_size, shuffle=True, generator=gen_view, **loader_kw)
+        loader = make_loader(train, batch_size, shuffle=True, generator=gen_view, **loader_kw)
         view = functools.partial(train.batch_transform, train=cfg.augment,
                                  generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
         return training_view(net, model, loader, device, autocast, cuda, view, inputs)
 
     history, best, best_state, stale = [], None, None, 0
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, epochs + 1):
         t_epoch = time.time()
         method.start_epoch(epoch - 1, net, train_batches)
         if method.new_stage(epoch - 1):  # a fresh model and optimiser; the method keeps what it learned
@@ -244,7 +276,7 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
         elif epoch >= first_own:
             stale += 1
         if log:
-            log(_epoch_line(record, cfg.epochs, improved, method_cls.describe(record)))
+            log(_epoch_line(record, epochs, improved, method_cls.describe(record)))
         if callback:
             callback(epoch, record)
         if cfg.patience and stale >= cfg.patience:
@@ -252,23 +284,22 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> dict:
                 log(f"early stop: no {cfg.selection} improvement for {cfg.patience} epochs")
             break
 
+    assert best is not None, "resolved() checks that the method's first own epoch is within the epochs"
     model.load_state_dict(best_state)
-    val_loader = make_loader(_place(splits.val, device), cfg.batch_size * 2, shuffle=False, **loader_kw)
+    val_loader = make_loader(_place(splits.val, device), batch_size * 2, shuffle=False, **loader_kw)
     val_transform = functools.partial(splits.val.batch_transform, train=False)
     refit = method.after_fit(net, lambda: ((lo, h, y, a) for lo, h, y, a, _ in
                                            predict(net, val_loader, device, autocast, cuda, val_transform)))
     if refit is not None:  # the method changed the model: its own val metrics, on data it was not fit on
         best = (best[0], refit)
     test = evaluate_split(splits.test)
-    return {
-        "method": cfg.method, "dataset": cfg.dataset, "seed": cfg.seed, "hparams": cfg.to_dict(),
-        "group_labels": method_cls.group_labels, "uses_group_labels": method_cls.group_labels == "train",
-        "selection": cfg.selection, "best_epoch": best[0],
-        "first_own_epoch": first_own, "epochs_run": len(history),
-        "seconds": round(time.time() - t_start, 2), "compiled": compiled,
-        "device": str(device) if not cuda else torch.cuda.get_device_name(device),
-        "data_checksum": splits.checksum, "val": best[1], "test": test, "history": history,
-    }
+    return FitResult(
+        method=cfg.method, dataset=cfg.dataset, seed=cfg.seed, hparams=cfg.to_dict(),
+        group_labels=method_cls.group_labels, selection=cfg.selection, objective=best[1][selection.key],
+        best_epoch=best[0], first_own_epoch=first_own, epochs_run=len(history),
+        seconds=round(time.time() - t_start, 2), compiled=compiled,
+        device=str(device) if not cuda else torch.cuda.get_device_name(device),
+        data_checksum=splits.checksum, val=best[1], test=test, history=history)
 
 
 def _epoch_line(r: dict, epochs: int, improved: bool, extra: str) -> str:

@@ -5,7 +5,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, WeightedRandomSampler
 
 
 class DataError(ValueError):
@@ -122,9 +122,11 @@ def make_loader(ds: GroupDataset, batch_size: int, *, shuffle: bool, generator: 
                 pin_memory: bool = False):
     """Batches of (x, y, a, idx). `weights` draws a weighted sample of len(ds) with replacement (group balancing);
     with replacement=False every sample of weight > 0 is drawn exactly once, in a random order (a subset)."""
+    sampler: Sampler
     if weights is not None:
         n = len(ds) if replacement else int((weights > 0).sum())
-        sampler = WeightedRandomSampler(weights.double(), num_samples=n, replacement=replacement, generator=generator)
+        sampler = WeightedRandomSampler(weights.double(), num_samples=n,  # type: ignore[arg-type]  # takes a tensor
+                                        replacement=replacement, generator=generator)
     elif shuffle:
         sampler = RandomSampler(ds, generator=generator)
     else:

@@ -76,8 +76,8 @@ def cache_key(paths: list[Path], size: int, versions: str | None = None) -> str:
 def decode_one(path: Path, size: int) -> torch.Tensor:
     """PIL decode + PIL resize of the shorter side + centre crop: the PIL path's evaluation pixels exactly."""
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
+        with Image.open(path) as opened:
+            img = opened.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
     img = TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
@@ -147,7 +147,7 @@ def centre_crop(x: torch.Tensor, crop: int) -> torch.Tensor:
     return _normalise(x[..., top:top + crop, top:top + crop].float())
 
 
-def crop_boxes(n: int, side: int, generator: torch.Generator, device) -> torch.Tensor:
+def crop_boxes(n: int, side: int, generator: torch.Generator | None, device) -> torch.Tensor:
     """RandomResizedCrop boxes (batch index, x0, y0, x1, y1) inside a side x side image, drawn on the device."""
     u = torch.rand((4, n), generator=generator, device=device)
     area = side * side * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0])
@@ -159,7 +159,7 @@ def crop_boxes(n: int, side: int, generator: torch.Generator, device) -> torch.T
     return torch.stack([idx, x0, y0, x0 + w, y0 + h], dim=1)
 
 
-def augment(x: torch.Tensor, crop: int, generator: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, crop: int, generator: torch.Generator | None) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> normalised float (B, 3, crop, crop): random resized crop + flip, batched."""
     n = x.shape[0]
     boxes = crop_boxes(n, x.shape[-1], generator, x.device)

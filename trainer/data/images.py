@@ -42,8 +42,8 @@ class ImageGroupDataset(GroupDataset):
     def load(self, idx: int) -> torch.Tensor:
         path = self.paths[idx]
         try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
+            with Image.open(path) as opened:
+                img = opened.convert("RGB")
         except (OSError, UnidentifiedImageError) as e:
             raise DataError(f"{path}: unreadable image ({e})") from None
         return self.transform(img)
@@ -93,8 +93,8 @@ def _checksum(meta_files: list[Path], paths: list[Path]) -> str:
     for f in meta_files:
         h.update(f.read_bytes())
     for p in paths:
-        with open(p, "rb") as f:
-            h.update(f"{p.name}:".encode() + hashlib.file_digest(f, "sha256").digest())
+        with open(p, "rb") as stream:
+            h.update(f"{p.name}:".encode() + hashlib.file_digest(stream, "sha256").digest())
     return h.hexdigest()[:16]
 
 
@@ -106,7 +106,7 @@ def _build(root: Path, meta_files: list[Path], files: pd.Series, y: pd.Series, a
         raise DataError(f"{missing[0]}: image file not found ({len(missing)} of {len(paths)} listed images missing)")
     n_classes, n_attr = int(y.max()) + 1, int(a.max()) + 1
     checksum = _checksum(meta_files, paths)
-    out = {}
+    out: dict[str, GroupDataset] = {}
     for code, split_name in enumerate(SPLIT_NAMES):
         rows = (split == code).to_numpy()
         if not rows.any():

@@ -87,7 +87,7 @@ def crop_box(band: tuple[float, float], shape: tuple[int, int], size: int, gen: 
 def _render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
             gen: torch.Generator, a: int = 0) -> torch.Tensor:
     """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows with the coloured digit on it."""
-    top, left, side = crop_box(band, tuple(texture.shape), size, gen)
+    top, left, side = crop_box(band, (texture.shape[0], texture.shape[1]), size, gen)
     crop = texture[top:top + side, left:left + side]
     if torch.rand((), generator=gen) < 0.5:
         crop = crop.flip(1)
@@ -119,11 +119,11 @@ def generate(data_seed: int = 0, train_agreement: float = 0.95, image_size: int 
             taken[y] += n
             ys += [y] * n
             as_ += [a] * n
-        idx = torch.cat(idx)
-        colours = _colours(len(idx), gen)
+        chosen = torch.cat(idx)
+        colours = _colours(len(chosen), gen)
         x = torch.stack([_render(digits[i], textures[a], band, c, image_size, gen, a)
-                         for i, a, c in zip(idx.tolist(), as_, colours)])
-        out[split] = ((x * 255).round().to(torch.uint8), torch.tensor(ys), torch.tensor(as_), idx)
+                         for i, a, c in zip(chosen.tolist(), as_, colours)])
+        out[split] = ((x * 255).round().to(torch.uint8), torch.tensor(ys), torch.tensor(as_), chosen)
     return out
 
 

@@ -12,13 +12,14 @@ never the loop:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Callable, ClassVar, Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Callable, ClassVar, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
 
 from ..fisher import at_least_fp32
+from ..settings import param  # noqa: F401 (the methods declare their parameters with it)
 
 
 @dataclass
@@ -63,19 +64,14 @@ class RunContext:
     autocast: Callable  # the run's autocast context factory (bf16 on CUDA, a no-op on the CPU)
 
 
-def grad_sq_norm(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+def grad_sq_norm(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.Tensor:
     """||d loss / d params||^2 as a differentiable function of the parameters (double backprop)."""
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    return sum(at_least_fp32(g).pow(2).sum() for g in grads if g is not None)
+    return cast(torch.Tensor, sum(at_least_fp32(g).pow(2).sum() for g in grads if g is not None))
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def param(default, help: str, **kw):
-    """A method hyperparameter with its default and help text (becomes a kebab-case CLI flag)."""
-    return field(default=default, metadata={"help": help, **kw})
 
 
 class Method(nn.Module):
@@ -104,6 +100,9 @@ class Method(nn.Module):
     reference: ClassVar[bool] = False  # across benchmarks, every method is judged against these (ERM, GroupDRO)
     family: ClassVar[str] = ""         # the README's methods table: the kind of method ...
     cites: ClassVar[str] = ""          # ... and where it comes from
+    train_groups: torch.Tensor         # buffers (registered in __init__), declared for the type checker
+    train_labels: torch.Tensor | None
+    conflicting: torch.Tensor | None
 
     def __init__(self, params, *, n_train: int, n_groups: int, train_groups: torch.Tensor, grad_clip: float = 0.0,
                  conflicting: torch.Tensor | None = None, train_labels: torch.Tensor | None = None):

@@ -76,6 +76,18 @@ class FisherConstrained(Method):
     family, cites = "Fisher constraint (the paper)", "the paper"
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
     COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps")
+    # buffers (registered in __init__), declared for the type checker
+    lam: torch.Tensor
+    memory: torch.Tensor
+    eps: torch.Tensor
+    feature_scale: torch.Tensor
+    trace_scale: torch.Tensor
+    n_active: torch.Tensor
+    n_violated: torch.Tensor
+    n_at_cap: torch.Tensor
+    n_at_zero: torch.Tensor
+    n_overflow: torch.Tensor
+    n_steps: torch.Tensor
 
     def __init__(self, params: FIMParams, **kw):
         super().__init__(params, **kw)
@@ -84,12 +96,12 @@ class FisherConstrained(Method):
                                      ("active_set", p.active_set, ACTIVE_SETS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        for name, value in (("rho", p.rho), ("eps_quantile", p.eps_quantile)):
-            if not 0.0 < value <= 1.0:
-                raise ValueError(f"{name} must be in (0.0, 1.0], got {value}")
-        for name, value in (("dual_lr", p.dual_lr), ("lambda_max", p.lambda_max)):
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+        for name, number in (("rho", p.rho), ("eps_quantile", p.eps_quantile)):
+            if not 0.0 < number <= 1.0:
+                raise ValueError(f"{name} must be in (0.0, 1.0], got {number}")
+        for name, number in (("dual_lr", p.dual_lr), ("lambda_max", p.lambda_max)):
+            if not number > 0:
+                raise ValueError(f"{name} must be > 0, got {number}")
         if p.warmup_epochs < 1:
             raise ValueError(f"warmup_epochs must be >= 1 (eps is calibrated on a trained model), "
                              f"got {p.warmup_epochs}")

@@ -24,6 +24,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..fisher import ParameterTrace, logit_trace
 from ..models import buffers_kept
@@ -41,6 +42,9 @@ class FIMRelativeParams(FIMParams):
 
 class FisherRelative(FisherConstrained):
     Params = FIMRelativeParams
+    # buffers (registered in __init__), declared for the type checker
+    biased_memory: torch.Tensor
+    biased_scale: torch.Tensor
     SPACE = {**FisherConstrained.SPACE, "scope": Choice(RELATIVE_SCOPES), "q": Float(0.05, 0.95)}
     label, order, proposed = "Ours + bias-relative K (beyond the paper)", 3, False
     family = "Fisher constraint (beyond the paper)"
@@ -54,7 +58,9 @@ class FisherRelative(FisherConstrained):
         super().__init__(params, **kw)
         self.register_buffer("biased_memory", torch.zeros(self.n_train))  # T_b of each sample at its last visit
         self.register_buffer("biased_scale", torch.tensor(1.0))  # full scope: f_b's mean trace at calibration
-        self.biased = self.biased_optimizer = self._biased_tracer = None
+        self.biased: nn.Module | None = None  # f_b, its optimiser and its tracer: built in setup
+        self.biased_optimizer: torch.optim.Optimizer | None = None
+        self._biased_tracer: ParameterTrace | None = None
 
     def setup(self, ctx):
         super().setup(ctx)
@@ -68,12 +74,14 @@ class FisherRelative(FisherConstrained):
 
     def biased_traces(self, x, y) -> torch.Tensor:
         """T_b of the batch as f_b's training step sees it (train mode; its BatchNorm statistics kept)."""
-        with buffers_kept(self.biased):
-            self.biased.train()
+        biased, tracer = self.biased, self._biased_tracer
+        assert biased is not None and tracer is not None, "setup() builds them"
+        with buffers_kept(biased):
+            biased.train()
             if self.params.scope == "full":
-                return self._biased_tracer.batch_traces(x, y, self.params.fisher)
+                return tracer.batch_traces(x, y, self.params.fisher)
             with torch.no_grad():
-                return logit_trace(self.biased(x).float(), y, self.params.fisher)
+                return logit_trace(biased(x).float(), y, self.params.fisher)
 
     def calibration_traces(self, model, train_batches):
         traces = [(self.full_trace(model, x, y) if self.params.scope == "full" else

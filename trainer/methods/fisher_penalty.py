@@ -33,6 +33,9 @@ def sampled_label_penalty(logits: torch.Tensor, params: list[torch.Tensor]) -> t
 
 class FisherPenalty(Method):
     Params = FisherPenaltyParams
+    # buffers (registered in __init__), declared for the type checker
+    penalty_sum: torch.Tensor
+    penalised: torch.Tensor
     SPACE = {"alpha": Float(1e-3, 10.0, log=True), "every_k": Choice((1, 10))}  # our own ranges; defaults 0.1, 1
     label, order = "Fisher penalty", 11
     family, cites = "flatness", "Jastrzebski et al., ICML 2021"

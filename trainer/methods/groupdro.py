@@ -16,6 +16,9 @@ class GroupDROParams:
 
 class GroupDRO(Method):
     Params = GroupDROParams
+    # buffers (registered in __init__), declared for the type checker
+    group_counts: torch.Tensor
+    q: torch.Tensor
     SPACE = {
         "eta_q": Float(1e-3, 1.0, log=True),   # default 0.01
         "adjustment": Float(0.0, 4.0),         # default 0 (Sagawa et al. search 0..5)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .base import Float, Method, param
 
@@ -36,6 +37,13 @@ def gce(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
 
 class LfF(Method):
     Params = LfFParams
+    # buffers (registered in __init__), declared for the type checker
+    ema_b: torch.Tensor
+    ema_d: torch.Tensor
+    seen: torch.Tensor
+    weight: torch.Tensor
+    biased_correct: torch.Tensor
+    biased_count: torch.Tensor
     SPACE = {"q": Float(0.05, 0.95), "ema_alpha": Float(0.5, 0.99)}  # q: SubpopBench's range; defaults 0.7, 0.7
     label, order = "LfF", 20
     family, cites = "label-free debiasing", "Nam et al., NeurIPS 2020"
@@ -51,7 +59,8 @@ class LfF(Method):
             self.register_buffer(name, torch.zeros(self.n_train))
         self.register_buffer("biased_correct", torch.zeros(2))  # this epoch: bias-aligned, bias-conflicting
         self.register_buffer("biased_count", torch.zeros(2))
-        self.biased = self.biased_optimizer = None
+        self.biased: nn.Module | None = None
+        self.biased_optimizer: torch.optim.Optimizer | None = None
 
     def setup(self, ctx):
         if self.train_labels is None:
@@ -63,6 +72,7 @@ class LfF(Method):
     def relative_difficulty(self, idx: torch.Tensor) -> torch.Tensor:
         """w for the samples `idx` from the current EMAs, each normalised by its class's maximum."""
         y, scores = self.train_labels, []
+        assert y is not None, "setup() checks it"
         for ema in (self.ema_b, self.ema_d):
             class_max = torch.zeros(self.n_classes, device=ema.device).scatter_reduce(0, y, ema, "amax")
             scores.append(ema[idx] / class_max[y[idx]].clamp(min=1e-12))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 
@@ -29,7 +31,8 @@ class SAMParams:
 
 def perturbation(params: list[torch.Tensor], rho: float, adaptive: bool) -> list[torch.Tensor]:
     """eps for each parameter from its .grad: ||eps|| = rho (ASAM: ||eps / |w| || = rho)."""
-    scaled = [at_least_fp32(p.abs() * p.grad if adaptive else p.grad) for p in params]
+    grads = [cast(torch.Tensor, p.grad) for p in params]  # the caller's backward filled them
+    scaled = [at_least_fp32(p.abs() * g if adaptive else g) for p, g in zip(params, grads)]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
     scale = rho / (norm + 1e-12)
     return [((p.abs() if adaptive else 1.0) * s * scale).to(p.dtype) for p, s in zip(params, scaled)]
