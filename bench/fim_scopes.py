@@ -83,7 +83,7 @@ def searched(size: int, args) -> pd.DataFrame:
         name = f"scopes{size}-{scope}"
         methods = {"baselines": ["erm", "groupdro"], "relative": ["fim_relative"]}.get(scope, ["fim"])
         exp = Experiment.of(name=name, datasets=["cmnist"], methods=methods, trials=args.trials, image_size=size,
-                         space={} if scope in ("baselines", "relative") else {"fim": {"scope": [scope]}})
+                            space={} if scope in ("baselines", "relative") else {"fim": {"scope": [scope]}})
         init_experiment(storage, exp)
         _, studies, seed_studies = load_experiment(storage, name, seeds=True)
         run_workers(url, db, args.jobs, studies, args.trials * len(studies), f"{name} search", experiment=name)

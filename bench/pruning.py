@@ -23,7 +23,7 @@ from study.worker import run_worker
 def run(pruner: str, args, tmp: str) -> dict:
     storage = make_storage(f"sqlite:///{tmp}/{pruner}.db")
     exp = Experiment.of(name=f"prune-{pruner}", datasets=["cmnist"], methods=[args.method], trials=args.trials,
-                     epochs=args.epochs, pruner=pruner, patience=0)
+                        epochs=args.epochs, pruner=pruner, patience=0)
     init_experiment(storage, exp)
     run_worker(storage, exp.name, device="cpu", sampler_seed=args.seed, log=lambda *_: None)
     study = optuna.load_study(study_name=exp.study_name("cmnist", args.method), storage=storage)

@@ -61,7 +61,7 @@ def storage_seconds(dataset: str, method: str, epochs: int, settings: dict) -> f
         warnings.simplefilter("ignore")
         storage = make_storage(f"sqlite:///{tmp}/t.db")
         exp = Experiment.of(name="cost", datasets=[dataset], methods=[method], trials=1, epochs=epochs, patience=0,
-                         **settings)
+                            **settings)
         init_experiment(storage, exp, check_data=False)
         t0 = time.perf_counter()
         run_worker(storage, "cost", device="cpu", sampler_seed=0, log=lambda *_: None)

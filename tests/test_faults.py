@@ -56,7 +56,7 @@ def test_worker_without_the_data_stops_and_fails_nothing(pg_url, waterbirds_dir)
 def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
     from study.experiment import Experiment, init_experiment
     init_experiment(storage_for(pg_url), Experiment.of(name="nan", datasets=["synthetic"], methods=["erm"], trials=5,
-                                                    epochs=2, space={"train": {"lr": [1e11, 1e12]}}))
+                                                       epochs=2, space={"train": {"lr": [1e11, 1e12]}}))
     w = start_worker(pg_url, "nan")
     out = w.communicate(timeout=300)[0]
     assert w.returncode == 3, out

@@ -279,7 +279,7 @@ def test_every_method_gets_a_row_with_its_group_label_use(storage):
 def test_an_untrained_baseline_is_flagged(storage):
     s, url = storage
     init_experiment(s, Experiment.of(name="flat", datasets=["synthetic"], methods=["erm", "fim", "groupdro"], trials=2,
-                                  epochs=4), check_data=False)
+                                     epochs=4), check_data=False)
     study = {m: optuna.load_study(study_name=f"flat/synthetic/{m}", storage=s) for m in ("erm", "fim", "groupdro")}
     # ERM: selected at its first epoch and never better, near chance on val; Ours: trained (best epoch 4 after a
     # 1-epoch warm-up); DRO: a single predicted class (worst-class accuracy 0) at a later epoch

@@ -63,8 +63,8 @@ def check(f: Field, value: Any, where: str = "") -> Any:
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, fields: Iterable[Field],
               default_text: dict[str, str] | None = None) -> None:
-    """One flag per field (its name with dashes for underscores), typed, its choices and help from the metadata. Every flag defaults to None
-    (not given), so the dataclass's own default applies: the help says what it is."""
+    """One flag per field (its name with dashes for underscores), typed, its choices and help from the metadata.
+    Every flag defaults to None (not given), so the dataclass's own default applies: the help says what it is."""
     for f in fields:
         typ, _ = kind(f)
         default = (default_text or {}).get(f.name)
