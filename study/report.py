@@ -19,6 +19,7 @@ from optuna.trial import TrialState
 
 from scipy import stats
 
+from trainer.config import PATIENCE_RULE
 from trainer.methods import get_method
 from trainer.metrics import get_selection
 
@@ -246,7 +247,7 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
         protocol = (f"Protocol: a search of {exp.trials} trials per method; each row is the best searched trial, "
                     f"1 seed (seed {exp.run.seed}); `python -m study replicate` adds the seed phase.")
     patience = (f"{exp.run.patience}" if exp.run.patience is not None else
-                "max(10, epochs // 4) = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
+                f"{PATIENCE_RULE} = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
     notes = "".join(f" {note}" for note in dict.fromkeys(n for r in results for n in (r.cls.name_note, r.cls.val_note)
                                                           if n))
     notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "

@@ -17,6 +17,9 @@ IMAGE_LOADERS = ("decoded", "pil")
 COMPILE_MIN_STEPS = 8000
 
 
+PATIENCE_RULE = "max(10, epochs // 4)"  # default_patience in words: the help and the report's caption
+
+
 def default_patience(epochs: int) -> int:
     """Early-stopping patience that scales with the epoch budget: 10 for short runs, a quarter of the budget for
     long ones (Waterbirds' 300 epochs: 75), so a long published recipe is not cut short."""
@@ -44,7 +47,7 @@ class TrainConfig:
     weight_decay: float | None = param(None, "weight decay (default: the dataset's; searched by a study)", low=0.0)
     momentum: float = param(0.9, "SGD momentum (published recipes use 0.9)", low=0.0)
     patience: int | None = param(None, "early stopping after this many of the method's own epochs without a better "
-                                 "selection metric; 0 = never (default: max(10, epochs // 4))", low=0)
+                                 f"selection metric; 0 = never (default: {PATIENCE_RULE})", low=0)
     selection: str = param("val_wga", "model-selection metric: val_wga (reads val group labels), val_worst_class or "
                            "val_avg (no group label)", choices=tuple(SELECTIONS))
     grad_clip: float | None = param(None, "max gradient norm for every method alike, 0 = off (default: the dataset's)",

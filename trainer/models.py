@@ -5,7 +5,6 @@ import contextlib
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 MODELS = ("cnn", "cnn_narrow", "cnn_stem", "resnet18", "resnet50")
@@ -83,6 +82,7 @@ def pretrained_weights_path(arch: str, weights_path: str | None) -> Path:
         if not path.is_file():
             raise ValueError(f"--weights {weights_path}: file not found")
         return path
+    import torchvision  # its import costs ~2 s: only ResNets pay it
     enum = torchvision.models.get_model_weights(arch)
     names = [Path(w.url).name for w in (enum.IMAGENET1K_V1, getattr(enum, "IMAGENET1K_V2", None)) if w]
     cache = Path(torch.hub.get_dir()) / "checkpoints"
@@ -111,6 +111,7 @@ def build_model(name: str, n_classes: int, pretrained: bool = False, weights_pat
     elif name in ("resnet18", "resnet50"):
         if in_channels != 3:
             raise ValueError(f"{name} takes 3-channel images, the data has {in_channels} channels")
+        import torchvision
         backbone = getattr(torchvision.models, name)(weights=None)
         if pretrained or weights_path:
             try:

@@ -23,9 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
-from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from .base import DataError, TensorGroupDataset
@@ -80,6 +78,7 @@ def decode_one(path: Path, size: int) -> torch.Tensor:
             img = opened.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
         raise DataError(f"{path}: unreadable image ({e})") from None
+    import torchvision.transforms.functional as TF  # torchvision's import costs ~2 s: only image datasets pay it
     img = TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
@@ -163,6 +162,7 @@ def augment(x: torch.Tensor, crop: int, generator: torch.Generator | None) -> to
     """uint8 (B, 3, S, S) -> normalised float (B, 3, crop, crop): random resized crop + flip, batched."""
     n = x.shape[0]
     boxes = crop_boxes(n, x.shape[-1], generator, x.device)
+    from torchvision.ops import roi_align
     out = roi_align(x.float(), boxes, output_size=(crop, crop), spatial_scale=1.0, sampling_ratio=2, aligned=True)
     flip = torch.rand(n, generator=generator, device=x.device) < 0.5
     out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision import transforms
 
 from .base import DataError, GroupDataset, Splits
 from .decoded import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, DecodedImageDataset, cache_key,
@@ -24,6 +23,7 @@ SPLIT_NAMES = ("train", "val", "test")
 def image_transform(train: bool, image_size: int):
     """ImageNet-style: random resized crop + flip for training (augmented), resize + centre crop for evaluation
     and for training without augmentation."""
+    from torchvision import transforms  # torchvision's import costs ~2 s: only image datasets pay it
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if train:
         return transforms.Compose([
