@@ -22,6 +22,7 @@ def wait_for(name):
     while not (here / name).exists():
         time.sleep(0.01)
 
+import torchvision  # imported where an image is first decoded: its own memory is not the split's
 import trainer.data.decoded as decoded
 from trainer.data import load_splits
 calls = []
