@@ -52,6 +52,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "(also STUDY_SHARE_GPUS=1)")
     worker.add_argument("--sampler-seed", type=int, help="TPE seed (default: different for every worker)")
     worker.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    worker.add_argument("--poll-seconds", type=float,
+                        help="with no trial to take while others run, look again after this long (default 5; "
+                             "STUDY_POLL_SECONDS)")
     _storage_args(worker)
 
     slurm = sub.add_parser("slurm", help="submit the experiment's workers as a SLURM job array (one GPU each)")
@@ -175,11 +178,20 @@ def main(argv: list[str] | None = None) -> int:
             from .experiment import delete_experiment
             print(delete_experiment(_storage(args), args.experiment, args.yes))
         elif args.command == "worker":
-            from .worker import run_worker
+            from .worker import DEFAULT_POLL_SECONDS, POLL_ENV, run_worker
             if args.sampler_seed is not None and not 0 <= args.sampler_seed < 2**31:
                 raise ValueError(f"--sampler-seed must be from 0 to 2**31 - 1, got {args.sampler_seed}")
             if args.threads is not None and args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            raw = args.poll_seconds if args.poll_seconds is not None else os.environ.get(POLL_ENV,
+                                                                                         DEFAULT_POLL_SECONDS)
+            try:
+                poll = float(raw)
+            except ValueError:
+                poll = float("nan")
+            if not 0 < poll < float("inf"):
+                raise ValueError(f"poll interval {raw!r} (--poll-seconds / {POLL_ENV}): expected a finite number "
+                                 "of seconds > 0")
             if args.threads:
                 import torch
                 torch.set_num_threads(args.threads)
@@ -188,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             share = args.share_gpus or os.environ.get(SHARE_ENV) == "1"
             device, gpu_lock = select_device(storage_url(args.storage), args.device, share)  # held until exit
             return run_worker(storage, args.experiment, device=device, sampler_seed=args.sampler_seed,
-                              between_trials=gpu_lock.keep if gpu_lock else None)
+                              poll_seconds=poll, between_trials=gpu_lock.keep if gpu_lock else None)
         elif args.command == "slurm":
             from .experiment import load_experiment
             from .slurm import SlurmJob, submit

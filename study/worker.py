@@ -33,6 +33,9 @@ from .storage import StorageUnavailable, cause_chain, database_error, ride_out, 
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
+POLL_ENV, DEFAULT_POLL_SECONDS = "STUDY_POLL_SECONDS", 5.0  # idle look-again interval (a database round per study)
+
+
 class EnvironmentFault(RuntimeError):
     """This host cannot train (data missing, device gone): the worker stops and its trial is re-queued."""
 
@@ -272,7 +275,7 @@ def run_trial(phase: Phase, trial: optuna.Trial, storage) -> optuna.trial.Frozen
 
 
 def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int | None = None,
-               poll_seconds: float = 5.0, log=print, between_trials=None) -> int:
+               poll_seconds: float = DEFAULT_POLL_SECONDS, log=print, between_trials=None) -> int:
     """Run trials until every study of the experiment has met its budget, no seed-phase run waits and none is
     running. Returns 0."""
     exp, studies, seeds = load_experiment(storage, experiment, seeds=True)

@@ -18,6 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                                  // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
 
+# an idle worker looks for work again after 1 s, not 5: the tests' short trials end sooner than a poll
+os.environ.setdefault("STUDY_POLL_SECONDS", "1")
+
+
 def write_image(path: Path, rng: np.random.Generator, size: int = 32) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
@@ -164,17 +168,28 @@ def start_worker(url: str, experiment: str, *extra, env=None, log=None) -> subpr
                             text=True, env={**os.environ, **(env or {})})
 
 
-def study_main(*args) -> subprocess.CompletedProcess:
-    """`python -m study ...` in this process, for refusals that never start a worker or training: the same code
-    path as the subprocess without paying for a fresh interpreter (and torch import) per case."""
+def _in_process(main, name: str, args) -> subprocess.CompletedProcess:
+    """`python -m NAME ...` in this process: the same code path as the subprocess (`__main__` only calls main)
+    without paying for a fresh interpreter (and torch import) per case."""
     import contextlib
     import io
 
-    from study.cli import main
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             code = main(list(args))
         except SystemExit as e:  # argparse refusals
             code = e.code
-    return subprocess.CompletedProcess(["study", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([name, *args], code, out.getvalue(), err.getvalue())
+
+
+def study_main(*args) -> subprocess.CompletedProcess:
+    """`python -m study ...` in this process, for commands that never start a worker."""
+    from study.cli import main
+    return _in_process(main, "study", args)
+
+
+def trainer_main(*args) -> subprocess.CompletedProcess:
+    """`python -m trainer ...` in this process (tests/test_study.py runs a recorded command as a real process)."""
+    from trainer.cli import main
+    return _in_process(main, "trainer", args)

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,9 +7,7 @@ import torchvision
 from trainer.models import build_model
 
 
-def run_trainer(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "trainer", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+from conftest import trainer_main as run_trainer
 
 
 def test_cli_writes_result_json(tmp_path):

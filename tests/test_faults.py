@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_main
+from conftest import start_worker, study_main, trainer_main
 from test_study import _running_with_progress, _wait_for, init, storage_for, studies_of
 
 
@@ -164,8 +164,7 @@ def test_report_never_overwrites_the_storage_or_other_files(tmp_path):
 def test_trainer_checks_the_output_path_before_training(tmp_path):
     (tmp_path / "afile").write_text("x")
     for out, expect in ((tmp_path / "afile" / "r.json", "is a file, not a folder"), (tmp_path, "is a folder")):
-        p = subprocess.run([sys.executable, "-m", "trainer", "--dataset", "synthetic", "--epochs", "1", "--output",
-                            str(out)], capture_output=True, text=True, timeout=120)
+        p = trainer_main("--dataset", "synthetic", "--epochs", "1", "--output", str(out))
         one_line_error(p, expect)
         assert "epoch" not in p.stdout  # refused before training, not after
 
@@ -233,6 +232,8 @@ def test_credentials_are_masked_in_every_form(url, secret):
 def test_storage_timeout_is_validated_and_readonly_files_fail_at_once(tmp_path):
     one_line_error(study_main("status", "--storage", "sqlite:///x.db", "--experiment", "x", "--storage-timeout",
                              "nan"), "storage timeout nan")
+    one_line_error(study_main("worker", "--storage", "sqlite:///x.db", "--experiment", "x", "--poll-seconds", "0"),
+                   "poll interval 0.0 (--poll-seconds / STUDY_POLL_SECONDS)")
     db = tmp_path / "ro.db"
     init(f"sqlite:///{db}", "--experiment", "ro", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
          "--epochs", "1")

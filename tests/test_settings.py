@@ -1,14 +1,11 @@
 """Settings declared once: TrainConfig's and the methods' fields make both command lines, the TOML keys and the
 checks; an experiment composes the trainer's config and can fix any run setting or method parameter."""
-import os
 import shlex
-import subprocess
-import sys
 
 import optuna
 import pytest
 
-from conftest import start_worker, study_main
+from conftest import start_worker, study_main, trainer_main
 from study.experiment import Experiment, init_experiment, load_experiment, search_space
 from test_study import init, storage_for, studies_of
 from trainer.cli import get_args_parser
@@ -17,13 +14,9 @@ from trainer.methods import METHODS
 from trainer.settings import flag
 
 
-def _help(*argv) -> str:
-    return subprocess.run([sys.executable, "-m", *argv, "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "1000"}, check=True).stdout
-
-
-def test_both_command_lines_are_generated_from_the_declarations():
-    trainer, init_help = _help("trainer"), _help("study", "init")
+def test_both_command_lines_are_generated_from_the_declarations(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one help entry per line
+    trainer, init_help = trainer_main("--help").stdout, study_main("init", "--help").stdout
     for f in TrainConfig.settings():
         assert flag(f.name) in trainer and f.metadata["help"] in trainer, f.name
         in_init = flag(f.name) + " " in init_help or flag(f.name) + "," in init_help
