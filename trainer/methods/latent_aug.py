@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.decoded import cache_dir, save_atomically
+from ..data.decoded import cache_dir, load_saved, save_atomically
 from .base import Int, Method, param
 
 STAGE_VERSION = "1"  # bump when the generator stage changes: cached stages are then ignored
@@ -154,10 +154,9 @@ class LatentAug(Method):
         key = hashlib.sha256(b"".join([STAGE_VERSION.encode(), x.numpy().tobytes(), y.numpy().tobytes(),
                                        a.numpy().tobytes(), repr(sorted(vars(self.params).items())).encode()]))
         path = cache_dir() / "latent_aug" / f"{key.hexdigest()[:32]}.pt"
-        t0, cached = time.time(), path.is_file()
-        if cached:
-            stage = torch.load(path, weights_only=True)
-        else:
+        t0, stage = time.time(), load_saved(path)
+        cached = stage is not None
+        if stage is None:
             with torch.enable_grad():
                 stage = generator_stage(x, y, a, self.params)
             save_atomically(stage, path)  # two workers training the same stage write the same file
