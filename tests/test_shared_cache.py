@@ -22,7 +22,7 @@ def wait_for(name):
     while not (here / name).exists():
         time.sleep(0.01)
 
-import torchvision  # imported where an image is first decoded: its own memory is not the split's
+import pandas, torchvision  # imported where metadata is read and an image decoded: their memory is not the split's
 import trainer.data.decoded as decoded
 from trainer.data import load_splits
 calls = []
