@@ -21,13 +21,11 @@ def method_flags() -> dict[str, list[str]]:
     return owners
 
 
-def add_method_flags(p: argparse.ArgumentParser, methods: list[str] | None = None) -> None:
+def add_method_flags(p: argparse.ArgumentParser) -> None:
     """One flag per method parameter, in a group per method; a name several methods share is declared once, by its
     first owner, its help listing each owner's default."""
     owners = method_flags()
     for mname, cls in METHODS.items():
-        if methods is not None and mname not in methods:
-            continue
         mine = [f for f in cls.param_fields() if owners[f.name][0] == mname]
         defaults = {f.name: ", ".join(f"{m} {next(g.default for g in METHODS[m].param_fields() if g.name == f.name)}"
                                       for m in owners[f.name]) for f in mine}
