@@ -11,7 +11,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 import sqlalchemy
@@ -53,9 +53,17 @@ _TRANSIENT = ("server closed the connection", "connection already closed", "term
               "no message from the libpq", "the database system is")
 
 
+def _chain(e: BaseException | None, as_shown: bool = False) -> Iterator[BaseException]:
+    """e, then what it was raised from or during, outermost first; as_shown: as a traceback shows it (a context
+    hidden by `raise ... from None` left out)."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or (None if as_shown and e.__suppress_context__ else e.__context__)
+
+
 def _connection_error(e: BaseException | None) -> BaseException | None:
     """The transient connection-level database error in e's cause chain (server down or restarting), if any."""
-    while e is not None:
+    for e in _chain(e):
         text = str(e).lower()
         # PendingRollbackError: a session whose connection died mid-transaction (SQLAlchemy wants the rollback that
         # Optuna's commit path has just attempted): a new session on a new connection succeeds
@@ -63,27 +71,19 @@ def _connection_error(e: BaseException | None) -> BaseException | None:
                 isinstance(e, DBAPIError) and e.connection_invalidated) or (
                 isinstance(e, SQLAlchemyError) and any(p in text for p in _TRANSIENT)):
             return None if any(p in text for p in _PERMANENT) else e
-        e = e.__cause__ or e.__context__
     return None
 
 
 def database_error(e: BaseException | None) -> bool:
     """An error of the database or of Optuna's storage layer in e's chain as Python shows it (not the trial's own
     doing; a StorageUnavailable, raised `from None`, is the worker's to report, not a trial's)."""
-    while e is not None:
-        if isinstance(e, (SQLAlchemyError, optuna.exceptions.StorageInternalError)):
-            return True
-        e = e.__cause__ if e.__cause__ is not None else None if e.__suppress_context__ else e.__context__
-    return False
+    return any(isinstance(c, (SQLAlchemyError, optuna.exceptions.StorageInternalError)) for c in _chain(e, True))
 
 
 def cause_chain(e: BaseException | None) -> str:
     """The exception's class chain, outermost first, with the innermost message (what a one-line report hides)."""
-    names, last = [], e
-    while e is not None:
-        names.append(type(e).__name__)
-        last, e = e, e.__cause__ or e.__context__
-    return " <- ".join(names) + (f": {first_line(last)}" if last is not None else "")
+    chain = list(_chain(e))
+    return " <- ".join(type(c).__name__ for c in chain) + (f": {first_line(chain[-1])}" if chain else "")
 
 
 def first_line(e: BaseException) -> str:
