@@ -91,7 +91,7 @@ def test_restart_errors_are_ridden_out_and_permanent_ones_are_not():
 def test_database_down_too_long_stops_the_worker_with_one_line(private_cluster):
     pg_url, cluster = private_cluster.url, private_cluster
     init(pg_url, "--experiment", "down", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
-         "--epochs", "6", "--patience", "0", "--pruner", "none")
+         "--epochs", "15", "--patience", "0", "--pruner", "none")  # still running when the database goes away
     secret = pg_url.replace("postgres@", "postgres:s3cret-pw@")  # trust auth ignores the password
     w = start_worker(secret, "down", env={"STUDY_STORAGE_TIMEOUT": "5"})
     _wait_for(_running_with_progress(pg_url, "down/cmnist/erm"), timeout=300)

@@ -108,7 +108,7 @@ def test_command_recorded_in_trial_reproduces_it(pg_url, tmp_path):
             k: v for k, v in recorded.items() if isinstance(v, float)}, split
 
 
-def _wait_for(predicate, timeout=120, every=0.3):
+def _wait_for(predicate, timeout=120, every=0.1):
     end = time.time() + timeout
     while time.time() < end:
         value = predicate()
@@ -119,9 +119,13 @@ def _wait_for(predicate, timeout=120, every=0.3):
 
 
 def _running_with_progress(url, name):
+    """A predicate for `_wait_for`: the first RUNNING trial of study `name` that has reported an epoch. One storage
+    and one study query per look, so that a short trial is seen while it still runs (a signal test's window)."""
+    storage = storage_for(url)
+
     def check():
-        study = studies_of(url, name.split("/")[0])[name]
-        running = [t for t in study.trials if t.state == TrialState.RUNNING and t.intermediate_values]
+        study = optuna.load_study(study_name=name, storage=storage)
+        running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.intermediate_values]
         return running[0] if running else None
     return check
 
@@ -129,7 +133,7 @@ def _running_with_progress(url, name):
 @pytest.mark.parametrize("trials", [2, 1], ids=["first-of-two", "last-trial"])
 def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url, trials):
     init(pg_url, "--experiment", "kill", "--datasets", "cmnist", "--methods", "erm", "--trials", str(trials),
-         "--epochs", "6", "--patience", "0", "--pruner", "none")
+         "--epochs", "12", "--patience", "0", "--pruner", "none")  # long enough to be killed mid-run (0.1 s epochs)
     victim = start_worker(pg_url, "kill", env=FAST_HEARTBEAT)
     doomed = _wait_for(_running_with_progress(pg_url, "kill/cmnist/erm"))
     victim.send_signal(signal.SIGKILL)
@@ -157,7 +161,7 @@ def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url, trials):
 
 def test_sigterm_fails_trial_with_reason_and_requeues_it(pg_url):
     init(pg_url, "--experiment", "term", "--datasets", "cmnist", "--methods", "groupdro", "--trials", "1",
-         "--epochs", "8", "--patience", "0", "--pruner", "none")
+         "--epochs", "30", "--patience", "0", "--pruner", "none")  # stopped mid-run: the epochs never all run
     w = start_worker(pg_url, "term")
     doomed = _wait_for(_running_with_progress(pg_url, "term/cmnist/groupdro"))
     w.send_signal(signal.SIGTERM)
