@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             from .gpu import SHARE_ENV, select_device
             storage = _storage(args)
             share = args.share_gpus or os.environ.get(SHARE_ENV) == "1"
-            device, gpu_lock = select_device(storage_url(args.storage), args.device, share)  # held until exit
+            device, gpu_lock = select_device(storage_url(args.storage), args.device, share, poll)  # held till exit
             return run_worker(storage, args.experiment, device=device, sampler_seed=args.sampler_seed,
                               poll_seconds=poll, between_trials=gpu_lock.keep if gpu_lock else None)
         elif args.command == "slurm":

@@ -131,14 +131,15 @@ def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: floa
         time.sleep(poll)
 
 
-def select_device(storage_url: str, device: str, share: bool = False, log=print):
-    """(device, lock). An explicit device is used as given; `auto` claims a GPU when there is one, else the CPU."""
+def select_device(storage_url: str, device: str, share: bool = False, poll: float = 5.0, log=print):
+    """(device, lock). An explicit device is used as given; `auto` claims a GPU when there is one (looking again
+    every `poll` seconds while all are claimed), else the CPU."""
     if device != "auto":
         return device, None
     gpus = gpu_indices()
     if not gpus:
         return "cpu", None
-    index, lock = claim_gpu(storage_url, gpus, share, log=log)
+    index, lock = claim_gpu(storage_url, gpus, share, poll=poll, log=log)
     import torch
     if not torch.cuda.is_available():  # STUDY_GPUS set on a host without CUDA
         log(f"worker {os.getpid()}: GPU {index} claimed but CUDA is not available here: training on the CPU")
