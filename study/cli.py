@@ -8,6 +8,8 @@ import os
 import sys
 import warnings
 
+from trainer.settings import Parser
+
 from .storage import DEFAULT_STORAGE, StorageError, mask_url, read_storage_file, storage_url
 
 
@@ -23,7 +25,7 @@ def _storage_args(p: argparse.ArgumentParser) -> None:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study", description=__doc__)
+    p = Parser(prog="python -m study", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     init = sub.add_parser("init", help="create an experiment's studies (harmless if they exist)")
@@ -183,15 +185,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--sampler-seed must be from 0 to 2**31 - 1, got {args.sampler_seed}")
             if args.threads is not None and args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            raw = args.poll_seconds if args.poll_seconds is not None else os.environ.get(POLL_ENV,
-                                                                                         DEFAULT_POLL_SECONDS)
-            try:
-                poll = float(raw)
-            except ValueError:
-                poll = float("nan")
-            if not 0 < poll < float("inf"):
-                raise ValueError(f"poll interval {raw!r} (--poll-seconds / {POLL_ENV}): expected a finite number "
-                                 "of seconds > 0")
+            from .storage import seconds
+            poll = seconds(args.poll_seconds if args.poll_seconds is not None else
+                           os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS),
+                           "poll interval", f"--poll-seconds / {POLL_ENV}", positive=True)
             if args.threads:
                 import torch
                 torch.set_num_threads(args.threads)

@@ -22,6 +22,7 @@ from scipy import stats
 from trainer.config import PATIENCE_RULE
 from trainer.methods import get_method
 from trainer.metrics import get_selection
+from trainer.settings import Parser
 
 from .anchors import ANCHORS
 from .figures import benchmark_figure, figures
@@ -463,7 +464,7 @@ def to_dashboard(storage, experiment: str, avg: str) -> int:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m study.report", description=__doc__,
+    p = Parser(prog="python -m study.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", required=True,
                    help="the experiment, or several comma-separated (their reports side by side)")

@@ -231,6 +231,19 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{head}{q}{query}"
 
 
+def seconds(raw, what: str, source: str, positive: bool = False) -> float:
+    """A duration from a flag or an environment variable (`source` names both): a finite number of seconds, >= 0
+    (> 0 when `positive`), else StorageError naming the value."""
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (0 < value if positive else 0 <= value) or value == float("inf"):
+        raise StorageError(f"{what} {raw!r} ({source}): expected a finite number of seconds "
+                           f"{'>' if positive else '>='} 0")
+    return value
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None:
@@ -276,14 +289,8 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
     userinfo = url.partition("://")[2].partition("?")[0].rpartition("@")[0]
     if "@" in userinfo:  # the driver would echo the password's tail as a host name
         raise StorageError(f"storage {mask_url(url)}: the password contains an unescaped '@': write it as %40")
-    raw = timeout if timeout is not None else os.environ.get("STUDY_STORAGE_TIMEOUT", default_timeout)
-    try:
-        timeout = float(raw)
-    except ValueError:
-        timeout = float("nan")
-    if not (0 <= timeout < float("inf")):
-        raise StorageError(f"storage timeout {raw!r} (--storage-timeout / STUDY_STORAGE_TIMEOUT): expected a "
-                           "finite number of seconds >= 0")
+    timeout = seconds(timeout if timeout is not None else os.environ.get("STUDY_STORAGE_TIMEOUT", default_timeout),
+                      "storage timeout", "--storage-timeout / STUDY_STORAGE_TIMEOUT")
     for flag, value in (("--heartbeat-interval", heartbeat_interval), ("--grace-period", grace_period)):
         if value is not None and value < 1:
             raise StorageError(f"{flag} {value}: expected a whole number of seconds >= 1")

@@ -34,6 +34,11 @@ def test_cli_writes_result_json(tmp_path):
     (["--dataset", "waterbirds", "--data-dir", "/nonexistent/wb"], "error: /nonexistent/wb: data directory not found"),
     (["--epochs", "0"], "error: epochs must be an integer >= 1 or unset, got 0"),
     (["--method", "fim", "--rho", "2"], "error: rho must be in (0.0, 1.0], got 2.0"),
+    # argparse's own refusals, in the same one line (not its usage text)
+    (["--method", "fim", "--lambda-max", "big"],
+     "error: argument --lambda-max: invalid float value: 'big' (see python -m trainer --help)"),
+    (["--epochs"], "error: argument --epochs: expected one argument (see python -m trainer --help)"),
+    (["--lamda-max", "2"], "error: unrecognized arguments: --lamda-max 2 (see python -m trainer --help)"),
 ])
 def test_cli_bad_input_is_one_line_error(args, message, tmp_path):
     out = tmp_path / "result.json"

@@ -21,6 +21,7 @@ from test_study import _running_with_progress, _wait_for, init, storage_for, stu
 def one_line_error(p, expect: str, code: int = 2):
     assert p.returncode == code, (p.returncode, p.stdout, p.stderr)
     last = p.stderr.strip().splitlines()[-1]
+    assert "usage:" not in p.stderr, p.stderr  # argparse's refusals too are one line
     assert last.startswith("error: ") and expect in last, p.stderr
     assert "Traceback" not in p.stderr, p.stderr
     return p
@@ -273,6 +274,11 @@ def test_read_only_commands_never_create_or_migrate_a_file(tmp_path):
     (["dashboard", "--port", "99999"], "--port must be from 1 to 65535, got 99999"),
     (["status", "--experiment", "x", "--storage", "sqlite://"], "keeps nothing (an in-memory database)"),
     (["status", "--experiment", "x", "--heartbeat-interval", "0"], "--heartbeat-interval 0"),
+    (["worker", "--experiment", "x", "--threads", "two"], "argument --threads: invalid int value: 'two'"),
+    (["init", "--experiment", "y", "--datasets", "synthetic", "--methods", "fim", "--lambda-max", "big"],
+     "argument --lambda-max: invalid float value: 'big' (see python -m study init --help)"),
+    (["status", "--experiment", "x", "--verbose"], "unrecognized arguments: --verbose"),
+    (["bogus"], "argument command: invalid choice: 'bogus'"),
 ])
 def test_bad_flags_are_one_line(args, expect, tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 'f.db'}"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .methods import METHODS
-from .settings import add_flags, flag
+from .settings import Parser, add_flags, flag
 
 
 def method_flags() -> dict[str, list[str]]:
@@ -49,7 +49,7 @@ def method_params_from_args(args: argparse.Namespace, methods: list[str]) -> dic
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m trainer", description=__doc__)
+    p = Parser(prog="python -m trainer", description=__doc__)
     add_flags(p, TrainConfig.settings())  # every run setting, from TrainConfig's fields
     p.add_argument("--output", help="write the result JSON here")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")

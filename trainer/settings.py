@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import MISSING, Field, field
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -59,6 +59,14 @@ def check(f: Field, value: Any, where: str = "") -> Any:
                   f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
         raise ValueError(f"{name} must be {what}{bounds}{' or unset' if optional else ''}, got {value!r}")
     return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's own refusals (an unknown flag, a word for a number, a missing argument) as every other bad value
+    is refused: one line naming it, exit 2 — not the usage text. Subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def add_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup, fields: Iterable[Field],
