@@ -169,20 +169,14 @@ def test_three_workers_share_two_gpus_one_each(pg_databases, tmp_path):
                                      text=True)
     procs = [start() for _ in range(2)]
     try:
-        claimed = {}
-        for p in procs:
-            claimed[int(_lines_until(p, r"claimed GPU (\d)").group(1))] = p
-            _lines_until(p, r"experiment 'stack'")  # its stop handler is in place
-            # paused: its claim lives in its database session, and its training would only take the CPU from the
-            # rest of the suite
-            p.send_signal(signal.SIGSTOP)
+        # (not paused to save the CPU: a worker paused while it holds a study's claim lock would stall the others)
+        claimed = {int(_lines_until(p, r"claimed GPU (\d)").group(1)): p for p in procs}
         assert sorted(claimed) == [0, 1]
         third = start()
         _lines_until(third, r"all GPUs \[0, 1\] are claimed by other workers; waiting")
         locks = _advisory_locks(url)
         assert locks == [0, 1]  # one GPU claim per worker, each held by its session
         claimed[1].send_signal(signal.SIGTERM)  # a worker leaves: its GPU is released with its connection
-        claimed[1].send_signal(signal.SIGCONT)
         assert claimed[1].wait(timeout=120) == 0
         assert int(_lines_until(third, r"claimed GPU (\d)").group(1)) == 1
         assert _lines_until(third, r"experiment 'stack'")
