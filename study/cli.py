@@ -10,7 +10,7 @@ import warnings
 
 from trainer.settings import Parser
 
-from .storage import DEFAULT_STORAGE, StorageError, mask_url, read_storage_file, storage_url
+from .storage import DEFAULT_STORAGE, StorageError, mask_url, read_storage_file, seconds, storage_url
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -185,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--sampler-seed must be from 0 to 2**31 - 1, got {args.sampler_seed}")
             if args.threads is not None and args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            from .storage import seconds
             poll = seconds(args.poll_seconds if args.poll_seconds is not None else
                            os.environ.get(POLL_ENV, DEFAULT_POLL_SECONDS),
                            "poll interval", f"--poll-seconds / {POLL_ENV}", positive=True)

@@ -99,7 +99,7 @@ class FileGpuLock:
         return True
 
 
-def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: float = 5.0, log=print):
+def claim_gpu(storage_url: str, gpus: list[int], share: bool, poll: float, log=print):
     """(index, lock): the first free GPU of `gpus`, waiting while all are claimed (or sharing, if `share`).
     Keep the returned lock referenced: the claim ends with it."""
     host = os.environ.get(HOST_ENV, "default")
@@ -131,7 +131,7 @@ def claim_gpu(storage_url: str, gpus: list[int], share: bool = False, poll: floa
         time.sleep(poll)
 
 
-def select_device(storage_url: str, device: str, share: bool = False, poll: float = 5.0, log=print):
+def select_device(storage_url: str, device: str, share: bool, poll: float, log=print):
     """(device, lock). An explicit device is used as given; `auto` claims a GPU when there is one (looking again
     every `poll` seconds while all are claimed), else the CPU."""
     if device != "auto":

@@ -5,6 +5,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import math
 import os
 import tempfile
 import sys
@@ -238,7 +239,7 @@ def seconds(raw, what: str, source: str, positive: bool = False) -> float:
         value = float(raw)
     except (TypeError, ValueError):
         value = float("nan")
-    if not (0 < value if positive else 0 <= value) or value == float("inf"):
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
         raise StorageError(f"{what} {raw!r} ({source}): expected a finite number of seconds "
                            f"{'>' if positive else '>='} 0")
     return value
