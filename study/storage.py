@@ -1,24 +1,28 @@
 """Optuna RDB storage: PostgreSQL (psycopg2) for the service, an embedded SQLite file by default."""
 from __future__ import annotations
 
+import abc
 import contextlib
+import copy
 import fcntl
-import functools
 import hashlib
 import math
 import os
 import tempfile
 import sys
 import time
+import uuid
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
 import optuna
 import sqlalchemy
 from optuna.exceptions import UpdateFinishedTrialError
-from optuna.trial import TrialState
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, InterfaceError, OperationalError,
                             PendingRollbackError, SQLAlchemyError)
@@ -28,11 +32,8 @@ HEARTBEAT_INTERVAL = 60  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 180       # a trial silent this long is stale: failed and re-queued with the same parameters
 MAX_RETRY = 3            # re-queues per trial lineage after a dead worker
 STORAGE_TIMEOUT = 600    # seconds of database outage that a worker's storage calls ride out before it gives up
+IDLE_TRANSACTION_TIMEOUT = 60  # the longest a frozen worker can stall the others' claims on PostgreSQL (seconds)
 INTERACTIVE_TIMEOUT = 15  # the same for interactive commands (init, status, replicate, report, dashboard)
-# Writes that must not be repeated blindly after a connection error: the first attempt may have committed (a
-# second new trial; a popped trial reported as taken by someone else). They fail instead, and the caller retries
-# its whole step (the worker's claim, under the study lock, recounting what is there).
-NON_IDEMPOTENT = {"create_new_trial"}
 
 
 class StorageError(RuntimeError):
@@ -115,52 +116,36 @@ def ride_out(call, url: str, timeout: float, what: str = ""):
             delay, attempt = min(2 * delay, 10.0), attempt + 1
 
 
-class ResilientRDBStorage(RDBStorage):
-    """RDBStorage whose calls ride out a database restart (see `ride_out`); once it has given up, every later call
-    fails at once, so a worker stops with one error instead of waiting again in each layer."""
+class ResilientStorage(BaseStorage, BaseHeartbeat):
+    """Optuna's RDBStorage behind a wrapper whose every call rides out a database restart (see `ride_out`); once it
+    has given up, every later call fails at once, so a worker stops with one error instead of waiting again in each
+    layer. It wraps rather than subclasses: Optuna puts its `_CachedStorage` in front of any RDBStorage, and that
+    cache calls the backend's private methods (`_create_new_trial`, `_get_trials`, ...), out of this wrapper's reach.
+    Through the public interface alone, every call a worker makes passes here.
 
-    def _setup_resilience(self, url: str, timeout: float) -> None:
-        self._url, self._timeout, self._gave_up = url, timeout, None
+    Writes whose first attempt may have committed before the connection died are made safe to repeat: a new trial
+    carries a token, found again instead of created twice (a second, parameterless RUNNING trial otherwise waits
+    out the grace period); a parameter already written is not written again; a final state already set counts as
+    set. A waiting trial popped by a cut-off attempt (`set_trial_state_values(..., RUNNING)` answering False on the
+    repeat) stays RUNNING without a heartbeat and is re-queued with its parameters after the grace period."""
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        """Optuna's stale trials (heartbeat older than the grace period) plus RUNNING trials that never had a
-        heartbeat and started longer than the grace period ago (a write cut off by an outage may leave one)."""
-        from datetime import datetime, timedelta, timezone
+    def __init__(self, backend: RDBStorage, url: str, timeout: float):
+        self.backend, self._url, self._timeout = backend, url, timeout
+        self._gave_up: str | None = None
 
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-        stale = RDBStorage._get_stale_trial_ids(self, study_id)
-        grace = self.grace_period or 2 * (self.heartbeat_interval or 0)
-        now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores datetime_start as naive UTC
-        with _create_scoped_session(self.scoped_session) as session:
-            silent = (session.query(models.TrialModel.trial_id)
-                      .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
-                              ~models.TrialModel.heartbeats.any(),
-                              models.TrialModel._datetime_start_utc < now - timedelta(seconds=grace)).all())
-        return stale + [t for (t,) in silent if t not in stale]
+    @property
+    def engine(self) -> sqlalchemy.engine.Engine:
+        return self.backend.engine
 
-
-def _resilient(name: str):
-    method = getattr(ResilientRDBStorage, name)  # our own override where there is one
-
-    @functools.wraps(method)
-    def call(self, *args, **kwargs):
-        if getattr(self, "_gave_up", None):
+    def _ride(self, name: str, call, done=None):
+        """call() ridden out; `done()`, if given, tells on a repeat whether the cut-off attempt had committed."""
+        if self._gave_up:
             raise StorageUnavailable(self._gave_up)
-        if not hasattr(self, "_url"):  # during __init__
-            return method(self, *args, **kwargs)
-
-        if name in NON_IDEMPOTENT or (name == "set_trial_state_values" and
-                                      (kwargs.get("state", args[1] if len(args) > 1 else None) == TrialState.RUNNING)):
-            return method(self, *args, **kwargs)
 
         def attempt(n):
-            try:
-                return method(self, *args, **kwargs)
-            except UpdateFinishedTrialError:
-                if n and name == "set_trial_state_values":
-                    return True  # the attempt cut off by the outage had committed the final state
-                raise
+            if n and done is not None and (found := done()) is not None:
+                return found
+            return call()
         try:
             return ride_out(attempt, self._url, self._timeout, f" ({name})")
         except StorageUnavailable as e:
@@ -169,24 +154,114 @@ def _resilient(name: str):
         except (SQLAlchemyError, optuna.exceptions.StorageInternalError) as e:  # not ridden out: the whole chain
             print(f"storage call {name} failed: {cause_chain(e)}", file=sys.stderr, flush=True)
             raise
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        token = uuid.uuid4().hex
+        template = copy.deepcopy(template_trial) if template_trial is not None else FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(), datetime_complete=None,
+            params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1)
+        template.system_attrs = {**template.system_attrs, CREATE_TOKEN: token}
+
+        def created():
+            return next((t._trial_id for t in self.backend.get_all_trials(study_id, deepcopy=False)
+                         if t.system_attrs.get(CREATE_TOKEN) == token), None)
+        return self._ride("create_new_trial", lambda: self.backend.create_new_trial(study_id, template), created)
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: optuna.distributions.BaseDistribution) -> None:
+        def written():
+            return True if param_name in self.backend.get_trial(trial_id).distributions else None
+        self._ride("set_trial_param", lambda: self.backend.set_trial_param(
+            trial_id, param_name, param_value_internal, distribution), written)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        repeat = [False]
+
+        def call():
+            try:
+                return self.backend.set_trial_state_values(trial_id, state, values)
+            except UpdateFinishedTrialError:
+                if repeat[0] and state.is_finished():
+                    return True  # the attempt cut off by the outage had committed the final state
+                raise
+
+        def again():
+            repeat[0] = True
+            return None
+        return self._ride("set_trial_state_values", call, again)
+
+    # The creation token stays in the database, out of every trial read through this wrapper.
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return _untoken(self._ride("get_trial", lambda: self.backend.get_trial(trial_id)))
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
+        return [_untoken(t) for t in self._ride("get_all_trials", lambda: self.backend.get_all_trials(
+            study_id, deepcopy=deepcopy, states=states))]
+
+    def get_best_trial(self, study_id: int) -> FrozenTrial:
+        return _untoken(self._ride("get_best_trial", lambda: self.backend.get_best_trial(study_id)))
+
+    def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
+        attrs = self._ride("get_trial_system_attrs", lambda: self.backend.get_trial_system_attrs(trial_id))
+        return {k: v for k, v in attrs.items() if k != CREATE_TOKEN}
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self._ride("record_heartbeat", lambda: self.backend.record_heartbeat(trial_id))
+        except StorageUnavailable:
+            pass  # the heartbeat thread stays quiet: the worker's own next storage call reports the outage
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Optuna's stale trials (heartbeat older than the grace period) plus RUNNING trials that never had a
+        heartbeat and started longer than the grace period ago (a write cut off by an outage may leave one)."""
+        return self._ride("fail_stale_trials", lambda: self._stale(study_id))
+
+    def _stale(self, study_id: int) -> list[int]:
+        from datetime import timedelta, timezone
+
+        from optuna.storages._rdb import models
+        b = self.backend
+        stale = b._get_stale_trial_ids(study_id)
+        grace = b.grace_period or 2 * (b.heartbeat_interval or 0)
+        now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores datetime_start as naive UTC
+        with b.scoped_session() as session:
+            silent = (session.query(models.TrialModel.trial_id)
+                      .filter(models.TrialModel.study_id == study_id, models.TrialModel.state == TrialState.RUNNING,
+                              ~models.TrialModel.heartbeats.any(),
+                              models.TrialModel._datetime_start_utc < now - timedelta(seconds=grace)).all())
+        b.scoped_session.remove()
+        return stale + [t for (t,) in silent if t not in stale]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self.backend.get_heartbeat_interval()
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.backend.get_heartbeat_stale_trial_callback()
+
+    def remove_session(self) -> None:
+        self.backend.remove_session()
+
+
+CREATE_TOKEN = "create_token"  # system attr: finds a trial again whose creation was cut off by an outage
+
+
+def _untoken(trial: FrozenTrial) -> FrozenTrial:
+    trial.system_attrs.pop(CREATE_TOKEN, None)  # the backend's reads are fresh objects: nothing shared is changed
+    return trial
+
+
+def _delegate(name: str):
+    def call(self, *args, **kwargs):
+        return self._ride(name, lambda: getattr(self.backend, name)(*args, **kwargs))
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = getattr(BaseStorage, name).__doc__
     return call
 
 
-_NO_DATABASE = {"remove_session", "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "upgrade",
-                "get_current_version", "get_head_version", "get_all_versions"}
-for _name in [n for n in vars(RDBStorage) if callable(getattr(RDBStorage, n)) and not n.startswith("_")
-              and n not in _NO_DATABASE] + ["_get_stale_trial_ids"]:
-    setattr(ResilientRDBStorage, _name, _resilient(_name))
-
-
-def _quiet_heartbeat(self, trial_id: int, _call=ResilientRDBStorage.record_heartbeat) -> None:
-    try:
-        _call(self, trial_id)
-    except StorageUnavailable:
-        pass  # the heartbeat thread stays quiet: the worker's own next storage call reports the outage
-
-
-setattr(ResilientRDBStorage, "record_heartbeat", _quiet_heartbeat)
+for _name in [n for n, v in vars(BaseStorage).items() if callable(v) and not n.startswith("_")
+              and n not in vars(ResilientStorage)]:
+    setattr(ResilientStorage, _name, _delegate(_name))
+abc.update_abstractmethods(ResilientStorage)  # type: ignore[type-abstract]  # concrete from here on
 
 
 def storage_url(url: str | None = None) -> str:
@@ -269,20 +344,25 @@ def _has_optuna_tables(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def _file_lock(path: str):
-    """An flock on a file in the temp directory named after `path` (released by the kernel if the process dies)."""
+def _file_lock(path: str, wait: bool = True) -> Iterator[bool]:
+    """An flock on a file in the temp directory named after `path` (released by the kernel if the process dies);
+    yields whether it is held (with wait=False, False when another process holds it)."""
     key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:16]
     with open(Path(tempfile.gettempdir()) / f"debias-study-{key}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def make_storage(url: str | None = None, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int = MAX_RETRY, timeout: float | None = None,
-                 default_timeout: float = STORAGE_TIMEOUT, read_only: bool = False) -> RDBStorage:
+                 default_timeout: float = STORAGE_TIMEOUT, read_only: bool = False) -> ResilientStorage:
     """The storage at `url`; connection errors (also while opening it) are ridden out for `timeout` seconds
     (default $STUDY_STORAGE_TIMEOUT, else `default_timeout`: 600 s for workers, 15 s for interactive commands).
     `read_only` (status, report, dashboard): open an existing Optuna storage without creating or migrating one."""
@@ -318,23 +398,25 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3: name psycopg2 explicitly.
         url = parsed.set(drivername="postgresql+psycopg2").render_as_string(hide_password=False)
         # pre-ping survives database restarts; small pools keep workers x pool + dashboard < max_connections.
+        # The server ends a session idle in a transaction for longer than IDLE_TRANSACTION_TIMEOUT: a frozen worker
+        # (SIGSTOP, a paused VM) cannot hold a claim lock or a row lock that stalls the others for longer.
+        idle = _env_int("STUDY_IDLE_TRANSACTION_TIMEOUT", IDLE_TRANSACTION_TIMEOUT)
         engine_kwargs = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2, "pool_recycle": 3600,
-                         "connect_args": {"connect_timeout": 10}}
+                         "connect_args": {"connect_timeout": 10,
+                                          "options": f"-c idle_in_transaction_session_timeout={idle * 1000}"}}
     else:
         raise StorageError(f"unsupported storage {mask_url(url)!r}: use postgresql:// or sqlite:///")
 
-    retry = CleanRetry(max_retry=max_retry, url=url, timeout=timeout)
+    retry = CleanRetry(max_retry=max_retry)
 
     def open_storage(_):
         # Two processes creating Optuna's tables in one new SQLite file race (UNIQUE constraint failed:
         # alembic_version): the creation is serialised per file.
         lock = _file_lock(parsed.database) if dialect == "sqlite" else contextlib.nullcontext()
         with lock:
-            storage = ResilientRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
-                                          grace_period=grace, heartbeat_stale_trial_callback=retry,
-                                          skip_table_creation=read_only)
-        storage._setup_resilience(url, timeout)
-        return storage
+            backend = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
+                                 heartbeat_stale_trial_callback=retry, skip_table_creation=read_only)
+        return ResilientStorage(backend, url, timeout)
     try:
         return ride_out(open_storage, url, timeout, " (connecting)")
     except (SQLAlchemyError, ImportError, ValueError) as e:
@@ -346,30 +428,18 @@ IDENTITY_ATTRS = ("seed", "reference", "config", "rank")
 
 
 class CleanRetry(RetryHeartbeatStaleTrialCallback):
-    """Re-queues a dead trial with the same parameters, like Optuna's callback, but (1) the retry inherits only the
-    identity attributes (seed, configuration), never the dead trial's fail_reason, metrics or seconds, and (2) it is
-    idempotent: a connection error while adding it is ridden out and the retry is added once, not zero or two times.
-    """
-
-    def __init__(self, max_retry: int | None, url: str, timeout: float):
-        super().__init__(max_retry=max_retry)
-        self._url, self._timeout = url, timeout  # how long a re-queue rides out an outage, and what it names
+    """Re-queues a dead trial with the same parameters, like Optuna's callback, but the retry inherits only the
+    identity attributes (seed, configuration), never the dead trial's fail_reason, metrics or seconds. (The storage
+    makes the re-queue safe to repeat across an outage: it is added once, not zero or two times.)"""
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         history = [*trial.system_attrs.get("retry_history", []), trial.number]
         if self._max_retry is not None and self._max_retry < len(history):
             return
-        system_attrs = {"failed_trial": trial.number, **trial.system_attrs, "retry_history": history}
-        template = optuna.create_trial(state=TrialState.WAITING, params=trial.params,
-                                       distributions=trial.distributions, system_attrs=system_attrs,
-                                       user_attrs={k: v for k, v in trial.user_attrs.items() if k in IDENTITY_ATTRS})
-
-        def add(attempt: int) -> None:
-            if attempt and any(trial.number in t.system_attrs.get("retry_history", [])
-                               for t in study.get_trials(deepcopy=False)):
-                return  # the cut-off attempt had committed
-            study.add_trial(template)
-        ride_out(add, self._url, self._timeout, " (re-queue)")
+        study.add_trial(optuna.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            system_attrs={"failed_trial": trial.number, **trial.system_attrs, "retry_history": history},
+            user_attrs={k: v for k, v in trial.user_attrs.items() if k in IDENTITY_ATTRS}))
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:
@@ -385,15 +455,34 @@ def advisory_key(text: str) -> int:
 
 
 @contextlib.contextmanager
-def study_lock(storage: RDBStorage, study_name: str):
-    """Serialises the claim of a study's next trial across every worker, so that counting the budget and taking or
-    creating the trial happen as one step: a transaction-level advisory lock on PostgreSQL (released by the server
-    if the worker dies), an flock on a file beside the temp directory for an SQLite file (released by the kernel)."""
+def named_lock(storage: ResilientStorage, name: str, wait: bool = True) -> Iterator[bool]:
+    """A lock named `name` across every process using the storage; yields whether it is held (with wait=False, False
+    at once when another process holds it). PostgreSQL: a transaction-level advisory lock, released by the server
+    when the holder dies or stays idle in its transaction for longer than the idle-transaction timeout (a frozen
+    holder: SIGSTOP, a paused VM). SQLite: an flock on a file in the temp directory, released by the kernel when the
+    holder dies (a frozen holder keeps it until it resumes)."""
     if storage.engine.dialect.name == "postgresql":
-        with storage.engine.begin() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)"),
-                         {"k": advisory_key(f"debias-study-claim:{study_name}")})
-            yield
+        conn = storage.engine.connect()
+        try:
+            trans = conn.begin()
+            key = {"k": advisory_key(name)}
+            held = conn.execute(sqlalchemy.text("SELECT pg_advisory_xact_lock(:k)" if wait else
+                                                "SELECT pg_try_advisory_xact_lock(:k)"), key).scalar() is not False
+            yield held
+            try:
+                trans.commit()
+            except SQLAlchemyError:  # the server ended the session (idle timeout, restart): the lock went with it
+                pass
+        finally:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
         return
-    with _file_lock(f"{storage.engine.url.database}.claim"):
-        yield
+    with _file_lock(f"{storage.engine.url.database}.{name}", wait) as held:
+        yield held
+
+
+def study_lock(storage: ResilientStorage, study_name: str):
+    """Serialises the claim of a study's next trial across every worker, so that counting the budget and taking or
+    creating the trial happen as one step. Never waits: a worker that finds it held takes work from another study,
+    so a frozen holder stalls only its own study's claims, on PostgreSQL for at most the idle-transaction timeout."""
+    return named_lock(storage, f"debias-study-claim:{study_name}", wait=False)

@@ -92,6 +92,18 @@ class Objective:
             self.splits_cache[self.dataset] = self.exp.load_splits(self.dataset)
         return self.splits_cache[self.dataset]
 
+    def same_data(self, trial: optuna.Trial) -> str:
+        """This host's data checksum, once it is the one of the study's first trial that recorded one; a host whose
+        data differs (a damaged file, another copy of the dataset) cannot train the study's trials: DataError."""
+        checksum = self.splits().checksum
+        first = next((t for t in trial.study.get_trials(deepcopy=False)
+                      if t.number != trial.number and "data_checksum" in t.user_attrs), None)
+        if first is not None and first.user_attrs["data_checksum"] != checksum:
+            raise DataError(f"data checksum {checksum} on this host differs from {first.user_attrs['data_checksum']} "
+                            f"of the study's first trial (#{first.number}): the {self.dataset} data here is not "
+                            "what the study trains on")
+        return checksum
+
     def config(self, trial: optuna.Trial) -> TrainConfig:
         params = {name: spec.suggest(trial, name) for name, spec in self.space.items()}
         recipe = self.exp.recipe(self.dataset, self.method)
@@ -112,6 +124,7 @@ class Objective:
             trial.set_user_attr("seed", cfg.seed)
             trial.set_user_attr("code_version", code_version())
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            trial.set_user_attr("data_checksum", self.same_data(trial))
 
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
@@ -239,10 +252,14 @@ class Phase:
     def has_work(self, c: dict) -> bool:
         return not c["halted"] and (bool(c["waiting"]) or (self.search and c["used"] < self.budget))
 
-    def claim(self, storage) -> optuna.Trial | None:
+    def claim(self, storage) -> optuna.Trial | None | bool:
         """Under the study's lock: a waiting trial if there is one, else a newly sampled one while the search budget
-        allows, else None. No other worker counts or creates at the same time, so the budget is exact."""
-        with study_lock(storage, self.study.study_name):
+        allows, else None; False when another worker holds the lock (the caller tries another study). No other
+        worker counts or creates at the same time, so the budget is exact (unless a holder froze for longer than
+        the idle-transaction timeout between its count and its trial: then it may overshoot by one)."""
+        with study_lock(storage, self.study.study_name) as held:
+            if not held:
+                return False
             if self.has_work(trial_counts(self.study)):
                 return self.study.ask()
         return None
@@ -320,11 +337,16 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                 return 0
             # waiting (re-queued or seed-phase) trials first, then the study with the fewest used trials
             todo.sort(key=lambda p: (not counts[p.study.study_name]["waiting"], counts[p.study.study_name]["used"]))
+            busy = False
             for phase in todo:
                 trial = ride_out(lambda _: phase.claim(storage), url, timeout, " (claiming a trial)")
-                if trial is not None:
+                busy |= trial is False
+                if trial:
                     break
             else:
+                if busy:  # another worker is inside a claim (or frozen there): look again shortly
+                    with STOP.interruptible():
+                        time.sleep(min(1.0, poll_seconds))
                 continue  # other workers took them first: count again
             try:
                 t = run_trial(phase, trial, storage)

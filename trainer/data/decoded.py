@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import math
 import os
-import pickle
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -28,33 +27,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .base import DataError, TensorGroupDataset
+from .cache import CACHE_ENV, cache_dir, header, parse_header, read_regular, warn_once, write_atomically
 
-CACHE_ENV = "DEBIAS_CACHE_DIR"
+__all__ = ["CACHE_ENV", "cache_dir"]  # where the image caches live, for the callers that name them
+
 CACHE_VERSION = "1"  # bump when the decoding changes: old cache files are then ignored
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CROP_SCALE, CROP_RATIO = (0.7, 1.0), (3 / 4, 4 / 3)  # the same as the PIL path's RandomResizedCrop
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias-study")
-
-
-def save_atomically(obj, path: Path) -> None:
-    """torch.save to `path` through a temporary file beside it, then a rename: a reader (another worker building
-    the same cache entry) sees the whole file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{time.time_ns()}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def load_saved(path: Path):
-    """What `save_atomically` wrote at `path`, or None when there is none or it cannot be read (damaged): the
-    caller builds it again."""
-    try:
-        return torch.load(path, weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        return None
 
 
 def stored_size(image_size: int) -> int:
@@ -93,14 +72,46 @@ def decode_one(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1)
 
 
-def _mapped(path: Path, shape: tuple) -> torch.Tensor | None:
-    """The cache file memory-mapped copy-on-write: its pages are the OS page cache, shared by every process on the
-    host that maps the same split (never written, so never copied), and only the pages a batch touches are read."""
+CHUNK = 1 << 24
+
+
+def _mapped(path: Path, shape: tuple, key: str) -> torch.Tensor | None:
+    """The cache file memory-mapped copy-on-write, once its content matches the checksum in its sidecar: its pages
+    are the OS page cache, shared by every process on the host that maps the same split (never written, so never
+    copied). None when it is missing; damaged or foreign: said in one line, and (re)built."""
     try:
+        meta_bytes = read_regular(path.with_name(path.name + ".sha256"))
+        if meta_bytes is None or not path.exists():
+            return None
+        meta, _ = parse_header(meta_bytes, key)
+        h, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                size += len(chunk)
+        if size != meta.get("bytes") or h.hexdigest() != meta.get("sha256"):
+            raise ValueError("content does not match its checksum (damaged)")
         arr = np.load(path, mmap_mode="c")
-    except (OSError, ValueError):
-        return None  # missing or damaged: (re)built
-    return torch.from_numpy(arr) if arr.shape == shape and arr.dtype == np.uint8 else None
+        if arr.shape != shape or arr.dtype != np.uint8:
+            raise ValueError(f"holds {arr.dtype} {arr.shape}, expected uint8 {shape}")
+    except (OSError, ValueError) as e:
+        warn_once(f"cache file {path}: {e}: rebuilt")
+        return None
+    return torch.from_numpy(arr)
+
+
+def _save_npy(path: Path, arr: np.ndarray, key: str) -> bool:
+    """The array as a .npy file and its checksum beside it (`.npy.sha256`), each written atomically."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+    chunks: list = [buf.getvalue(), *(flat[i:i + CHUNK] for i in range(0, len(flat), CHUNK))]
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    size = sum(len(c) for c in chunks)
+    return (write_atomically(path, chunks) and
+            write_atomically(path.with_name(path.name + ".sha256"), [header(key, h.hexdigest(), size)]))
 
 
 def decode_images(paths: list[Path], size: int, key: str, desc: str = "decoding") -> torch.Tensor:
@@ -109,7 +120,7 @@ def decode_images(paths: list[Path], size: int, key: str, desc: str = "decoding"
     Several workers starting on a cold cache: the first takes the key's lock file and decodes, the others wait on
     the lock and then map its file. A cache folder that cannot be written costs a private decode per process."""
     path, shape = cache_dir() / f"{key}.npy", (len(paths), 3, size, size)
-    if (x := _mapped(path, shape)) is not None:
+    if (x := _mapped(path, shape, key)) is not None:
         return x
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,17 +129,12 @@ def decode_images(paths: list[Path], size: int, key: str, desc: str = "decoding"
         return _decode_all(paths, size, desc)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
-        if (x := _mapped(path, shape)) is not None:
+        if (x := _mapped(path, shape, key)) is not None:
             return x  # another process built it while we waited
         out = _decode_all(paths, size, desc)
-        try:
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, out.numpy())
-            tmp.replace(path)
-        except OSError:
+        if not _save_npy(path, out.numpy(), key):
             return out
-    x = _mapped(path, shape)  # the builder, too, shares the mapped file instead of keeping its private decode
+    x = _mapped(path, shape, key)  # the builder, too, shares the mapped file instead of keeping its private decode
     return out if x is None else x
 
 

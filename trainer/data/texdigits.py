@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import Splits, TensorGroupDataset
-from .decoded import cache_dir, load_saved, save_atomically
+from .cache import cache_dir, load_verified, save_verified
 
 VERSION = "4"  # bump when the generation changes: older cache files are then ignored
 TEXTURES = ("grass", "gravel")  # attribute a = index; scikit-image's CC0 texture photographs (512 x 512, grey)
@@ -148,17 +148,27 @@ class TexDigitsDataset(TensorGroupDataset):
             None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 
+def _check(data, agreement: float, size: int) -> None:
+    """Every split with its images, labels, attributes and digit indices, in the counts the settings make."""
+    if set(data) != set(BANDS):
+        raise ValueError(f"holds splits {sorted(data)}, expected {sorted(BANDS)}")
+    for split, (x, y, a, idx) in data.items():
+        n = sum(group_counts(split, agreement).values())
+        if x.dtype != torch.uint8 or tuple(x.shape) != (n, 3, size, size) or not len(y) == len(a) == len(idx) == n:
+            raise ValueError(f"split {split} holds {x.dtype} {tuple(x.shape)}, expected uint8 ({n}, 3, {size}, {size})")
+
+
 def load_texdigits(data_seed: int = 0, train_agreement: float = 0.95, image_size: int = 64, **_) -> Splits:
     if not 0.5 <= train_agreement <= 1.0:
         raise ValueError(f"train_agreement must be in [0.5, 1], got {train_agreement}")
     if not 16 <= image_size <= 256:
         raise ValueError(f"texdigits image size must be in 16 ... 256, got {image_size}")
-    key = hashlib.sha256(f"{VERSION}:{data_seed}:{train_agreement}:{image_size}".encode()).hexdigest()[:16]
-    path = cache_dir() / "texdigits" / f"{key}.pt"
-    data = load_saved(path)
+    settings = f"texdigits {VERSION}:{data_seed}:{train_agreement}:{image_size}"
+    path = cache_dir() / "texdigits" / f"{hashlib.sha256(settings.encode()).hexdigest()[:16]}.pt"
+    data = load_verified(path, settings, lambda d: _check(d, train_agreement, image_size))
     if data is None:
         data = generate(data_seed, train_agreement, image_size)
-        save_atomically(data, path)  # several workers may build it at once
+        save_verified(data, path, settings)  # several workers may build it at once
     splits, h = {}, hashlib.sha256()
     for name, (x, y, a, _) in data.items():
         splits[name] = TexDigitsDataset(x.float() / 255.0, y, a, n_classes=2, n_attr=2)

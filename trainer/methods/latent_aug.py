@@ -34,10 +34,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.decoded import cache_dir, load_saved, save_atomically
+from ..data.cache import cache_dir, load_verified, save_verified
 from .base import Int, Method, param
 
 STAGE_VERSION = "1"  # bump when the generator stage changes: cached stages are then ignored
+
+
+def _check_stage(stage, sample_shape) -> None:
+    """A generator stage: synthetic inputs shaped like the training samples, a label each, and its statistics."""
+    x, y = stage["x"], stage["y"]
+    if tuple(x.shape[1:]) != tuple(sample_shape) or y.shape != (len(x),) or not len(x):
+        raise ValueError(f"holds synthetic inputs {tuple(x.shape)}, expected (N, {', '.join(map(str, sample_shape))})")
+    for k in ("plane_acc_target", "plane_acc_attribute", "planes_cos"):
+        float(stage[k])
 
 
 @dataclass
@@ -153,13 +162,14 @@ class LatentAug(Method):
         a = g - 2 * y
         key = hashlib.sha256(b"".join([STAGE_VERSION.encode(), x.numpy().tobytes(), y.numpy().tobytes(),
                                        a.numpy().tobytes(), repr(sorted(vars(self.params).items())).encode()]))
+        name = f"latent_aug {key.hexdigest()[:32]}"
         path = cache_dir() / "latent_aug" / f"{key.hexdigest()[:32]}.pt"
-        t0, stage = time.time(), load_saved(path)
+        t0, stage = time.time(), load_verified(path, name, lambda s: _check_stage(s, x.shape[1:]))
         cached = stage is not None
         if stage is None:
             with torch.enable_grad():
                 stage = generator_stage(x, y, a, self.params)
-            save_atomically(stage, path)  # two workers training the same stage write the same file
+            save_verified(stage, path, name)  # two workers training the same stage write the same file
         self.stage_log = {"generator_seconds": round(time.time() - t0, 2), "generator_cached": cached,
                           "plane_acc_target": stage["plane_acc_target"],
                           "plane_acc_attribute": stage["plane_acc_attribute"], "planes_cos": stage["planes_cos"]}
