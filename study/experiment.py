@@ -12,15 +12,30 @@ import optuna
 import torch
 
 from trainer.config import TrainConfig, default_patience
-from trainer.data import get_dataset, recipe
+from trainer.data import DATASETS, get_dataset, recipe
 from trainer.methods import METHODS, get_method
 from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
 from trainer.settings import check
 
+from .storage import named_lock
+
 PRUNERS = ("median", "hyperband", "none")
 SEEDS_SUFFIX = "seeds"   # the seed-phase study of (dataset, method) is "<experiment>/<dataset>/<method>/seeds"
 MAX_NAME = 120           # Optuna stores study names in 512 characters; keep room for the dataset/method suffix
+
+
+def own_studies(names, experiment: str) -> list[str]:
+    """The studies of `experiment` among `names`: <experiment>/<dataset>/<method>, and its /seeds sibling, for a
+    registered dataset and method. Another tool's study under the same prefix ("team/other") is not one of them."""
+    out = []
+    for n in names:
+        head, sep, rest = n.partition("/")
+        parts = rest.split("/")
+        if head == experiment and sep and len(parts) in (2, 3) and parts[0] in DATASETS and parts[1] in METHODS and (
+                len(parts) == 2 or parts[2] == SEEDS_SUFFIX):
+            out.append(n)
+    return sorted(out)
 
 
 def _is_int(v) -> bool:
@@ -293,11 +308,10 @@ def _diff(old: dict, new: dict) -> list[str]:
 def _stored_settings(storage, name: str, existing: set[str]) -> dict | None:
     """The settings an existing experiment's studies hold, in this version's form (a setting added since: its
     default; run settings written at the top level by an earlier version: in `run`)."""
-    for n in sorted(existing):
-        if n.startswith(name + "/"):
-            attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(n))
-            if "experiment" in attrs:
-                return Experiment.from_dict(attrs["experiment"]).settings()
+    for n in own_studies(existing, name):
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(n))
+        if isinstance(attrs.get("experiment"), dict):
+            return Experiment.from_dict(attrs["experiment"]).settings()
     return None
 
 
@@ -333,14 +347,30 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
     and methods it lacks (every other setting must agree). Everything is checked before anything is written, so a
     refused init leaves no partial experiment.
     """
-    existing = set(optuna.get_all_study_names(storage))
-    stored = _stored_settings(storage, exp.name, existing)
-    if stored is not None:  # an existing experiment: add the datasets and methods it lacks, refuse real conflicts
-        exp = _extended(exp, stored)
-    if check_data:  # this machine's files: the data, then the weights its recipe starts from
-        for d in exp.datasets:
-            exp.load_splits(d)
-            exp.check_weights(d)
+    def merged() -> tuple[set[str], Experiment]:
+        existing = set(optuna.get_all_study_names(storage))
+        stored = _stored_settings(storage, exp.name, existing)
+        # an existing experiment: add the datasets and methods it lacks, refuse real conflicts
+        return existing, (_extended(exp, stored) if stored is not None else exp)
+
+    checked: set[str] = set()
+
+    def check(full: Experiment) -> None:
+        for d in full.datasets if check_data else ():  # this machine's files: the data, then the weights
+            if d not in checked:
+                full.load_splits(d)
+                full.check_weights(d)
+                checked.add(d)
+    check(merged()[1])  # outside the lock: loading data can take minutes
+    # Two inits extending one experiment at once would each write its own extension over the other's: read, merge
+    # and write under the experiment's lock.
+    with named_lock(storage, f"debias-study-init:{exp.name}"):
+        existing, full = merged()
+        check(full)
+        return _create(storage, full, existing)
+
+
+def _create(storage, exp: Experiment, existing: set[str]) -> list[str]:
     settings = exp.settings()
     ours = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
     half, stale = set(), []  # killed before their settings were written: completed below; extended: updated
@@ -350,7 +380,7 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
             half.add(name)
         elif attrs["experiment"] != settings:
             stale.append(name)
-    others = [n for n in existing if n.startswith(exp.name + "/") and n not in ours]
+    others = [n for n in own_studies(existing, exp.name) if n not in ours]
     if others:
         raise ValueError(f"experiment {exp.name!r} already exists with different studies: {', '.join(sorted(others))}")
     for name in stale:  # first: until the new studies exist, load_experiment says the init must be run again
@@ -379,8 +409,7 @@ def load_experiment(storage, name: str, seeds: bool = False):
     """(experiment, search studies in the experiment's order); with seeds=True also {search study name: its
     seed-phase study}."""
     names = set(optuna.get_all_study_names(storage))
-    mine = [n for n in sorted(names) if n.startswith(name + "/")]
-    if not mine:
+    if not own_studies(names, name):
         raise ValueError(f"no experiment named {name!r} in this storage")
     settings = _stored_settings(storage, name, names)
     incomplete = ValueError(f"experiment {name!r} was not completely created (init was interrupted): run the same "
@@ -403,15 +432,16 @@ def load_experiment(storage, name: str, seeds: bool = False):
 
 def delete_experiment(storage, name: str, yes: bool = False) -> str:
     """Deletes every study of the experiment (search and seed phase) and says what it removed. Finished trials are
-    results: deleting them needs `yes`."""
-    mine = sorted(n for n in optuna.get_all_study_names(storage) if n.startswith(name + "/"))
+    results and running ones are work under way: deleting either needs `yes`."""
+    mine = own_studies(optuna.get_all_study_names(storage), name)
     if not mine:
         raise ValueError(f"no experiment named {name!r} in this storage")
     trials = {n: storage.get_all_trials(storage.get_study_id_from_name(n), deepcopy=False) for n in mine}
     n_trials = sum(map(len, trials.values()))
     finished = sum(t.state.is_finished() for ts in trials.values() for t in ts)
-    what = f"{len(mine)} studies, {n_trials} trials ({finished} finished)"
-    if finished and not yes:
+    running = sum(t.state == optuna.trial.TrialState.RUNNING for ts in trials.values() for t in ts)
+    what = f"{len(mine)} studies, {n_trials} trials ({finished} finished, {running} running)"
+    if (finished or running) and not yes:
         raise ValueError(f"experiment {name!r} holds {what}: add --yes to delete them")
     for n in mine:
         optuna.delete_study(study_name=n, storage=storage)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from scipy import stats
 
 from trainer.config import PATIENCE_RULE
+from trainer.files import write_atomically
 from trainer.methods import get_method
 from trainer.metrics import get_selection
 from trainer.settings import Parser
@@ -312,9 +313,22 @@ def tidy(exp, results, avg: str) -> pd.DataFrame:
     return frame.assign(experiment=exp.name).reindex(columns=columns)
 
 
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell that starts with one as a formula
+
+
+def _inert(value):
+    """A text cell a spreadsheet shows as text (OWASP's CSV injection rule: a leading quote); numbers unchanged."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA) else value
+
+
+def _csv(table: pd.DataFrame) -> str:
+    """CSV that pandas.read_csv reads as numbers, not text, and in which no text cell is a formula."""
+    return table.map(_inert).to_csv(index=False)
+
+
 def render_csv(exp, results, avg: str) -> str:
-    """The tidy table as CSV: pandas.read_csv reads numbers, not text."""
-    return tidy(exp, results, avg).to_csv(index=False)
+    """The tidy table as CSV."""
+    return _csv(tidy(exp, results, avg))
 
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -397,7 +411,7 @@ def render(fmt: str, reports: list[tuple], avg: str) -> str:
     """The report of one or several experiments [(exp, results)], side by side: one after another (CSV: one tidy
     table, its `experiment` column telling them apart; HTML: one page)."""
     if fmt == "csv":
-        return pd.concat([tidy(exp, results, avg) for exp, results in reports]).to_csv(index=False)
+        return _csv(pd.concat([tidy(exp, results, avg) for exp, results in reports]))
     if fmt == "html":
         return _page(", ".join(exp.name for exp, _ in reports),
                      [part for i, (exp, results) in enumerate(reports)
@@ -427,6 +441,8 @@ def check_outputs(paths: list[str], fmt: str | None, storage) -> list[tuple[Path
             raise ValueError(f"--out {path}: that is the storage itself; not overwritten")
         if path.is_dir():
             raise ValueError(f"--out {path}: is a folder")
+        if not path.parent.is_dir():  # checked for every --out before the first is written
+            raise ValueError(f"--out {path}: no folder {str(path.parent)!r}")
         if path.exists():
             try:
                 head = path.read_text(errors="strict")[:200]
@@ -436,16 +452,6 @@ def check_outputs(paths: list[str], fmt: str | None, storage) -> list[tuple[Path
                 raise ValueError(f"--out {path}: exists and is not a {f} report; not overwritten")
         out.append((path, f))
     return out
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """A complete file or none: written beside the target, then renamed; the temporary file never stays."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def to_dashboard(storage, experiment: str, avg: str) -> int:

@@ -15,6 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.files import write_atomically
+
 REPO = Path(__file__).resolve().parents[1]
 TIME = re.compile(r"^(\d+-)?\d+(:\d{2}){0,2}$")  # SLURM's [days-]hours[:minutes[:seconds]] or minutes
 
@@ -39,9 +41,19 @@ class SlurmJob:
                 raise ValueError(f"--{name} must be an integer >= {low}, got {getattr(self, name)!r}")
         if not TIME.match(self.time):
             raise ValueError(f"--time {self.time!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+        # every value below lands in a line of the batch script: nothing that ends the line, adds an option or
+        # is expanded (#SBATCH lines are read by sbatch, not bash: no quoting would help)
+        if self.partition is not None and not re.fullmatch(r"[\w.-]+(,[\w.-]+)*", self.partition):
+            raise ValueError(f"--partition {self.partition!r}: expected partition names (letters, digits, '.', '_', "
+                             "'-'), comma-separated")
+        log_dir = str(Path(self.log_dir).resolve())
+        if not re.fullmatch(r"[\w./+-]+", log_dir):
+            raise ValueError(f"--log-dir {self.log_dir!r}: the path {log_dir!r} may hold only letters, digits and "
+                             "'._/+-' (it is written into #SBATCH --output=)")
         for arg in self.extra:
-            if not arg.startswith("--") or "\n" in arg:
-                raise ValueError(f"--sbatch-arg {arg!r}: expected one long sbatch option such as --account=NAME")
+            if not re.fullmatch(r"--[a-z][a-z-]*(=[^\s'\"`$;&|<>\\]+)?", arg) or arg.split("=")[0] == "--wrap":
+                raise ValueError(f"--sbatch-arg {arg!r}: expected one long sbatch option such as --account=NAME "
+                                 "(no spaces, quotes or shell characters; not --wrap)")
 
     def script(self) -> str:
         """The batch script. `exec` makes the worker the batch step's process, so SLURM's SIGTERM (scancel,
@@ -82,7 +94,7 @@ def submit(job: SlurmJob, script_path: str | None = None, dry_run: bool = False,
     path = Path(script_path or Path(job.log_dir) / f"{job.experiment}-workers.sbatch")
     path.parent.mkdir(parents=True, exist_ok=True)
     Path(job.log_dir).mkdir(parents=True, exist_ok=True)
-    path.write_text(job.script())
+    write_atomically(path, job.script())  # never through a symlink planted at the script's name
     path.chmod(0o750)
     if dry_run:
         return path, None

@@ -28,17 +28,28 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
 
 
 def experiments_table(storage) -> pd.DataFrame:
-    """One row per experiment in the storage: its datasets, methods, budget and trials so far."""
-    rows: dict[str, dict] = {}
-    for s in storage.get_all_studies():
-        name, _, rest = s.study_name.partition("/")
-        exp = s.user_attrs.get("experiment")
-        if not rest or exp is None:  # not a study of this service
-            continue
-        row = rows.setdefault(name, {"experiment": name, "datasets": ", ".join(exp["datasets"]),
-                                     "methods": ", ".join(exp["methods"]), "trials per study": exp["trials"],
-                                     "search trials": 0, "seed-phase trials": 0})
-        n = len(storage.get_all_trials(s._study_id, deepcopy=False))  # a FrozenStudy has no get_trials
-        row["seed-phase trials" if rest.endswith("/seeds") else "search trials"] += n
-    return pd.DataFrame(list(rows.values()), columns=["experiment", "datasets", "methods", "trials per study",
-                                                      "search trials", "seed-phase trials"])
+    """One row per experiment in the storage: its datasets, methods, budget and trials so far, and whether all its
+    studies exist with its settings (an interrupted or concurrent init can leave one short: run the init again)."""
+    from .experiment import Experiment, own_studies
+    studies = {s.study_name: s for s in storage.get_all_studies()}
+    rows = []
+    for name in sorted({n.partition("/")[0] for n in studies}):
+        mine = own_studies(studies, name)
+        settings = [studies[n].user_attrs.get("experiment") for n in mine]
+        first = next((s for s in settings if isinstance(s, dict)), None)
+        try:
+            exp = Experiment.from_dict(first) if first is not None else None
+        except (ValueError, TypeError):
+            exp = None
+        if exp is None:
+            continue  # not an experiment of this service
+        expected = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}
+        complete = expected <= set(mine) and all(s == first for s in settings)  # one init wrote them all
+        n = {n: len(storage.get_all_trials(studies[n]._study_id, deepcopy=False)) for n in mine}
+        rows.append({"experiment": name, "datasets": ", ".join(exp.datasets), "methods": ", ".join(exp.methods),
+                     "trials per study": exp.trials,
+                     "search trials": sum(v for k, v in n.items() if not k.endswith("/seeds")),
+                     "seed-phase trials": sum(v for k, v in n.items() if k.endswith("/seeds")),
+                     "state": "ready" if complete else "incomplete: run its init again"})
+    return pd.DataFrame(rows, columns=["experiment", "datasets", "methods", "trials per study", "search trials",
+                                       "seed-phase trials", "state"])

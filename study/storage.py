@@ -269,13 +269,19 @@ def storage_url(url: str | None = None) -> str:
 
 
 def read_storage_file(path: str) -> str:
-    """The storage URL from the first line of a file that only its owner can read (it holds the password)."""
+    """The storage URL from the first line of a regular file that only its owner can read (it holds the password)."""
+    from trainer.files import read_regular
     p = Path(path)
     try:
         mode = p.stat().st_mode
-        text = p.read_text().strip()
+        data = read_regular(p, limit=64 * 1024)
+        if data is None:
+            raise FileNotFoundError(2, "No such file or directory")
+        text = data.decode().strip()
     except OSError as e:
-        raise StorageError(f"storage file {path}: cannot read it ({e.strerror})") from None
+        raise StorageError(f"storage file {path}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise StorageError(f"storage file {path}: not text (expected a storage URL on its first line)") from None
     if mode & 0o077:
         raise StorageError(f"storage file {path}: readable by other users (mode {mode & 0o777:o}): chmod 600 {path}")
     if not text:
@@ -419,8 +425,10 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         return ResilientStorage(backend, url, timeout)
     try:
         return ride_out(open_storage, url, timeout, " (connecting)")
-    except (SQLAlchemyError, ImportError, ValueError) as e:
-        raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(e)}") from None
+    except (SQLAlchemyError, optuna.exceptions.StorageInternalError, ImportError, ValueError) as e:
+        # the database's own words (Optuna's schema check wraps them in "exceeding max length", say)
+        cause = next((c for c in _chain(e) if isinstance(c, SQLAlchemyError)), e)
+        raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(cause)}") from None
 
 
 # The user attributes that say what a trial is (not what happened to it): the only ones a retry inherits.

@@ -228,7 +228,10 @@ def heartbeat(storage, trial_id: int):
 
     def beat():
         while True:
-            storage.record_heartbeat(trial_id)
+            try:
+                storage.record_heartbeat(trial_id)
+            except KeyError:  # the trial was deleted (`study delete`): the worker's own next call says so
+                return
             if stop.wait(interval):
                 return
     thread = threading.Thread(target=beat, daemon=True, name=f"heartbeat-{trial_id}")
@@ -364,5 +367,11 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
         STOP.handled()
         log(f"worker {os.getpid()}: stopped by signal (a running trial was failed and re-queued)")
         return 0
+    except KeyError:  # Optuna's "Record does not exist": a study or trial went away under the worker
+        names = set(optuna.get_all_study_names(storage))
+        if all(p.study.study_name in names for p in phases):
+            raise
+        log(f"worker {os.getpid()}: experiment {experiment!r} was deleted while this worker ran: nothing left to do")
+        return 0  # not a failure: a restart policy must not start it again
     finally:
         STOP.restore()

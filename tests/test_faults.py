@@ -119,9 +119,10 @@ def test_delete_says_what_it_removes_and_protects_finished_trials(pg_url):
          "--epochs", "1")
     assert start_worker(pg_url, "oops").wait(timeout=120) == 0
     one_line_error(study_main("delete", "--storage", pg_url, "--experiment", "oops"),
-                   "experiment 'oops' holds 2 studies, 1 trials (1 finished): add --yes to delete them")
+                   "experiment 'oops' holds 2 studies, 1 trials (1 finished, 0 running): add --yes to delete them")
     p = study_main("delete", "--storage", pg_url, "--experiment", "oops", "--yes")
-    assert p.returncode == 0 and p.stdout.strip() == "deleted experiment 'oops': 2 studies, 1 trials (1 finished)"
+    assert p.returncode == 0
+    assert p.stdout.strip() == "deleted experiment 'oops': 2 studies, 1 trials (1 finished, 0 running)"
     init(pg_url, "--experiment", "oops", "--datasets", "synthetic", "--methods", "erm", "--trials", "3")
 
 
@@ -483,3 +484,128 @@ def test_a_host_whose_data_differs_fails_its_trial_naming_both_checksums(pg_url,
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
     assert len(failed) == 1 and "0123456789abcdef" in failed[0].user_attrs["fail_reason"]
     assert [t.state for t in study.get_trials(deepcopy=False)].count(TrialState.WAITING) == 1  # re-queued
+
+
+# 3, 13. delete takes only the experiment's own studies, asks before stopping work, and its workers leave quietly
+def test_delete_takes_only_its_own_studies_and_its_workers_leave_quietly(pg_url):
+    init(pg_url, "--experiment", "team", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
+         "--epochs", "30", "--patience", "0", "--pruner", "none")
+    storage = storage_for(pg_url)
+    for name in ("team/other", "team/cmnist/erm-notes"):  # another tool's studies under the same prefix
+        optuna.create_study(study_name=name, storage=storage)
+    w = start_worker(pg_url, "team")
+    try:
+        _wait_for(_running_with_progress(pg_url, "team/cmnist/erm"), timeout=300)
+        one_line_error(study_main("delete", "--storage", pg_url, "--experiment", "team"), "0 finished, 1 running")
+        p = study_main("delete", "--storage", pg_url, "--experiment", "team", "--yes")
+        assert p.returncode == 0 and "2 studies" in p.stdout, p.stdout + p.stderr
+        out = w.communicate(timeout=120)[0]
+    finally:
+        w.kill()
+    assert w.returncode == 0 and "was deleted while this worker ran" in out and "Traceback" not in out, out
+    assert sorted(optuna.get_all_study_names(storage)) == ["team/cmnist/erm-notes", "team/other"]
+
+
+# 2. two inits extending one experiment at the same time both land
+def test_two_inits_extending_one_experiment_at_once_both_land(pg_databases):
+    import threading
+
+    from study.experiment import Experiment, init_experiment, load_experiment
+    for _ in range(3):
+        url = pg_databases()
+        init(url, "--experiment", "grow", "--datasets", "synthetic", "--methods", "erm")
+        errors = []
+
+        def extend(method):
+            try:
+                init_experiment(storage_for(url), Experiment.of(name="grow", datasets=["synthetic"],
+                                                                methods=["erm", method]))
+            except Exception as e:  # shown by the assertion below
+                errors.append(e)
+        threads = [threading.Thread(target=extend, args=(m,)) for m in ("fim", "sam")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        exp, studies = load_experiment(storage_for(url), "grow")
+        assert exp.methods == ["erm", "fim", "sam"] or exp.methods == ["erm", "sam", "fim"], exp.methods
+        assert len(studies) == 3
+
+
+# 12, 16. read-only commands: a wrong role is one line; another tool's studies and a half-extended one are told apart
+def test_read_only_commands_say_a_wrong_role_in_one_line_and_list_tells_incomplete(pg_url):
+    bad = pg_url.replace("postgres@", "nobody:pw@")
+    for cmd in (["status", "--experiment", "x"], ["list"], ["report", "--experiment", "x"], ["dashboard"]):
+        one_line_error(study_main(*cmd, "--storage", bad), 'role "nobody" does not exist')
+    init(pg_url, "--experiment", "half", "--datasets", "synthetic", "--methods", "erm")
+    storage = storage_for(pg_url)
+    foreign = optuna.create_study(study_name="tool/synthetic/erm", storage=storage)
+    foreign.set_user_attr("experiment", "a string, not settings")
+    ext = optuna.create_study(study_name="half/synthetic/sam", storage=storage)  # an extension cut short
+    ext.set_user_attr("experiment", {**studies_of(pg_url, "half")["half/synthetic/erm"].user_attrs["experiment"],
+                                     "methods": ["erm", "sam"]})
+    p = study_main("list", "--storage", pg_url)
+    assert p.returncode == 0 and "tool" not in p.stdout, p.stdout + p.stderr
+    assert "incomplete: run its init again" in p.stdout, p.stdout
+
+
+# 4, 5. report and trainer outputs never follow a planted symlink, never touch a file of the same name + .tmp
+def test_outputs_are_written_through_private_temporary_files(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    init(url, "--experiment", "r", "--datasets", "synthetic", "--methods", "erm")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    unrelated = tmp_path / "r.md.tmp"
+    unrelated.write_text("someone else's file\n")
+    (tmp_path / "out.json.tmp").symlink_to(victim)  # the old predictable names, planted
+    (tmp_path / "r.csv.tmp").symlink_to(victim)
+    rep = lambda *a: study_main("report", "--storage", url, "--experiment", "r", *a)  # noqa: E731
+    assert rep("--out", str(tmp_path / "r.md")).returncode == 0
+    assert rep("--out", str(tmp_path / "r.csv")).returncode == 0
+    one_line_error(rep("--out", str(tmp_path / "a.md"), "--out", str(tmp_path / "nodir" / "b.html")), "no folder")
+    assert not (tmp_path / "a.md").exists()  # nothing written before the refusal
+    done = trainer_main("--dataset", "synthetic", "--method", "erm", "--epochs", "1", "--output",
+                        str(tmp_path / "out.json"))
+    assert done.returncode == 0, done.stderr
+    assert victim.read_text() == "precious\n" and unrelated.read_text() == "someone else's file\n"
+    assert (tmp_path / "r.md").read_text().startswith("Experiment ") and (tmp_path / "out.json").is_file()
+
+
+# 7. a CSV cell never starts a spreadsheet formula
+def test_csv_cells_are_never_formulas(tmp_path):
+    import csv
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    init(url, "--experiment", "=1+2", "--datasets", "synthetic", "--methods", "erm")
+    assert study_main("report", "--storage", url, "--experiment", "=1+2", "--out", str(tmp_path / "r.csv")
+                      ).returncode == 0
+    rows = list(csv.reader((tmp_path / "r.csv").open()))
+    cells = [c for row in rows[1:] for c in row]
+    assert "'=1+2" in cells and not any(c.startswith(("=", "+", "@")) for c in cells), rows
+
+
+# 6. SLURM: nothing a flag holds can add a line, an option or an expansion to the batch script
+@pytest.mark.parametrize("flag, value, expect", [
+    ("--partition", "gpu\nid > /tmp/pwned", "--partition"), ("--partition", "gpu --wrap=id", "--partition"),
+    ("--log-dir", "logs with space", "--log-dir"), ("--log-dir", "$(id)", "--log-dir"),
+    ("--sbatch-arg", "--wrap=id", "not --wrap"), ("--sbatch-arg", "--account=lab\n#SBATCH --x", "--sbatch-arg"),
+    ("--sbatch-arg", "--account=lab --wrap=id", "--sbatch-arg")])
+def test_slurm_flags_cannot_inject_into_the_batch_script(flag, value, expect, pg_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    init(pg_url, "--experiment", "inj", "--datasets", "synthetic", "--methods", "erm")
+    one_line_error(study_main("slurm", "--storage", pg_url, "--experiment", "inj", "--workers", "1", "--dry-run",
+                              f"{flag}={value}"), expect)
+    assert not list(tmp_path.rglob("*.sbatch"))
+
+
+# 9. --storage-file reads a regular file only
+def test_storage_file_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    for path, expect in ((fifo, "not a regular file"), ("/dev/zero", "not a regular file")):
+        one_line_error(study_main("status", "--experiment", "x", "--storage-file", str(path)), expect)
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(10 ** 9)  # sparse
+    big.chmod(0o600)
+    one_line_error(study_main("status", "--experiment", "x", "--storage-file", str(big)), "larger than")

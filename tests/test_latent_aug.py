@@ -1,4 +1,5 @@
 """Latent-space de-biasing: the complement's closed form, a tiny end-to-end run, the generator stage's cache."""
+import io
 import pytest
 import torch
 
@@ -31,7 +32,8 @@ def test_a_tiny_run_trains_on_real_and_synthetic_and_a_second_trial_reuses_the_g
     assert runs[0].history[1].get("generator_seconds") is None  # logged once, in the epoch that built it
     for r in runs:
         assert r.uses_group_labels and 0.0 <= r.test["wga"] <= 1.0
-    stage = torch.load(next((tmp_path / "latent_aug").glob("*.pt")), weights_only=True)
+    data = next((tmp_path / "latent_aug").glob("*.pt")).read_bytes()  # a verified cache file: a header line first
+    stage = torch.load(io.BytesIO(data[data.index(b"\n") + 1:]), weights_only=True)
     assert stage["x"].shape[0] == 128 and stage["y"].tolist()[:64] == stage["y"].tolist()[64:]  # pairs share labels
     torch.testing.assert_close(stage["a_score"][64:], -stage["a_score"][:64], rtol=1e-4, atol=1e-4)
     p = fit(TrainConfig(dataset="synthetic", method="latent_aug", epochs=2, seed=0,

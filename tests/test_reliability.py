@@ -73,7 +73,7 @@ class CutOff(RDBStorage):
 
 def test_writes_cut_off_by_an_outage_are_not_repeated(pg_url):
     from study.storage import ResilientStorage
-    s = ResilientStorage(CutOff(pg_url), pg_url, timeout=30)
+    s = ResilientStorage(CutOff(pg_url.replace("postgresql://", "postgresql+psycopg2://")), pg_url, timeout=30)
     study = optuna.create_study(study_name="cut", storage=s)
     assert study._storage is s  # no cache in front: every call of a worker passes through the riding-out
     trial = study.ask()

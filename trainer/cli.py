@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .config import TrainConfig
+from .files import write_atomically
 from .methods import METHODS
 from .settings import Parser, add_flags, flag
 
@@ -82,9 +83,7 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write atomically: a crash never leaves a half-written result."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    tmp.replace(path)
+    write_atomically(path, json.dumps(obj, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,14 +12,15 @@ import hashlib
 import io
 import json
 import os
-import stat
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .. import files
+from ..files import read_regular
 
 CACHE_ENV = "DEBIAS_CACHE_DIR"
 MAGIC = b"debias-cache 1 "
@@ -41,24 +42,14 @@ def header(key: str, payload_sha256: str, size: int) -> bytes:
     return MAGIC + json.dumps({"key": key, "sha256": payload_sha256, "bytes": size}).encode() + b"\n"
 
 
-def write_atomically(path: Path, chunks) -> bool:
-    """Writes the byte chunks to `path` through an unpredictable temporary file beside it (O_EXCL: a planted
-    symlink is never followed), then a rename: a reader sees the whole file or none. False (said once) when the
-    folder cannot be written: the caller keeps its private copy."""
+def write_cache_file(path: Path, chunks) -> bool:
+    """`trainer.files.write_atomically`, or False (said once) when the folder cannot be written: the caller keeps
+    its private copy."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        files.write_atomically(path, chunks)
     except OSError as e:
         warn_once(f"cache {path.parent}: cannot write ({e.strerror}): this process keeps a private copy")
-        return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        warn_once(f"cache {path}: cannot write ({e.strerror}): this process keeps a private copy")
         return False
     now = time.time()
     for old in path.parent.glob(f".{path.name}.*.tmp"):  # left by a builder killed mid-save
@@ -70,24 +61,12 @@ def write_atomically(path: Path, chunks) -> bool:
     return True
 
 
-def read_regular(path: Path) -> bytes | None:
-    """The bytes of a regular file (never a FIFO or a device), None when there is none."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError("not a regular file")
-        return f.read()
-
-
 def save_verified(obj, path: Path, key: str) -> bool:
     """torch.save(obj) to `path` with its key and checksum; False when the cache cannot be written."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     payload = buf.getvalue()
-    return write_atomically(path, [header(key, hashlib.sha256(payload).hexdigest(), len(payload)), payload])
+    return write_cache_file(path, [header(key, hashlib.sha256(payload).hexdigest(), len(payload)), payload])
 
 
 def parse_header(data: bytes, key: str) -> tuple[dict, int]:

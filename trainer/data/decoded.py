@@ -27,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .base import DataError, TensorGroupDataset
-from .cache import CACHE_ENV, cache_dir, header, parse_header, read_regular, warn_once, write_atomically
+from .cache import CACHE_ENV, cache_dir, header, parse_header, read_regular, warn_once, write_cache_file
 
 __all__ = ["CACHE_ENV", "cache_dir"]  # where the image caches live, for the callers that name them
 
@@ -110,8 +110,8 @@ def _save_npy(path: Path, arr: np.ndarray, key: str) -> bool:
     for c in chunks:
         h.update(c)
     size = sum(len(c) for c in chunks)
-    return (write_atomically(path, chunks) and
-            write_atomically(path.with_name(path.name + ".sha256"), [header(key, h.hexdigest(), size)]))
+    return (write_cache_file(path, chunks) and
+            write_cache_file(path.with_name(path.name + ".sha256"), [header(key, h.hexdigest(), size)]))
 
 
 def decode_images(paths: list[Path], size: int, key: str, desc: str = "decoding") -> torch.Tensor:
