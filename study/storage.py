@@ -289,6 +289,7 @@ def read_storage_file(path: str) -> str:
     return text.splitlines()[0].strip()
 
 
+PLACEHOLDER_PASSWORDS = {"change-me", "changeme"}  # the deploy files' placeholders: refused, never used
 _SECRET_KEYS = ("pass", "secret", "token", "key")  # query parameters that carry credentials (password=, sslpassword=)
 
 
@@ -398,6 +399,10 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         # Several local processes share the file: wait for the lock instead of failing.
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     elif dialect == "postgresql":
+        password = parsed.password if parsed.password is not None else os.environ.get("PGPASSWORD")
+        if password is not None and password.strip().lower() in PLACEHOLDER_PASSWORDS:
+            raise StorageError(f"storage {mask_url(url)}: the password is the placeholder {password!r} of the deploy "
+                               "files (.env.example, the Kubernetes Secret): set a real one")
         if parsed.drivername not in ("postgresql", "postgresql+psycopg2"):
             raise StorageError(f"use the psycopg2 driver (postgresql://...), not {parsed.drivername!r}: "
                                "psycopg 3 breaks best_trial (optuna#6096)")

@@ -82,7 +82,9 @@ def test_storage_url_points_at_the_in_cluster_database():
     pg = BY_KIND["StatefulSet"]["postgres"]["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in pg["env"]}
     assert url.hostname in BY_KIND["Service"] and url.port == 5432
-    assert (url.username, url.password, url.path[1:]) == (env["POSTGRES_USER"], secret["password"], env["POSTGRES_DB"])
+    assert (url.username, url.path[1:]) == (env["POSTGRES_USER"], env["POSTGRES_DB"])
+    pg_password = next(e["valueFrom"]["secretKeyRef"] for e in pg["env"] if e["name"] == "POSTGRES_PASSWORD")
+    assert pg_password == {"name": "debias-db", "key": "password"}  # the key every app pod reads as PGPASSWORD
     claim = BY_KIND["StatefulSet"]["postgres"]["spec"]["volumeClaimTemplates"][0]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]  # the database persists
 
@@ -136,3 +138,30 @@ def test_workers_one_gpu_each_non_root_and_read_only_data():
             for m in c.get("volumeMounts", []):
                 if m["name"] in ("data", "weights", "config"):
                     assert m.get("readOnly") is True, (owner, m)
+
+
+def test_network_policies_admit_only_the_service_to_postgres_and_nobody_to_the_dashboard():
+    labels = {owner: spec["metadata"]["labels"]["app.kubernetes.io/name"] for owner, spec in pod_specs()}
+    app = {labels[o] for o, spec in pod_specs() if any("OPTUNA_STORAGE" in {e["name"] for e in c.get("env", [])}
+                                                       for c in containers(spec))}
+    pg, dash = BY_KIND["NetworkPolicy"]["postgres"]["spec"], BY_KIND["NetworkPolicy"]["dashboard"]["spec"]
+    assert pg["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "postgres"} and pg["policyTypes"] == [
+        "Ingress"]
+    (rule,) = pg["ingress"]
+    (expr,) = rule["from"][0]["podSelector"]["matchExpressions"]
+    assert expr["operator"] == "In" and set(expr["values"]) == app, (expr, app)  # every client, nothing more
+    assert rule["ports"] == [{"protocol": "TCP", "port": 5432}]
+    assert dash["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "dashboard"} and dash["ingress"] == []
+
+
+def test_the_secret_placeholder_is_refused_and_the_password_stays_out_of_the_url(monkeypatch):
+    from conftest import study_main
+    secret = BY_KIND["Secret"]["debias-db"]["stringData"]
+    assert urlsplit(secret["url"]).password is None
+    for owner, spec in pod_specs():
+        for c in containers(spec):
+            names = {e["name"] for e in c.get("env", [])}
+            assert "OPTUNA_STORAGE" not in names or "PGPASSWORD" in names, owner
+    monkeypatch.setenv("PGPASSWORD", secret["password"])
+    p = study_main("list", "--storage", secret["url"].replace("@postgres:", "@127.0.0.1:"))
+    assert p.returncode == 2 and "the password is the placeholder 'CHANGE-ME'" in p.stderr, p.stderr
