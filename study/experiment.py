@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -135,13 +136,17 @@ class Experiment:
         """The pretrained weights the dataset's recipe starts from are on this machine (init checks them as it
         checks the data: not every trial failing on a worker later)."""
         cfg = self.recipe(dataset).resolved()
-        if cfg.pretrained and cfg.model is not None:
-            from trainer.models import pretrained_weights_path
+        if (cfg.pretrained or cfg.weights) and cfg.model is not None:
+            from trainer.models import build_model, pretrained_weights_path
             try:
                 pretrained_weights_path(cfg.model, cfg.weights)
             except ValueError as e:
                 raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from ImageNet weights: {e}; or "
                                  f"train from scratch: --model cnn") from None
+            try:  # loaded into the model as every trial will: a file no worker can load is refused here
+                build_model(cfg.model, 2, pretrained=True, weights_path=cfg.weights)
+            except ValueError as e:
+                raise ValueError(f"dataset {dataset}: {e}") from None
 
     def study_name(self, dataset: str, method: str) -> str:
         return f"{self.name}/{dataset}/{method}"
@@ -261,7 +266,9 @@ def check_space(space: dict, method: str, epochs: int, params: dict | None = Non
                 if name in SEARCHED_RUN:
                     TrainConfig(dataset="synthetic", method=method, epochs=epochs, method_params=fixed,
                                 **{name: value}).resolved()
-                else:
+                else:  # the parameter's declared limits, then the method's own cross-field checks
+                    TrainConfig(dataset="synthetic", method=method, epochs=epochs,
+                                method_params={**fixed, name: value}).resolved()
                     build({name: value})
             except (ValueError, TypeError) as e:
                 raise ValueError(f"search space {method}.{name}: value {value!r} is not accepted ({e})") from None
@@ -353,6 +360,8 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
         # an existing experiment: add the datasets and methods it lacks, refuse real conflicts
         return existing, (_extended(exp, stored) if stored is not None else exp)
 
+    if exp.run.weights and not os.path.isabs(exp.run.weights):  # workers start in other folders, on other hosts
+        exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, weights=os.path.abspath(exp.run.weights)))
     checked: set[str] = set()
 
     def check(full: Experiment) -> None:

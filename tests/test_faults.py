@@ -89,6 +89,13 @@ def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
     ([], "space = 5", "space must be tables"),
     ([], '[space.train]\nlr = ["a", "b"]', "train.lr: bound 'a' is not a finite number"),
     (["--methods", "erm,erm"], None, "methods lists a name twice"),
+    # 15. values every trial would fail on: refused before anything is written
+    (["--lambda-max", "1e308"], None, "fim.lambda_max must be a finite number <= 1000000.0, got 1e+308"),
+    (["--methods", "latent_aug", "--latent-dim", "1"], None, "latent_aug.latent_dim must be an integer from 2 to"),
+    (["--methods", "latent_aug", "--n-pairs", "100000"], None, "latent_aug.n_pairs must be an integer from 1 to 50000"),
+    (["--methods", "latent_aug", "--width", "1000000"], None, "latent_aug.width must be an integer from 1 to 1024"),
+    ([], "methods = [\"latent_aug\"]\n[space.latent_aug]\ngen_epochs = [10, 1000000000]",
+     "search space latent_aug.gen_epochs: value 1000000000 is not accepted"),
     (["--experiment", "x" * 500], None, "experiment name must be 1 to 120 characters"),
 ])
 def test_init_refuses_what_the_trainer_would_reject(pg_url, tmp_path, args, toml, expect):
@@ -381,6 +388,41 @@ def test_init_refuses_a_pretrained_recipe_without_its_weights_and_names_the_fix(
     one_line_error(study_main(*args, "--weights", str(tmp_path / "nope.pth")), "nope.pth: file not found")
     p = study_main(*args, "--model", "cnn")
     assert p.returncode == 0, p.stderr
+    # 15, 17. weights no worker can load are refused at init; a relative path is stored absolute
+    import torch
+    text, listed, tensor, huge = (tmp_path / n for n in ("text.pth", "list.pth", "tensor.pth", "huge.pth"))
+    text.write_text("not weights\n")
+    torch.save([1, 2, 3], listed)
+    torch.save(torch.zeros(3), tensor)
+    with open(huge, "wb") as f:
+        f.truncate(20 * 2**30)  # sparse: 20 GB on paper, nothing on disk
+    for path, expect in ((text, "cannot load"), (listed, "holds a list, not a state dict"),
+                         (tensor, "holds a Tensor, not a state dict"), (huge, "20.0 GiB, larger than")):
+        one_line_error(study_main(*args[:4], "w2", *args[5:], "--model", "resnet18", "--weights", str(path)), expect)
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    monkeypatch.chdir(tmp_path)
+    p = study_main(*args[:4], "rel", *args[5:], "--model", "resnet18", "--weights", "r18.pth", "--no-pretrained")
+    assert p.returncode == 0, p.stderr
+    stored = studies_of(url, "rel")["rel/folder/erm"].user_attrs["experiment"]["run"]["weights"]
+    assert stored == str(tmp_path / "r18.pth")
+
+
+# 17. a decompression bomb is a data error naming the file, not a crash
+def test_a_decompression_bomb_is_refused_in_one_line(folder_dir):
+    import struct
+    import zlib
+
+    from trainer.data import DataError, load_splits
+    png = (folder_dir / "images" / "3.png").read_bytes()
+    ihdr = struct.pack(">II", 20000, 20000) + png[24:29]  # the header says 20000 x 20000 (400 Mpx)
+    bomb = png[:16] + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)) + png[33:]
+    (folder_dir / "images" / "3.png").write_bytes(bomb)
+    with pytest.raises(DataError, match="3.png: unreadable image"):  # decoded into the cache: at load
+        load_splits("folder", data_dir=str(folder_dir), image_size=16)
+    lazy = load_splits("folder", data_dir=str(folder_dir), image_size=16, decoded=False)
+    with pytest.raises(DataError, match="3.png: unreadable image"):  # PIL per batch: when the image is read
+        [lazy.train.load(i) for i in range(len(lazy.train.paths))]
 
 
 # flags of the other programs the code drives or names (sbatch, docker compose, git)

@@ -75,6 +75,9 @@ def small_cnn(in_channels: int = 3, widths: tuple[int, int, int] = CNN_WIDTHS["c
     return body, c
 
 
+MAX_WEIGHTS_BYTES = 2 * 2**30
+
+
 def pretrained_weights_path(arch: str, weights_path: str | None) -> Path:
     """The file of --weights, else of torchvision's local cache; ValueError (with the fix) when there is none."""
     if weights_path:
@@ -96,11 +99,19 @@ def pretrained_weights_path(arch: str, weights_path: str | None) -> Path:
 def _pretrained_state(arch: str, weights_path: str | None) -> dict:
     """Weights from --weights, else torchvision's local cache; never a silent random init."""
     path = pretrained_weights_path(arch, weights_path)
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:  # ResNet-50's ImageNet file is 98 MB; a huge (or sparse) file is not weights
+        raise ValueError(f"--weights {path}: {size / 2**30:.1f} GiB, larger than any weights file of these models "
+                         f"({MAX_WEIGHTS_BYTES // 2**30} GiB)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"--weights {path}: cannot load ({e})") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"--weights {path}: cannot load ({why})") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items())):
+        raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict of named tensors")
     return {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
 
 

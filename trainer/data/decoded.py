@@ -65,7 +65,7 @@ def decode_one(path: Path, size: int) -> torch.Tensor:
     try:
         with Image.open(path) as opened:
             img = opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:  # a 20000 x 20000 bomb too
         raise DataError(f"{path}: unreadable image ({e})") from None
     import torchvision.transforms.functional as TF  # torchvision's import costs ~2 s: only image datasets pay it
     img = TF.center_crop(TF.resize(img, [size], antialias=True), [size, size])

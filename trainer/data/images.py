@@ -47,7 +47,7 @@ class ImageGroupDataset(GroupDataset):
         try:
             with Image.open(path) as opened:
                 img = opened.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:  # a 20000 x 20000 bomb too
             raise DataError(f"{path}: unreadable image ({e})") from None
         return self.transform(img)
 

@@ -58,7 +58,8 @@ class FIMParams:
     dual_lr: float = param(1.0, "dual ascent step on the normalised slack (T - eps) / eps")
     warmup_epochs: int = param(1, "epochs of plain ERM before eps is set and the constraints start (>= 1: "
                                "an untrained model's traces say nothing)")
-    lambda_max: float = param(10.0, "upper bound on each multiplier (a guard; the share at the cap is logged)")
+    lambda_max: float = param(10.0, "upper bound on each multiplier (a guard; the share at the cap is logged)",
+                              high=1e6)  # larger: lambda * T overflows float32 and every trial fails
     fixed_penalty: bool = param(False, "ablation: no dual ascent, every active sample gets lambda_max")
 
 

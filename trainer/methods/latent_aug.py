@@ -51,10 +51,13 @@ def _check_stage(stage, sample_shape) -> None:
 
 @dataclass
 class LatentAugParams:
-    n_pairs: int = param(2000, "synthetic pairs (z, z'): 2 n_pairs generated images")
-    latent_dim: int = param(16, "the VAE's latent dimension")
-    width: int = param(32, "the VAE's channels (its first convolution; the second has twice as many)")
-    gen_epochs: int = param(30, "epochs of VAE training")
+    # the upper bounds keep a trial within a worker's memory and time (n_pairs: 2 n_pairs images held at once)
+    n_pairs: int = param(2000, "synthetic pairs (z, z'): 2 n_pairs generated images", low=1, high=50_000)
+    latent_dim: int = param(16, "the VAE's latent dimension (>= 2: the two latent planes need room)", low=2,
+                            high=1024)
+    width: int = param(32, "the VAE's channels (its first convolution; the second has twice as many)", low=1,
+                       high=1024)
+    gen_epochs: int = param(30, "epochs of VAE training", low=1, high=10_000)
 
 
 def complement(z: torch.Tensor, w_t: torch.Tensor, b_t: float, w_a: torch.Tensor, b_a: float) -> torch.Tensor:
