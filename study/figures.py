@@ -8,7 +8,7 @@ from optuna.trial import TrialState
 
 from trainer.methods import METHODS
 
-from .results import AVG
+from .results import AVG, has_result
 
 # One colour per registered method, in the registry's order (ERM grey, GroupDRO blue, Ours red, ...): a method keeps
 # its colour in every figure and every report, whatever else the experiment holds.
@@ -66,7 +66,7 @@ def history(results, objective: str) -> go.Figure:
 def avg_vs_worst(results, avg_key: str) -> go.Figure:
     fig = go.Figure()
     for r in results:
-        done = [t for t in r.search if t.state == TrialState.COMPLETE and "test" in t.user_attrs]
+        done = [t for t in r.search if has_result(t)]
         pts = [(100 * t.user_attrs["test"][avg_key], 100 * t.user_attrs["test"]["wga"]) for t in done]
         c, name = color(r.method), _name(r, results)
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=name, legendgroup=name,
@@ -82,7 +82,7 @@ def group_accuracy(results) -> go.Figure:
     for r in results:
         if r.best is None:
             continue
-        groups = r.best.user_attrs["test"]["groups"]
+        groups = r.best.user_attrs["test"].get("groups", [])
         fig.add_bar(x=[f"{group_name(g)} (n={g['count']})" for g in groups], y=[100 * g["acc"] for g in groups],
                     name=_name(r, results), marker_color=color(r.method))
     return fig.update_layout(barmode="group", xaxis_title="test group (label y, spurious attribute a)",

@@ -37,7 +37,7 @@ def replicate(storage, experiment: str, seeds: int = SEEDS, top_k: int = TOP_K) 
     out = {}
     for r in results:
         study = r.seeds_study
-        have = {(c.searched.number, t.user_attrs["seed"]) for c in r.configs for t in c.reruns}
+        have = {(c.searched.number, t.user_attrs.get("seed")) for c in r.configs for t in c.reruns}
         new = []
         for rank, t in enumerate(ranked(r.search)[:top_k], start=1):
             for seed in range(exp.run.seed + 1, exp.run.seed + seeds):

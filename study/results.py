@@ -5,6 +5,7 @@ and counts trials the same way.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,26 @@ AVG = {"train_weighted": ("avg_train_weighted", "group accuracies weighted by tr
        "plain": ("avg_plain", "plain test accuracy")}
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def has_result(t: FrozenTrial) -> bool:
+    """A COMPLETE trial whose record holds what the tables and figures read, as numbers: its value, the val and test
+    metrics and the seed. A trial edited by hand, enqueued from the dashboard or written by another tool may not:
+    it is left out of every ranking and table, never a crash."""
+    val, test = t.user_attrs.get("val"), t.user_attrs.get("test")
+    return (t.state == TrialState.COMPLETE and _number(t.value) and isinstance(val, dict) and isinstance(test, dict)
+            and all(_number(val.get(k)) for k in ("wga", "avg_plain"))
+            and all(_number(test.get(k)) for k in ("wga", "avg_plain", "avg_train_weighted"))
+            and isinstance(t.user_attrs.get("seed", 0), int))
+
+
+def train_seconds(t: FrozenTrial) -> float:
+    v = t.user_attrs.get("train_seconds", 0.0)
+    return float(v) if _number(v) and v >= 0 else 0.0
+
+
 def rank_key(t: FrozenTrial) -> tuple:
     """The one ranking rule (report, seed phase, status): the selection metric, ties broken by val average (it reads
     no group label), then fewer epochs."""
@@ -31,17 +52,13 @@ def rank_key(t: FrozenTrial) -> tuple:
 
 def ranked(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """COMPLETE trials with metrics, best first."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and "val" in t.user_attrs]
+    done = [t for t in trials if has_result(t)]
     return sorted(done, key=lambda t: (rank_key(t), -t.number), reverse=True)
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
     top = ranked(trials)
     return top[0] if top else None
-
-
-def _finished(t: FrozenTrial) -> bool:
-    return t.state == TrialState.COMPLETE and "test" in t.user_attrs
 
 
 @dataclass
@@ -53,7 +70,7 @@ class Config:
 
     def runs(self) -> list[FrozenTrial]:
         """Finished runs, by seed."""
-        return sorted([t for t in (self.searched, *self.reruns) if _finished(t)], key=lambda t: t.user_attrs["seed"])
+        return sorted([t for t in (self.searched, *self.reruns) if has_result(t)], key=lambda t: t.user_attrs["seed"])
 
     @property
     def asked(self) -> int:
@@ -139,14 +156,17 @@ def collect(storage, experiment: str):
         seed_trials = seeds[s.study_name].get_trials(deepcopy=False) if s.study_name in seeds else []
         by_number = {t.number: t for t in r.search}
         for t in _kept(seed_trials):
-            config = next((c for c in r.configs if c.searched.number == t.user_attrs["config"]), None)
-            if config is None and t.user_attrs["config"] in by_number:
-                config = Config(rank=t.user_attrs["rank"], searched=by_number[t.user_attrs["config"]])
+            number, rank = t.user_attrs.get("config"), t.user_attrs.get("rank")
+            if not (isinstance(number, int) and isinstance(rank, int)):
+                continue  # not a seed run of the protocol (enqueued by hand or from the dashboard)
+            config = next((c for c in r.configs if c.searched.number == number), None)
+            if config is None and number in by_number:
+                config = Config(rank=rank, searched=by_number[number])
                 r.configs.append(config)
             if config:
                 config.reruns.append(t)
         r.configs.sort(key=lambda c: c.rank)
-        r.compute_s = sum(t.user_attrs.get("train_seconds", 0.0) for t in (*trials, *seed_trials))
+        r.compute_s = sum(train_seconds(t) for t in (*trials, *seed_trials))
         results.append(r)
     rank = {d: i for i, d in enumerate(exp.datasets)}
     results.sort(key=lambda r: (rank.get(r.dataset, len(rank)), r.cls.order, r.method))

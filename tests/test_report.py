@@ -456,3 +456,36 @@ def test_published_anchors_stay_apart_from_measured_rows(storage):
     tidy = pd.read_csv(io.StringIO(report(url, "--experiment", "wb", "--format", "csv").stdout))
     assert set(tidy.loc[tidy["table"] == "results", "Worst"]) == {30.0, 60.0}
     assert tidy.loc[tidy["table"] == "published", "source"].notna().all()
+
+
+# Reliability round three, 16: odd trial records (edited by hand, enqueued from the dashboard, another tool's) are
+# left out of the tables and the figures, never a crash; the report of the good ones is unchanged.
+def test_odd_trial_records_are_left_out_never_a_crash(storage, tmp_path):
+    from conftest import study_main
+    s, url = storage
+    fill(s)
+    before = report(url, "--experiment", "gold")
+    assert before.returncode == 0, before.stderr
+    erm = optuna.load_study(study_name="gold/synthetic/erm", storage=s)
+    seeds = optuna.load_study(study_name="gold/synthetic/erm/seeds", storage=s)
+    odd = [_trial(C, 0.99, test=(0.9, 0.9, 0.9), attrs={"train_seconds": float("inf")}),
+           _trial(C, 0.99, test=(0.9, 0.9, 0.9), attrs={"train_seconds": "ten"}),
+           _trial(C, 0.99, test=(0.9, 0.9, 0.9))]
+    odd[0].user_attrs["val"] = "a string"
+    del odd[1].user_attrs["test"]
+    odd[2].user_attrs["test"]["wga"] = "high"
+    for t in odd:
+        erm.add_trial(t)
+    seeds.add_trial(_trial(C, 0.99, test=(0.9, 0.9, 0.9)))  # a seed-phase trial without `config`
+    seeds.enqueue_trial({"lr": 0.05})  # enqueued by hand
+    after = report(url, "--experiment", "gold")
+    assert after.returncode == 0 and "Traceback" not in after.stderr, after.stderr
+    # the same rows; the odd trials count as complete trials, their seconds where they are numbers (2 x 40 s; inf
+    # and "ten" as none)
+    old, new = markdown_rows(before.stdout)[:3], markdown_rows(after.stdout)[:3]
+    assert new[1:] == old[1:] and new[0][:8] == old[0][:8] and new[0][8:] == ["5/1/1", str(int(old[0][9]) + 80)]
+    for cmd in (["status", "--experiment", "gold"], ["list"]):
+        p = study_main(*cmd, "--storage", url)
+        assert p.returncode == 0 and "Traceback" not in p.stderr, (cmd, p.stderr)
+    html = report(url, "--experiment", "gold", "--out", str(tmp_path / "r.html"))
+    assert html.returncode == 0, html.stderr
