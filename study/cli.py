@@ -10,7 +10,7 @@ import warnings
 
 from trainer.settings import Parser
 
-from .storage import DEFAULT_STORAGE, StorageError, mask_url, read_storage_file, seconds, storage_url
+from .storage import DEFAULT_STORAGE, StorageError, from_flags, mask_url, seconds, storage_url
 
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
@@ -166,11 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage_file = None
         if hasattr(args, "storage_file"):  # the commands with _storage_args; the file's URL becomes --storage
-            if args.storage and args.storage_file:
-                raise ValueError("give --storage or --storage-file, not both")
-            storage_file = args.storage_file or (None if args.storage else os.environ.get("OPTUNA_STORAGE_FILE"))
-            if storage_file:
-                args.storage = read_storage_file(storage_file)
+            args.storage, storage_file = from_flags(args.storage, args.storage_file)
         if args.command == "init":
             from .experiment import init_experiment
             exp = _experiment_from_args(args)

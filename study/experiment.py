@@ -334,10 +334,14 @@ def _extended(exp: Experiment, stored: dict) -> Experiment:
     named in the error."""
     new = exp.settings()
     conflicts = _diff(_flat(stored), _flat(new))
-    for key in ("space", "params"):  # of the stored methods: each table, parameter by parameter
-        for k, v in new[key].items():
-            if k in stored[key] or k == "train" or k in stored["methods"]:
-                conflicts += [f"{key}.{k}.{c}" for c in _diff(stored[key].get(k, {}), v)]
+    # the space overrides and fixed parameters of the stored methods the init names (and of "train"), each table
+    # parameter by parameter: one given differently, or left out, is a conflict, as a run setting is; a stored
+    # method the init does not name keeps its own
+    named = {"train", *(set(new["methods"]) & set(stored["methods"]))}
+    for key in ("space", "params"):
+        scopes = {k for k in new[key] if k == "train" or k in stored["methods"]} | (set(stored[key]) & named)
+        for k in sorted(scopes):
+            conflicts += [f"{key}.{k}.{c}" for c in _diff(stored[key].get(k, {}), new[key].get(k, {}))]
     if conflicts:
         raise ValueError(f"experiment {exp.name!r} already exists with different settings: {'; '.join(conflicts)} "
                          f"(a new dataset or method is added to it; other settings need a new experiment)")

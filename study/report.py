@@ -475,6 +475,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True,
                    help="the experiment, or several comma-separated (their reports side by side)")
     p.add_argument("--storage", help="storage URL (default: $OPTUNA_STORAGE or sqlite:///studies.db)")
+    p.add_argument("--storage-file", help="a file holding the storage URL, readable only by you (chmod 600); "
+                                          "also $OPTUNA_STORAGE_FILE")
     p.add_argument("--format", choices=FORMATS,
                    help="output format (default: from each --out suffix .md/.csv/.tex/.html, else markdown)")
     p.add_argument("--out", action="append", default=[],
@@ -491,11 +493,12 @@ def main(argv=None) -> int:
 
     from optuna.exceptions import ExperimentalWarning
 
-    from .storage import INTERACTIVE_TIMEOUT, StorageError, make_storage
+    from .storage import INTERACTIVE_TIMEOUT, StorageError, from_flags, make_storage
     warnings.filterwarnings("ignore", category=ExperimentalWarning)
     args = get_args_parser().parse_args(argv)
     try:
-        storage = make_storage(args.storage, default_timeout=INTERACTIVE_TIMEOUT, read_only=True)
+        url, _ = from_flags(args.storage, args.storage_file)
+        storage = make_storage(url, default_timeout=INTERACTIVE_TIMEOUT, read_only=True)
         outs = check_outputs(args.out, args.format, storage)  # every --out is checked before any is written
         names = list(dict.fromkeys(args.experiment.split(",")))
         reports = [collect(storage, name) for name in names]

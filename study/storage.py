@@ -290,6 +290,15 @@ def read_storage_file(path: str) -> str:
 
 
 PLACEHOLDER_PASSWORDS = {"change-me", "changeme"}  # the deploy files' placeholders: refused, never used
+def from_flags(storage: str | None, storage_file: str | None) -> tuple[str | None, str | None]:
+    """(URL, the file it came from) for a command's --storage / --storage-file (else $OPTUNA_STORAGE_FILE when no
+    --storage is given); the URL None: $OPTUNA_STORAGE or the default."""
+    if storage and storage_file:
+        raise ValueError("give --storage or --storage-file, not both")
+    storage_file = storage_file or (None if storage else os.environ.get("OPTUNA_STORAGE_FILE"))
+    return (read_storage_file(storage_file) if storage_file else storage), storage_file
+
+
 _SECRET_KEYS = ("pass", "secret", "token", "key")  # query parameters that carry credentials (password=, sslpassword=)
 
 

@@ -313,7 +313,7 @@ def test_two_inits_at_once_on_a_new_sqlite_file(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
 
 
-def test_storage_file_must_be_private_and_is_read(tmp_path):
+def test_storage_file_must_be_private_and_is_read(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 's.db'}"
     secret = tmp_path / "url"
     secret.write_text(url + "\n")
@@ -329,6 +329,12 @@ def test_storage_file_must_be_private_and_is_read(tmp_path):
                    "give --storage or --storage-file, not both")
     one_line_error(study_main("status", "--experiment", "f", "--storage-file", str(tmp_path / "none")),
                    "cannot read it")
+    # the report reads it too, from the flag or $OPTUNA_STORAGE_FILE (not the default studies.db)
+    assert "Experiment " in study_main("report", "--experiment", "f", "--storage-file", str(secret)).stdout
+    monkeypatch.setenv("OPTUNA_STORAGE_FILE", str(secret))
+    monkeypatch.chdir(tmp_path)
+    p = study_main("report", "--experiment", "f")
+    assert p.returncode == 0 and "Experiment " in p.stdout and not (tmp_path / "studies.db").exists(), p.stderr
 
 
 def test_every_command_a_message_names_exists():
@@ -651,3 +657,27 @@ def test_storage_file_that_is_a_fifo_or_a_device_is_refused_at_once(tmp_path):
         f.truncate(10 ** 9)  # sparse
     big.chmod(0o600)
     one_line_error(study_main("status", "--experiment", "x", "--storage-file", str(big)), "larger than")
+
+
+# misleading: an extension's fixed method parameters follow the rule of its run settings
+def test_an_extension_keeps_or_names_the_fixed_parameters_of_the_methods_it_lists(tmp_path):
+    url = f"sqlite:///{tmp_path / 'x.db'}"
+    init(url, "--experiment", "x", "--datasets", "synthetic", "--methods", "erm,fim", "--lambda-max", "5")
+    args = ("init", "--storage", url, "--experiment", "x", "--datasets", "synthetic")
+    one_line_error(study_main(*args, "--methods", "erm,fim,sam"), "params.fim.lambda_max: 5.0 -> None")
+    one_line_error(study_main(*args, "--methods", "erm,fim,sam", "--lambda-max", "7"),
+                   "params.fim.lambda_max: 5.0 -> 7.0")
+    one_line_error(study_main(*args, "--methods", "sam", "--lambda-max", "5"), "--lambda-max is a parameter of")
+    assert study_main(*args, "--methods", "erm,fim,sam", "--lambda-max", "5").returncode == 0
+    assert study_main(*args, "--methods", "groupdro").returncode == 0  # fim not named: it keeps its own
+    settings = studies_of(url, "x")["x/synthetic/fim"].user_attrs["experiment"]
+    assert settings["methods"] == ["erm", "fim", "sam", "groupdro"] and settings["params"]["fim"] == {"lambda_max": 5.0}
+
+
+# misleading: a label gap would silently train a model with classes that never occur
+def test_labels_with_a_gap_are_refused(folder_dir):
+    from trainer.data import DataError, load_splits
+    meta = folder_dir / "metadata.csv"
+    meta.write_text(meta.read_text().replace(",1,0,", ",5,0,").replace(",1,1,", ",5,1,"))
+    with pytest.raises(DataError, match=r"label y takes the values \[0, 5\]: expected 0, 1"):
+        load_splits("folder", data_dir=str(folder_dir), image_size=16)

@@ -109,6 +109,10 @@ def _build(root: Path, meta_files: list[Path], files: pd.Series, y: pd.Series, a
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise DataError(f"{missing[0]}: image file not found ({len(missing)} of {len(paths)} listed images missing)")
+    for column, values in (("label y", y), ("attribute a", a)):
+        seen = sorted(int(v) for v in values.unique())
+        if seen != list(range(len(seen))):  # {0, 5} would train a six-class model, four classes never seen
+            raise DataError(f"{meta_files[0]}: {column} takes the values {seen}: expected 0, 1, ... with none missing")
     n_classes, n_attr = int(y.max()) + 1, int(a.max()) + 1
     checksum = _checksum(meta_files, paths)
     out: dict[str, GroupDataset] = {}
