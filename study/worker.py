@@ -334,8 +334,10 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                     continue
                 halted = [f"{name} ({c['halted']})" for name, c in counts.items() if c["halted"]]
                 if halted:
-                    raise StudiesHalted(f"halted (fix the cause, then `python -m study delete --experiment "
-                                        f"{experiment} --yes` and `python -m study init` again): {'; '.join(halted)}")
+                    raise StudiesHalted(f"halted (the other studies keep their results; fix the cause, then run "
+                                        f"the halted dataset and method in a new experiment, `python -m study init "
+                                        f"--experiment NEW ...`, and report both: `python -m study.report "
+                                        f"--experiment {experiment},NEW`): {'; '.join(halted)}")
                 log(f"worker {os.getpid()}: all budgets met")
                 return 0
             # waiting (re-queued or seed-phase) trials first, then the study with the fewest used trials

@@ -63,6 +63,7 @@ def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
     assert w.returncode == 3, out
     last = out.strip().splitlines()[-1]
     assert last.startswith("error: halted") and "nan/synthetic/erm (3 consecutive failed trials" in last, out
+    assert "delete" not in last and "--experiment nan,NEW" in last, last  # 15. no advice that loses other results
     assert "all budgets met" not in out
     trials = studies_of(pg_url, "nan")["nan/synthetic/erm"].trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3  # 3 failures, not the budget of 5
@@ -681,3 +682,15 @@ def test_labels_with_a_gap_are_refused(folder_dir):
     meta.write_text(meta.read_text().replace(",1,0,", ",5,0,").replace(",1,1,", ",5,1,"))
     with pytest.raises(DataError, match=r"label y takes the values \[0, 5\]: expected 0, 1"):
         load_splits("folder", data_dir=str(folder_dir), image_size=16)
+
+
+# misleading: a builder killed mid-save left its temporary file beside the cache forever
+def test_a_killed_builders_temporary_file_is_cleaned_up(tmp_path):
+    from trainer.data.cache import STALE_TMP, load_verified, save_verified
+    target = tmp_path / "x.pt"
+    old, fresh = tmp_path / ".x.pt.abc123.tmp", tmp_path / ".x.pt.def456.tmp"
+    for f in (old, fresh):
+        f.write_bytes(b"half a file")
+    os.utime(old, (time.time() - STALE_TMP - 60,) * 2)
+    assert save_verified({"a": 1}, target, "k") and load_verified(target, "k") == {"a": 1}
+    assert not old.exists() and fresh.exists()  # another builder's file in progress is left alone
