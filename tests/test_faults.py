@@ -434,7 +434,7 @@ def test_a_decompression_bomb_is_refused_in_one_line(folder_dir):
 
 # flags of the other programs the code drives or names (sbatch, docker compose, git)
 FOREIGN_FLAGS = {"--gres", "--account", "--signal", "--requeue", "--open-mode", "--parsable", "--job-name", "--array",
-                 "--cpus-per-task", "--scale", "--short", "--no-"}
+                 "--cpus-per-task", "--scale", "--short", "--no-", "--wrap"}
 
 
 def test_every_flag_a_message_names_is_an_option_of_a_command_line():
