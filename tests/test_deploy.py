@@ -112,15 +112,16 @@ def _compose_env(database: str, **extra) -> dict:
     return env, {**os.environ, **app, "STUDY_GPUS": "", "PYTHONUNBUFFERED": "1"}  # this machine has no GPU
 
 
-def test_the_placeholder_password_is_refused_and_any_other_password_travels_whole(pg_databases):
+def test_the_placeholder_password_is_refused_and_any_other_password_travels_whole(pg_databases, monkeypatch):
     example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     url = pg_databases()
     for password, ok in ((example["POSTGRES_PASSWORD"], False), ("p@ss#w/rd:?%", True)):
         env, proc_env = _compose_env(url.rsplit("/", 1)[1], POSTGRES_PASSWORD=password)
         assert proc_env["PGPASSWORD"] == password
-        init = subprocess.run([sys.executable, "-m", "study", *interpolate(SERVICES["init"]["command"], env)],
-                              capture_output=True, text=True, env=proc_env, timeout=300)
+        for name in ("PGPASSWORD", "OPTUNA_STORAGE"):  # the init service's environment, in this process
+            monkeypatch.setenv(name, proc_env[name])
+        init = study_main(*interpolate(SERVICES["init"]["command"], env))
         if ok:  # trust auth here ignores it; what matters is that no character breaks the URL
             assert init.returncode == 0, init.stderr
         else:
