@@ -34,6 +34,7 @@ MAX_RETRY = 3            # re-queues per trial lineage after a dead worker
 STORAGE_TIMEOUT = 600    # seconds of database outage that a worker's storage calls ride out before it gives up
 IDLE_TRANSACTION_TIMEOUT = 60  # the longest a frozen worker can stall the others' claims on PostgreSQL (seconds)
 INTERACTIVE_TIMEOUT = 15  # the same for interactive commands (init, status, replicate, report, dashboard)
+PLACEHOLDER_PASSWORDS = {"change-me", "changeme"}  # the deploy files' placeholders: refused, never used
 
 
 class StorageError(RuntimeError):
@@ -137,17 +138,13 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
     def engine(self) -> sqlalchemy.engine.Engine:
         return self.backend.engine
 
-    def _ride(self, name: str, call, done=None):
-        """call() ridden out; `done()`, if given, tells on a repeat whether the cut-off attempt had committed."""
+    def _ride(self, name: str, call):
+        """call(attempt) ridden out; attempt > 0 is a repeat after a connection error (the cut-off attempt may have
+        committed: a write that must not happen twice looks first)."""
         if self._gave_up:
             raise StorageUnavailable(self._gave_up)
-
-        def attempt(n):
-            if n and done is not None and (found := done()) is not None:
-                return found
-            return call()
         try:
-            return ride_out(attempt, self._url, self._timeout, f" ({name})")
+            return ride_out(call, self._url, self._timeout, f" ({name})")
         except StorageUnavailable as e:
             self._gave_up = str(e)
             raise
@@ -162,59 +159,56 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
             params={}, distributions={}, user_attrs={}, system_attrs={}, intermediate_values={}, trial_id=-1)
         template.system_attrs = {**template.system_attrs, CREATE_TOKEN: token}
 
-        def created():
-            return next((t._trial_id for t in self.backend.get_all_trials(study_id, deepcopy=False)
-                         if t.system_attrs.get(CREATE_TOKEN) == token), None)
-        return self._ride("create_new_trial", lambda: self.backend.create_new_trial(study_id, template), created)
+        def create(attempt: int) -> int:
+            if attempt:
+                for t in self.backend.get_all_trials(study_id, deepcopy=False):
+                    if t.system_attrs.get(CREATE_TOKEN) == token:
+                        return t._trial_id  # the cut-off attempt had committed
+            return self.backend.create_new_trial(study_id, template)
+        return self._ride("create_new_trial", create)
 
     def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
                         distribution: optuna.distributions.BaseDistribution) -> None:
-        def written():
-            return True if param_name in self.backend.get_trial(trial_id).distributions else None
-        self._ride("set_trial_param", lambda: self.backend.set_trial_param(
-            trial_id, param_name, param_value_internal, distribution), written)
+        def write(attempt: int) -> None:
+            if not (attempt and param_name in self.backend.get_trial(trial_id).distributions):
+                self.backend.set_trial_param(trial_id, param_name, param_value_internal, distribution)
+        self._ride("set_trial_param", write)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
-        repeat = [False]
-
-        def call():
+        def set_state(attempt: int) -> bool:
             try:
                 return self.backend.set_trial_state_values(trial_id, state, values)
             except UpdateFinishedTrialError:
-                if repeat[0] and state.is_finished():
+                if attempt and state.is_finished():
                     return True  # the attempt cut off by the outage had committed the final state
                 raise
-
-        def again():
-            repeat[0] = True
-            return None
-        return self._ride("set_trial_state_values", call, again)
+        return self._ride("set_trial_state_values", set_state)
 
     # The creation token stays in the database, out of every trial read through this wrapper.
     def get_trial(self, trial_id: int) -> FrozenTrial:
-        return _untoken(self._ride("get_trial", lambda: self.backend.get_trial(trial_id)))
+        return _untoken(self._ride("get_trial", lambda _: self.backend.get_trial(trial_id)))
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
-        return [_untoken(t) for t in self._ride("get_all_trials", lambda: self.backend.get_all_trials(
+        return [_untoken(t) for t in self._ride("get_all_trials", lambda _: self.backend.get_all_trials(
             study_id, deepcopy=deepcopy, states=states))]
 
     def get_best_trial(self, study_id: int) -> FrozenTrial:
-        return _untoken(self._ride("get_best_trial", lambda: self.backend.get_best_trial(study_id)))
+        return _untoken(self._ride("get_best_trial", lambda _: self.backend.get_best_trial(study_id)))
 
     def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
-        attrs = self._ride("get_trial_system_attrs", lambda: self.backend.get_trial_system_attrs(trial_id))
+        attrs = self._ride("get_trial_system_attrs", lambda _: self.backend.get_trial_system_attrs(trial_id))
         return {k: v for k, v in attrs.items() if k != CREATE_TOKEN}
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self._ride("record_heartbeat", lambda: self.backend.record_heartbeat(trial_id))
+            self._ride("record_heartbeat", lambda _: self.backend.record_heartbeat(trial_id))
         except StorageUnavailable:
             pass  # the heartbeat thread stays quiet: the worker's own next storage call reports the outage
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         """Optuna's stale trials (heartbeat older than the grace period) plus RUNNING trials that never had a
         heartbeat and started longer than the grace period ago (a write cut off by an outage may leave one)."""
-        return self._ride("fail_stale_trials", lambda: self._stale(study_id))
+        return self._ride("fail_stale_trials", lambda _: self._stale(study_id))
 
     def _stale(self, study_id: int) -> list[int]:
         from datetime import timedelta, timezone
@@ -252,7 +246,7 @@ def _untoken(trial: FrozenTrial) -> FrozenTrial:
 
 def _delegate(name: str):
     def call(self, *args, **kwargs):
-        return self._ride(name, lambda: getattr(self.backend, name)(*args, **kwargs))
+        return self._ride(name, lambda _: getattr(self.backend, name)(*args, **kwargs))
     call.__name__ = call.__qualname__ = name
     call.__doc__ = getattr(BaseStorage, name).__doc__
     return call
@@ -289,7 +283,6 @@ def read_storage_file(path: str) -> str:
     return text.splitlines()[0].strip()
 
 
-PLACEHOLDER_PASSWORDS = {"change-me", "changeme"}  # the deploy files' placeholders: refused, never used
 def from_flags(storage: str | None, storage_file: str | None) -> tuple[str | None, str | None]:
     """(URL, the file it came from) for a command's --storage / --storage-file (else $OPTUNA_STORAGE_FILE when no
     --storage is given); the URL None: $OPTUNA_STORAGE or the default."""

@@ -129,8 +129,10 @@ class Objective:
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
                 with STOP.interruptible(False):  # storage writes are never cut in the middle
+                    # the seconds first: an epoch seen in the storage has its compute counted, even if the worker
+                    # is killed right after (a killed trial's compute counts)
+                    trial.set_user_attr("train_seconds", round(time.time() - t0, 2))
                     trial.report(record["val_selection"], epoch)
-                    trial.set_user_attr("train_seconds", round(time.time() - t0, 2))  # a killed trial's compute counts
                     pruned = prune and trial.should_prune()
                 if pruned:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.exp.selection} "
