@@ -492,15 +492,11 @@ def test_damaged_or_foreign_cache_files_are_rebuilt_never_trained_on(tmp_path, m
     for label, stored in (("10 digits", {"digits": torch.zeros(10, 784, dtype=torch.uint8),
                                          "labels": torch.zeros(10, dtype=torch.int64)}),
                           ("all zero", {"digits": torch.zeros(5000, 784, dtype=torch.uint8),
-                                        "labels": torch.zeros(5000, dtype=torch.int64)}),
-                          ("a list", [1, 2, 3])):
+                                        "labels": torch.zeros(5000, dtype=torch.int64)})):
         assert save_verified(stored, digits, key)  # a valid, checksummed file of the wrong structure
         _warned.clear()
         assert load_splits("cmnist").checksum == reference, label
-        assert "expected uint8 (5000, 784)" in capsys.readouterr().err or label == "a list"
-    digits.write_bytes(b"PK\x03\x04 not a cache file")
-    assert load_splits("cmnist").checksum == reference
-    assert "not a verified cache file: rebuilt" in capsys.readouterr().err
+        assert "expected uint8 (5000, 784)" in capsys.readouterr().err
 
 
 def test_a_cache_folder_that_cannot_be_written_leaves_a_private_copy(tmp_path, monkeypatch, capsys):
@@ -510,11 +506,9 @@ def test_a_cache_folder_that_cannot_be_written_leaves_a_private_copy(tmp_path, m
     blocker.write_text("a file where the cache folder should be")  # as root, a chmod would not stop a write
     _warned.clear()
     monkeypatch.setenv("DEBIAS_CACHE_DIR", str(blocker))
-    reference = load_splits("cmnist")
-    assert len(reference.train) == 3000
-    assert load_splits("texdigits", image_size=16).checksum
+    assert len(load_splits("cmnist").train) == 3000
     err = capsys.readouterr().err
-    assert "cannot write" in err and "keeps a private copy" in err and err.count("\n") <= 3, err
+    assert "cannot write" in err and "keeps a private copy" in err and err.count("\n") == 1, err
 
 
 def test_a_host_whose_data_differs_fails_its_trial_naming_both_checksums(pg_url, folder_dir):

@@ -1,5 +1,6 @@
 """Faults survived and bad inputs refused, against the real PostgreSQL: a database restart mid-study, a database
 that stays down, and every bad input answered by one line, a non-zero exit and nothing half-created."""
+import signal
 import time
 
 import optuna
@@ -26,9 +27,15 @@ def assert_complete(url, experiment, budget, outs=()):
             assert sum(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states) == budget, (name, states)
 
 
+def _epochs_reported(url, experiment) -> int:
+    return sum(len(t.intermediate_values) for s in studies_of(url, experiment).values()
+               for t in s.get_trials(deepcopy=False))
+
+
 def test_ten_database_restarts_lose_no_worker_and_no_trial(private_cluster):
     pg_url, cluster = private_cluster.url, private_cluster
-    init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "6",
+    # more work than the restarts last: the workers are stopped (SIGTERM) once they have ridden out all ten
+    init(pg_url, "--experiment", "restart", "--datasets", "cmnist", "--methods", "erm,fim", "--trials", "50",
          "--epochs", "20", "--patience", "0", "--pruner", "none")
     # heartbeats every second: storage calls are certain to meet the outages (grace long enough to outlast them)
     # two simulated GPUs: each worker's GPU lock dies with every restart and is taken again between trials
@@ -42,14 +49,25 @@ def test_ten_database_restarts_lose_no_worker_and_no_trial(private_cluster):
         cluster.stop()
         cluster.start()
         time.sleep(max(0.0, 3 - (time.monotonic() - t0)))
-    outs = [w.communicate(timeout=600)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], outs
-    assert alive == [2] * 10, (alive, outs)  # both workers met every restart
+    after = _epochs_reported(pg_url, "restart")
+    _wait_for(lambda: _epochs_reported(pg_url, "restart") > after + 2, timeout=120)  # training goes on
+    alive.append(sum(w.poll() is None for w in workers))
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    outs = [w.communicate(timeout=120)[0] for w in workers]
+    assert alive == [2] * 11, (alive, outs)  # both workers met every restart, and outlived the last
+    assert [w.returncode for w in workers] == [0, 0] and all("stopped by signal" in o for o in outs), outs
     assert any("unreachable" in o and "retrying" in o for o in outs), outs  # the outages were met, and ridden out
     assert all("Traceback" not in o and "claimed GPU" in o for o in outs), outs
-    assert_complete(pg_url, "restart", 6, outs)
-    for study in studies_of(pg_url, "restart").values():  # no parameterless orphan was left or re-queued
-        assert all(t.params for t in study.get_trials(deepcopy=False)), study.study_name
+    for name, study in studies_of(pg_url, "restart").items():  # no trial lost, none left without parameters
+        trials = study.get_trials(deepcopy=False)
+        assert TrialState.RUNNING not in [t.state for t in trials], name
+        failed = {t.number: t.user_attrs.get("fail_reason") for t in trials if t.state == TrialState.FAIL}
+        retried = {t.system_attrs.get("failed_trial") for t in trials}
+        assert set(failed) <= retried, (name, failed, outs)
+        assert all(t.params for t in trials), name
+    assert sum(t.state == TrialState.COMPLETE for s in studies_of(pg_url, "restart").values()
+               for t in s.get_trials(deepcopy=False)) >= 2
 
 
 class CutOff(RDBStorage):
