@@ -120,9 +120,11 @@ def ride_out(call, url: str, timeout: float, what: str = ""):
 class ResilientStorage(BaseStorage, BaseHeartbeat):
     """Optuna's RDBStorage behind a wrapper whose every call rides out a database restart (see `ride_out`); once it
     has given up, every later call fails at once, so a worker stops with one error instead of waiting again in each
-    layer. It wraps rather than subclasses: Optuna puts its `_CachedStorage` in front of any RDBStorage, and that
-    cache calls the backend's private methods (`_create_new_trial`, `_get_trials`, ...), out of this wrapper's reach.
-    Through the public interface alone, every call a worker makes passes here.
+    layer. It wraps rather than subclasses: Optuna puts its `_CachedStorage` (finished trials read once) in front
+    of any RDBStorage, and that cache calls the RDBStorage's private methods (`_create_new_trial`, `_get_trials`,
+    ...), which a subclass's riding-out never reached. Here the order is the other way round: this wrapper, then
+    Optuna's cache, then the RDBStorage; every call a worker makes enters through this wrapper's public methods, and
+    a connection error raised anywhere below is ridden out here. Nothing of Optuna's is patched.
 
     Writes whose first attempt may have committed before the connection died are made safe to repeat: a new trial
     carries a token, found again instead of created twice (a second, parameterless RUNNING trial otherwise waits
@@ -130,13 +132,15 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
     set. A waiting trial popped by a cut-off attempt (`set_trial_state_values(..., RUNNING)` answering False on the
     repeat) stays RUNNING without a heartbeat and is re-queued with its parameters after the grace period."""
 
-    def __init__(self, backend: RDBStorage, url: str, timeout: float):
-        self.backend, self._url, self._timeout = backend, url, timeout
+    def __init__(self, rdb: RDBStorage, url: str, timeout: float):
+        from optuna.storages._cached_storage import _CachedStorage
+        self.rdb, self.backend = rdb, _CachedStorage(rdb)  # what Study would build: finished trials read once
+        self._url, self._timeout = url, timeout
         self._gave_up: str | None = None
 
     @property
     def engine(self) -> sqlalchemy.engine.Engine:
-        return self.backend.engine
+        return self.rdb.engine
 
     def _ride(self, name: str, call):
         """call(attempt) ridden out; attempt > 0 is a repeat after a connection error (the cut-off attempt may have
@@ -201,7 +205,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self._ride("record_heartbeat", lambda _: self.backend.record_heartbeat(trial_id))
+            self._ride("record_heartbeat", lambda _: self.rdb.record_heartbeat(trial_id))
         except StorageUnavailable:
             pass  # the heartbeat thread stays quiet: the worker's own next storage call reports the outage
 
@@ -214,7 +218,7 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         from datetime import timedelta, timezone
 
         from optuna.storages._rdb import models
-        b = self.backend
+        b = self.rdb
         stale = b._get_stale_trial_ids(study_id)
         grace = b.grace_period or 2 * (b.heartbeat_interval or 0)
         now = datetime.now(timezone.utc).replace(tzinfo=None)  # Optuna 5 stores datetime_start as naive UTC
@@ -227,10 +231,10 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
         return stale + [t for (t,) in silent if t not in stale]
 
     def get_heartbeat_interval(self) -> int | None:
-        return self.backend.get_heartbeat_interval()
+        return self.rdb.get_heartbeat_interval()
 
     def get_heartbeat_stale_trial_callback(self):
-        return self.backend.get_heartbeat_stale_trial_callback()
+        return self.rdb.get_heartbeat_stale_trial_callback()
 
     def remove_session(self) -> None:
         self.backend.remove_session()
@@ -240,7 +244,7 @@ CREATE_TOKEN = "create_token"  # system attr: finds a trial again whose creation
 
 
 def _untoken(trial: FrozenTrial) -> FrozenTrial:
-    trial.system_attrs.pop(CREATE_TOKEN, None)  # the backend's reads are fresh objects: nothing shared is changed
+    trial.system_attrs.pop(CREATE_TOKEN, None)  # a cached finished trial loses it once: it is never needed again
     return trial
 
 

@@ -5,7 +5,6 @@ import time
 
 import optuna
 import pytest
-from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
@@ -70,35 +69,37 @@ def test_ten_database_restarts_lose_no_worker_and_no_trial(private_cluster):
                for t in s.get_trials(deepcopy=False)) >= 2
 
 
-class CutOff(RDBStorage):
-    """The real storage, with the reply to the first `create_new_trial` and `set_trial_param` lost after the write
-    committed (what a database restart does to a write in flight)."""
-    cut: set = set()
-
-    def _lose_reply(self, name):
-        if name not in self.cut:
-            self.cut.add(name)
-            raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
-
-    def create_new_trial(self, study_id, template_trial=None):
-        trial_id = super().create_new_trial(study_id, template_trial)
-        self._lose_reply("create")
-        return trial_id
-
-    def set_trial_param(self, *args):
-        super().set_trial_param(*args)
-        self._lose_reply("param")
-
-
 def test_writes_cut_off_by_an_outage_are_not_repeated(pg_url):
-    from study.storage import ResilientStorage
-    s = ResilientStorage(CutOff(pg_url.replace("postgresql://", "postgresql+psycopg2://")), pg_url, timeout=30)
-    study = optuna.create_study(study_name="cut", storage=s)
-    assert study._storage is s  # no cache in front: every call of a worker passes through the riding-out
-    trial = study.ask()
-    trial.suggest_float("x", 0.0, 1.0)
+    """The reply to the first trial creation and the first parameter write is lost after the database committed
+    them (what a restart does to a write in flight): the storage finds them again instead of writing twice."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    flushed, cut = set(), set()
+
+    def after_flush(session, _):
+        flushed.update(type(o).__name__ for o in session.new)
+
+    def after_commit(session):
+        for kind in ("TrialModel", "TrialParamModel"):
+            if kind in flushed and kind not in cut:
+                cut.add(kind)
+                flushed.clear()
+                raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+        flushed.clear()
+    event.listen(Session, "after_flush", after_flush)
+    event.listen(Session, "after_commit", after_commit)
+    try:
+        s = storage_for(pg_url, timeout=30)
+        study = optuna.create_study(study_name="cut", storage=s)
+        assert study._storage is s  # every call of a worker enters through the riding-out
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+    finally:
+        event.remove(Session, "after_flush", after_flush)
+        event.remove(Session, "after_commit", after_commit)
     trials = study.get_trials(deepcopy=False)
-    assert CutOff.cut == {"create", "param"}
+    assert cut == {"TrialModel", "TrialParamModel"}, cut  # both replies were lost
     assert [t._trial_id for t in trials] == [trial._trial_id] and list(trials[0].params) == ["x"], trials
     assert "create_token" not in trials[0].system_attrs  # the token stays in the database
 
