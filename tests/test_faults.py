@@ -689,3 +689,19 @@ def test_a_killed_builders_temporary_file_is_cleaned_up(tmp_path):
     os.utime(old, (time.time() - STALE_TMP - 60,) * 2)
     assert save_verified({"a": 1}, target, "k") and load_verified(target, "k") == {"a": 1}
     assert not old.exists() and fresh.exists()  # another builder's file in progress is left alone
+
+
+# 1. the memory-mapped image cache is verified against its sidecar before it is mapped
+def test_a_damaged_decoded_image_cache_is_decoded_again(folder_dir, tmp_path, monkeypatch, capsys):
+    import torch
+
+    from trainer.data import load_splits
+    from trainer.data.cache import _warned
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "cache"))
+    _warned.clear()
+    good = load_splits("folder", data_dir=str(folder_dir), image_size=16).train.x.clone()
+    for npy in (tmp_path / "cache").glob("*.npy"):
+        _flip_a_bit(npy)
+    again = load_splits("folder", data_dir=str(folder_dir), image_size=16).train.x
+    assert torch.equal(again, good)
+    assert "content does not match its checksum (damaged): rebuilt" in capsys.readouterr().err

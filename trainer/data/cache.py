@@ -83,6 +83,12 @@ def parse_header(data: bytes, key: str) -> tuple[dict, int]:
     return meta, end + 1
 
 
+def check_content(meta: dict, sha256_hex: str, size: int) -> None:
+    """ValueError unless the content's size and sha256 are the ones its header recorded."""
+    if size != meta.get("bytes") or sha256_hex != meta.get("sha256"):
+        raise ValueError("content does not match its checksum (damaged)")
+
+
 def load_verified(path: Path, key: str, check: Callable[[object], None] | None = None):
     """What `save_verified` wrote at `path` for `key`, or None: no file, or one that is damaged (checksum), built for
     other settings, or of the wrong structure (`check` raises ValueError), said in one line; the caller rebuilds."""
@@ -92,8 +98,7 @@ def load_verified(path: Path, key: str, check: Callable[[object], None] | None =
             return None
         meta, start = parse_header(data, key)
         payload = data[start:]
-        if len(payload) != meta.get("bytes") or hashlib.sha256(payload).hexdigest() != meta.get("sha256"):
-            raise ValueError("content does not match its checksum (damaged)")
+        check_content(meta, hashlib.sha256(payload).hexdigest(), len(payload))
         try:
             obj = torch.load(io.BytesIO(payload), weights_only=True)
         except Exception as e:  # a torch file can fail in many ways; none is trained on

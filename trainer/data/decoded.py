@@ -27,7 +27,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from .base import DataError, TensorGroupDataset
-from .cache import CACHE_ENV, cache_dir, header, parse_header, read_regular, warn_once, write_cache_file
+from .cache import (CACHE_ENV, cache_dir, check_content, header, parse_header, read_regular, warn_once,
+                    write_cache_file)
 
 __all__ = ["CACHE_ENV", "cache_dir"]  # where the image caches live, for the callers that name them
 
@@ -89,8 +90,7 @@ def _mapped(path: Path, shape: tuple, key: str) -> torch.Tensor | None:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
                 size += len(chunk)
-        if size != meta.get("bytes") or h.hexdigest() != meta.get("sha256"):
-            raise ValueError("content does not match its checksum (damaged)")
+        check_content(meta, h.hexdigest(), size)
         arr = np.load(path, mmap_mode="c")
         if arr.shape != shape or arr.dtype != np.uint8:
             raise ValueError(f"holds {arr.dtype} {arr.shape}, expected uint8 {shape}")
