@@ -91,12 +91,11 @@ def main():
         model = build_model(model_name, 2, pretrained=False).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
-        erm = get_method("erm")(get_method("erm").Params(), n_train=n_train, n_groups=4,
-                                train_groups=ours.train.g).to(device)
+        erm = get_method("erm")(get_method("erm").Params(), TrainSplit(ours.train.y, 2, 4)).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
         def step(x, y, a, idx):
-            return erm.training_step(model, opt, x, y, a, idx, 2, autocast)
+            return erm.training_step(model, opt, Batch(x, y, idx), autocast)
 
         def timed_epochs(batches, n=2):
             """Seconds of the last of n epochs (the first warms up cudnn and the loader)."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from trainer import TrainConfig, fit
 from trainer.methods.fim import FisherConstrained
+from trainer.metrics import bias_conflicting
 from trainer.models import buffers_kept
 
 
@@ -27,13 +28,18 @@ def main():
     p.add_argument("--lambda-max", type=float, default=10.0)
     args = p.parse_args()
     rows, step = [], FisherConstrained.training_step
+    cfg = TrainConfig(dataset="cmnist", method="fim", seed=args.seed, epochs=args.epochs, patience=0,
+                      method_params={"scope": "full", "lambda_max": args.lambda_max})
+    splits = cfg.resolved().load_splits()
+    conflicting = bias_conflicting(splits.train.y, splits.train.a)  # the probe's, not the method's: it reads none
 
     def norm(model):
         return float(torch.sqrt(sum(q.grad.pow(2).sum() for q in model.parameters() if q.grad is not None)))
 
-    def probed(self, model, optimizer, x, y, a, idx, n_attr, autocast):
+    def probed(self, model, optimizer, batch, autocast):
         if not self.constrained:
-            return step(self, model, optimizer, x, y, a, idx, n_attr, autocast)
+            return step(self, model, optimizer, batch, autocast)
+        x, y, idx = batch.x, batch.y, batch.idx
         tracer, params = self.tracer(model), [q for q in model.parameters() if q.requires_grad]
         with buffers_kept(model):  # the probe's own passes leave the run as it was
             with tracer.recording() as (stats, saved):
@@ -46,10 +52,10 @@ def main():
                 g_fit = torch.autograd.grad(F.cross_entropy(tracer.model(x[top]), y[top], reduction="sum"), params)
             g_tr = torch.autograd.grad(self.full_trace(model, x[top], y[top], stats, create_graph=True).sum(), params)
         flat = [torch.cat([g.flatten() for g in gs]) for gs in (g_nll, g_fit, g_tr)]
-        out = step(self, model, optimizer, x, y, a, idx, n_attr, autocast)
+        out = step(self, model, optimizer, batch, autocast)
         rows.append({"nll_grad": float(flat[0].norm()), "total_grad": total[0],
                      "cos": float(flat[1] @ flat[2] / (flat[1].norm() * flat[2].norm())),
-                     "conflicting": float(self.conflicting[idx[top]].float().mean())})
+                     "conflicting": float(conflicting[idx[top].cpu()].float().mean())})
         return out
 
     total = [0.0]
@@ -62,8 +68,7 @@ def main():
     FisherConstrained.training_step, FisherConstrained.clip = probed, clip_probe
     torch.set_num_threads(1)
     epochs = []
-    r = fit(TrainConfig(dataset="cmnist", method="fim", seed=args.seed, epochs=args.epochs, patience=0,
-                        method_params={"scope": "full", "lambda_max": args.lambda_max}),
+    r = fit(cfg, splits=splits,
             callback=lambda e, rec: epochs.append((e, len(rows), rec)), log=None)
     start = 0
     print(f"\nfim --scope full, cmnist seed {args.seed}, lambda_max {args.lambda_max}; medians over each epoch's "
@@ -80,7 +85,7 @@ def main():
         med = {k: np.median([s[k] for s in seg]) for k in seg[0]}
         print(f"| {e} | {med['nll_grad']:.2f} | {med['total_grad']:.2f} | {med['cos']:+.2f} | "
               f"{np.mean([s['conflicting'] for s in seg]):.2f} | {rec['val_wga']:.3f} | {rec['val_avg_plain']:.3f} |")
-    print(f"\ntest WGA {r['test']['wga']:.3f}")
+    print(f"\ntest WGA {r.test['wga']:.3f}")
 
 
 if __name__ == "__main__":

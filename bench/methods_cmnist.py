@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from trainer.methods import METHODS
 
-RUNS = [(f"{cls.label} ({name})", name, {}) for name, cls in METHODS.items()] + [
+RUNS = [(f"{cls.card.label} ({name})", name, {}) for name, cls in METHODS.items()] + [
     ("Ours (fim, last_layer)", "fim", {"scope": "last_layer"})]
 
 

@@ -21,10 +21,11 @@ import pandas as pd
 import torch
 
 from trainer.loop import _autocast, deterministic_mode, resolve_device
-from trainer.methods import METHODS, RunContext, get_method
+from trainer.methods import METHODS, Batch, RunContext, TrainSplit, get_method
 from trainer.models import build_model
 
-RUNS = [(name, name, {}) for name in METHODS] + [
+# latent_aug: one epoch of its generator (its stage, built once per run, is not the step; n_pairs sets the step's cost)
+RUNS = [(name, name, {"gen_epochs": 1} if name == "latent_aug" else {}) for name in METHODS] + [
     ("fim (last_layer)", "fim", {"scope": "last_layer"}), ("fim (full)", "fim", {"scope": "full"}),
     ("fim (full, global K)", "fim", {"scope": "full", "active_set": "global"}),
     ("fim (full, expected Fisher)", "fim", {"scope": "full", "fisher": "expected"}),
@@ -47,20 +48,23 @@ def setup(method: str, params: dict, device, model_name: str, batch: int, size: 
     net = torch.compile(model) if compile_ else model
     groups = torch.arange(n_train) % 4
     cls = get_method(method)
-    m = cls(cls.Params(**params), n_train=n_train, n_groups=4, train_groups=groups, train_labels=groups // 2).to(device)
+    m = cls(cls.Params(**params), TrainSplit.view(cls, groups // 2, groups, 2, 4)).to(device)
     opt = new_optimizer(model.parameters())
     x = torch.randn(batch, 3, size, size, device=device)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch,), device=device)
-    a = torch.randint(0, 2, (batch,), device=device)
     idx = torch.randperm(n_train, device=device)[:batch]
+    g = y * 2 + torch.randint(0, 2, (batch,), device=device) if cls.group_labels == "train" else None
     autocast = _autocast(device)
     m.setup(RunContext(new_model, new_optimizer, device, autocast))
 
     def batches(eval=False, inputs=False):
-        if inputs:  # the full scope's calibration runs its own passes
-            yield x, y, idx
+        if inputs:  # a method's own passes over the training set (the full scope's calibration, latent_aug's VAE)
+            draw = torch.Generator(device=device).manual_seed(1)
+            for chunk in torch.arange(n_train, device=device).split(batch):
+                xs = torch.randn(len(chunk), *x.shape[1:], device=device, generator=draw)
+                yield xs, groups.to(device)[chunk] // 2, chunk
             return
         with torch.no_grad(), autocast():
             logits, h = net(x, return_features=True)
@@ -71,7 +75,7 @@ def setup(method: str, params: dict, device, model_name: str, batch: int, size: 
     net.train()
 
     def step():
-        return m.training_step(net, opt, x, y, a, idx, 2, autocast)["loss"]
+        return m.training_step(net, opt, Batch(x, y, idx, g), autocast)["loss"]
     return step
 
 

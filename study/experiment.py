@@ -14,7 +14,7 @@ import torch
 
 from trainer.config import TrainConfig, default_patience
 from trainer.data import DATASETS, get_dataset, recipe
-from trainer.methods import METHODS, get_method
+from trainer.methods import METHODS, TrainSplit, get_method
 from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
 from trainer.settings import check
@@ -250,8 +250,7 @@ def check_space(space: dict, method: str, epochs: int, params: dict | None = Non
     params = params or {}
 
     def build(values: dict) -> None:
-        cls(cls.Params(**{**params, **values}), n_train=4, n_groups=4, train_groups=torch.arange(4),
-            train_labels=torch.arange(4) % 2)
+        cls(cls.Params(**{**params, **values}), TrainSplit(torch.arange(4) % 2, 2, 4, torch.arange(4)))
     # a method's searched integers (warm-ups, stages) at their lowest, so that its defaults fit the epoch budget
     fixed = {**params, **{n: s.low for n, s in space.items()
                           if isinstance(s, Int) and n in {f.name for f in cls.param_fields()}}}

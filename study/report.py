@@ -99,9 +99,9 @@ def comparisons(results: list[StudyResult]) -> list[tuple[StudyResult, StudyResu
     pairs = []
     for dataset in dict.fromkeys(r.dataset for r in results):
         rows = [r for r in results if r.dataset == dataset]
-        pairs += [(p, o) for p in rows if p.cls.proposed for o in rows if o is not p]
-        pairs += [(o, c) for c in rows if c.cls.control for o in rows
-                  if o is not c and not o.cls.proposed and not o.cls.control]
+        pairs += [(p, o) for p in rows if p.cls.card.proposed for o in rows if o is not p]
+        pairs += [(o, c) for c in rows if c.cls.card.control for o in rows
+                  if o is not c and not o.cls.card.proposed and not o.cls.card.control]
     return pairs
 
 
@@ -162,7 +162,7 @@ def benchmark_summary(results: list[StudyResult]) -> pd.DataFrame:
     for d in datasets:
         ranks |= {(d, m): v for m, v in pd.Series({m: w for (e, m), w in worst.items() if e == d}).rank(
             ascending=False, method="average").items()}
-    refs = sorted({r.method for r in results if r.cls.reference}, key=lambda m: get_method(m).order)
+    refs = sorted({r.method for r in results if r.cls.card.reference}, key=lambda m: get_method(m).card.order)
     rows = []
     for method in dict.fromkeys(r.method for r in results):
         label = next(r.label for r in results if r.method == method)
@@ -250,7 +250,7 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
                     f"1 seed (seed {exp.run.seed}); `python -m study replicate` adds the seed phase.")
     patience = (f"{exp.run.patience}" if exp.run.patience is not None else
                 f"{PATIENCE_RULE} = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
-    notes = "".join(f" {note}" for note in dict.fromkeys(n for r in results for n in (r.cls.name_note, r.cls.val_note)
+    notes = "".join(f" {note}" for note in dict.fromkeys(n for r in results for n in (r.cls.card.name_note, r.cls.card.val_note)
                                                           if n))
     notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
                      "rate and epochs); differences against it overstate the other methods."

@@ -109,7 +109,7 @@ class StudyResult:
 
     @property
     def label(self) -> str:
-        return self.cls.label or self.method
+        return self.cls.card.label
 
     @property
     def search_best(self) -> FrozenTrial | None:
@@ -169,7 +169,7 @@ def collect(storage, experiment: str):
         r.compute_s = sum(train_seconds(t) for t in (*trials, *seed_trials))
         results.append(r)
     rank = {d: i for i, d in enumerate(exp.datasets)}
-    results.sort(key=lambda r: (rank.get(r.dataset, len(rank)), r.cls.order, r.method))
+    results.sort(key=lambda r: (rank.get(r.dataset, len(rank)), r.cls.card.order, r.method))
     return exp, results
 
 

@@ -6,7 +6,7 @@ from scipy import stats
 
 from trainer import TrainConfig, fit
 from trainer.data import TensorGroupDataset, load_splits, make_loader
-from trainer.methods import METHODS
+from trainer.methods import METHODS, Batch, TrainSplit
 from trainer.methods import dfr as dfr_module
 from trainer.methods.jtt import JTT, JTTParams
 from trainer.methods.resample import Resample, ResampleClass
@@ -21,7 +21,7 @@ LABELS = GROUPS // 2
 
 def _method(cls, params=None, n=len(GROUPS)):
     params = params if params is not None else cls.Params()
-    return cls(params, n_train=n, n_groups=4, train_groups=GROUPS[:n], train_labels=LABELS[:n])
+    return cls(params, TrainSplit.view(cls, LABELS[:n], GROUPS[:n], 2, 4))
 
 
 def _dataset(n=len(GROUPS)):
@@ -57,7 +57,7 @@ def test_reweight_gives_every_group_equal_weight_with_mean_one():
         m, logits, idx = _method(cls), torch.randn(6, 2), torch.tensor([0, 45, 52, 60, 3, 79])
         y = LABELS[idx]
         ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
-        assert float(m.loss(logits, None, y, None, idx)[0]) == pytest.approx(float((w[idx] * ce).mean()))
+        assert float(m.loss(logits, None, Batch(logits, y, idx))[0]) == pytest.approx(float((w[idx] * ce).mean()))
     assert _method(Reweight).weight[50] / _method(Reweight).weight[0] == pytest.approx(40 / 5)
 
 
@@ -80,7 +80,7 @@ def test_class_variants_read_no_group_label():
     scrambled = torch.randperm(len(GROUPS), generator=torch.Generator().manual_seed(1))
     for cls in (ResampleClass, ReweightClass):
         a = _method(cls)
-        b = cls(cls.Params(), n_train=len(GROUPS), n_groups=4, train_groups=GROUPS[scrambled], train_labels=LABELS)
+        b = cls(cls.Params(), TrainSplit.view(cls, LABELS, GROUPS[scrambled], 2, 4))
         wa, wb = (a.sampling_weights(), b.sampling_weights()) if cls is ResampleClass else (a.weight, b.weight)
         assert torch.equal(wa, wb)
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.fisher import ParameterTrace
+from trainer.methods import TrainSplit
 from trainer.methods.fim import FIMParams, FisherConstrained
 from trainer.methods.fim_relative import FIMRelativeParams, FisherRelative
 from trainer.models import build_model
@@ -172,8 +173,7 @@ def test_penalty_gradient_equals_finite_differences(fisher):
 
 
 def _method(n, **kw):
-    return FisherConstrained(FIMParams(warmup_epochs=1, **kw), n_train=n, n_groups=4,
-                             train_groups=torch.arange(n) % 4)
+    return FisherConstrained(FIMParams(warmup_epochs=1, **kw), TrainSplit(torch.arange(n) % 2, 2, 4))
 
 
 def test_global_active_set_is_the_top_of_the_whole_set_not_of_the_batch():
@@ -210,8 +210,7 @@ def test_dual_step_sign_and_projection():
 def test_bias_relative_active_set_ranks_by_the_biased_models_share_of_the_trace():
     """fim_relative: of two samples with the same trace, the one the bias-amplified model finds harder is chosen;
     a large trace that the biased model shares (an ambiguous sample) is not."""
-    m = FisherRelative(FIMRelativeParams(warmup_epochs=1, rho=0.25), n_train=8, n_groups=4,
-                       train_groups=torch.arange(8) % 4)
+    m = FisherRelative(FIMRelativeParams(warmup_epochs=1, rho=0.25), TrainSplit(torch.arange(8) % 2, 2, 4))
     m.eps.fill_(1.0)
     m._eps_value = 1.0
     idx = torch.tensor([0, 1, 2, 3])
@@ -220,5 +219,5 @@ def test_bias_relative_active_set_ranks_by_the_biased_models_share_of_the_trace(
     top, active = m.select(trace, idx)
     assert top.tolist() == [1] and active.all()
     torch.testing.assert_close(m.memory[idx], torch.tensor([0.1 / 1.1, 0.8, 0.5, 0.2 / 0.3]))
-    with pytest.raises(ValueError, match="scope must be one of logits, full, got 'last_layer'"):
-        FisherRelative(FIMRelativeParams(scope="last_layer"), n_train=8, n_groups=4, train_groups=torch.zeros(8))
+    with pytest.raises(ValueError, match=r"unknown scope 'last_layer' \(choose from logits, full\)"):
+        FisherRelative(FIMRelativeParams(scope="last_layer"), TrainSplit(torch.arange(8) % 2, 2, 4))

@@ -5,7 +5,7 @@ import torch
 from trainer import TrainConfig, fit
 from trainer.data import load_splits, make_loader
 from trainer.loop import _autocast
-from trainer.methods import METHODS, RunContext, get_method
+from trainer.methods import METHODS, Batch, RunContext, TrainSplit, get_method
 from trainer.models import build_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,15 +34,17 @@ def test_training_step_never_waits_for_the_host(waterbirds_dir, method, params):
         return torch.optim.SGD(parameters, lr=1e-3, momentum=0.9)
 
     model, cls = new_model(), get_method(method)
-    m = cls(cls.Params(**params), n_train=len(train), n_groups=4, train_groups=train.g, train_labels=train.y,
-            conflicting=train.a != train.y).to(CUDA)
+    m = cls(cls.Params(**params), TrainSplit.view(cls, train.y, train.g, 2, 4)).to(CUDA)
     opt = new_optimizer(model.parameters())
     gen, autocast = torch.Generator(CUDA).manual_seed(0), _autocast(CUDA)
     m.setup(RunContext(new_model, new_optimizer, CUDA, autocast))
     batches = list(make_loader(train, 4, shuffle=True, generator=torch.Generator().manual_seed(0)))
 
-    def calib(eval=False):
+    def calib(eval=False, inputs=False):
         for xb, yb, _, ib in batches:
+            if inputs:
+                yield train.batch_transform(xb, train=False), yb, ib
+                continue
             with torch.no_grad(), autocast():
                 logits, h = model(train.batch_transform(xb, train=False), return_features=True)
             yield logits.float(), h.float(), yb, ib
@@ -54,7 +56,8 @@ def test_training_step_never_waits_for_the_host(waterbirds_dir, method, params):
     try:
         for xb, yb, ab, idx in batches:
             xb = train.batch_transform(xb, train=True, generator=gen).contiguous(memory_format=torch.channels_last)
-            m.training_step(model, opt, xb, yb, ab, idx, 2, autocast)
+            g = yb * 2 + ab if cls.group_labels == "train" else None
+            m.training_step(model, opt, Batch(xb, yb, idx, g), autocast)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -10,12 +10,11 @@ from torch import nn
 
 from trainer import TrainConfig, fit
 from trainer.data import load_splits
-from trainer.methods import METHODS, Method, RunContext
+from trainer.methods import METHODS, Batch, Card, HeldOut, Method, RunContext, TrainSplit
 from trainer.methods.egr import EGR, EGRParams
 from trainer.methods.fisher_penalty import FisherPenalty, FisherPenaltyParams, sampled_label_penalty
 from trainer.methods.lff import LfF, LfFParams, gce
 from trainer.methods.sam import SAM, SAMParams, perturbation
-from trainer.metrics import group_metrics
 
 NO_AUTOCAST = contextlib.nullcontext
 
@@ -41,8 +40,7 @@ def _data(n=16, d=5, classes=3, seed=0):
 
 
 def _method(cls, params, n=16, classes=3):
-    return cls(params, n_train=n, n_groups=4, train_groups=torch.arange(n) % 4,
-               train_labels=torch.arange(n) % classes, conflicting=torch.arange(n) % 4 == 3)
+    return cls(params, TrainSplit.view(cls, torch.arange(n) % classes, torch.arange(n) % 4, classes, 4))
 
 
 def _flat(model):
@@ -52,7 +50,7 @@ def _flat(model):
 # ---------------------------------------------------------------- SAM
 
 
-def test_sam_perturbation_has_norm_rho_and_asam_weighted_norm_rho():
+def test_sam_perturbation_has_norm_radius_and_asam_weighted_norm_radius():
     torch.manual_seed(0)
     net = TwoLayer().double()
     x, y, _ = _data()
@@ -60,7 +58,7 @@ def test_sam_perturbation_has_norm_rho_and_asam_weighted_norm_rho():
     params = list(net.parameters())
     eps = perturbation(params, 0.05, adaptive=False)
     assert float(torch.sqrt(sum(e.pow(2).sum() for e in eps))) == pytest.approx(0.05, rel=1e-9)
-    eps = perturbation(params, 0.5, adaptive=True)  # ASAM: ||T_w^-1 eps|| = rho with T_w = |w|
+    eps = perturbation(params, 0.5, adaptive=True)  # ASAM: ||T_w^-1 eps|| = radius with T_w = |w|
     nonzero = [p != 0 for p in params]  # a weight at 0 (BatchNorm's bias at init) is not perturbed
     assert all(torch.all(e[~nz] == 0) for e, nz in zip(eps, nonzero))
     weighted = sum((e[nz] / p[nz].abs()).pow(2).sum() for e, p, nz in zip(eps, params, nonzero))
@@ -79,14 +77,14 @@ class Recording(torch.optim.SGD):
         return super().step(closure)
 
 
-def _hand_sam_step(net, opt, x, y, rho):
-    """The two-pass step written out: grad at w, eps = rho g / ||g||, grad at w + eps with BatchNorm's running
+def _hand_sam_step(net, opt, x, y, radius):
+    """The two-pass step written out: grad at w, eps = radius g / ||g||, grad at w + eps with BatchNorm's running
     statistics left as the first pass set them (momentum 0 in the second pass), back to w, base step."""
     opt.zero_grad()
     F.cross_entropy(net(x), y).backward()
     params = list(net.parameters())
     g = torch.cat([p.grad.flatten() for p in params])
-    scale = rho / (g.norm() + 1e-12)
+    scale = radius / (g.norm() + 1e-12)
     eps = [p.grad * scale for p in params]
     with torch.no_grad():
         for p, e in zip(params, eps):
@@ -105,14 +103,14 @@ def test_sam_step_is_the_base_optimiser_at_w_with_the_gradient_at_w_plus_eps():
     torch.manual_seed(0)
     net = TwoLayer().double()
     hand, once = copy.deepcopy(net), copy.deepcopy(net)
-    sam = _method(SAM, SAMParams(rho=0.1))
+    sam = _method(SAM, SAMParams(radius=0.1))
     opt = Recording(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     opt_hand = torch.optim.SGD(hand.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     for step in range(3):  # several steps: momentum and weight decay act as the base optimiser's
         x, y, idx = _data(seed=step)
         w = [p.detach().clone() for p in net.parameters()]
         before = [b.clone() for b in net.buffers()]
-        logs = sam.training_step(net, opt, x, y, None, idx, 1, NO_AUTOCAST)
+        logs = sam.training_step(net, opt, Batch(x, y, idx), NO_AUTOCAST)
         # the base optimiser stepped from w (the perturbation was undone) ...
         assert all(torch.equal(seen, p) for (seen, _), p in zip(opt.seen, w))
         # ... with the gradient at w + eps: equal to the hand-written two-pass step
@@ -158,7 +156,7 @@ def test_fisher_penalty_every_k_steps():
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     for step in range(7):
         x, y, idx = _data(seed=step)
-        m.training_step(net, opt, x, y, None, idx, 1, NO_AUTOCAST)
+        m.training_step(net, opt, Batch(x, y, idx), NO_AUTOCAST)
     assert int(m.penalised) == 3  # steps 0, 3, 6
     with pytest.raises(ValueError, match="every_k"):
         _method(FisherPenalty, FisherPenaltyParams(every_k=0))
@@ -182,7 +180,7 @@ def test_egr_step_descends_loss_plus_mu_grad_norm_squared_by_finite_differences(
     fd = torch.tensor([(objective(theta + h * e) - objective(theta - h * e)) / (2 * h)
                        for e in torch.eye(len(theta), dtype=torch.double)], dtype=torch.double)
     m = _method(EGR, EGRParams(mu=mu))
-    m.training_step(net, torch.optim.SGD(net.parameters(), lr=1.0), x, y, None, idx, 1, NO_AUTOCAST)
+    m.training_step(net, torch.optim.SGD(net.parameters(), lr=1.0), Batch(x, y, idx), NO_AUTOCAST)
     step = theta - _flat(net)  # plain SGD with lr 1: the step is the objective's gradient
     assert torch.allclose(step, fd, atol=1e-6, rtol=1e-5)
     probe = copy.deepcopy(net)
@@ -211,7 +209,7 @@ def test_lff_weights_lie_in_zero_one_and_follow_relative_difficulty():
     for epoch in range(3):  # three epochs of two batches of 8
         perm = torch.randperm(16, generator=torch.Generator().manual_seed(epoch))
         for batch in (perm[:8], perm[8:]):
-            m.training_step(net, opt, x[batch], y[batch], None, batch, 1, NO_AUTOCAST)
+            m.training_step(net, opt, Batch(x[batch], y[batch], batch), NO_AUTOCAST)
     w = m.relative_difficulty(idx)
     seen = m.seen > 0
     assert seen.all() and torch.all((w >= 0) & (w <= 1))
@@ -233,7 +231,7 @@ def test_lff_biased_model_learns_only_through_gce():
     biased0 = copy.deepcopy(m.biased)
     x, _, idx = _data()
     y = m.train_labels.clone()
-    m.training_step(net, torch.optim.SGD(net.parameters(), lr=0.1), x, y, None, idx, 1, NO_AUTOCAST)
+    m.training_step(net, torch.optim.SGD(net.parameters(), lr=0.1), Batch(x, y, idx), NO_AUTOCAST)
     # the same step by hand: GCE alone on a copy of the biased model, the same optimiser settings
     opt = torch.optim.SGD(biased0.parameters(), lr=0.1, momentum=0.9)
     gce(biased0(x), y, 0.5).mean().backward()
@@ -264,10 +262,11 @@ def test_lff_biased_model_learns_the_shortcut_on_cmnist():
 
 class Probe(Method):
     """A plain-CE method that exercises every hook and records what the loop did."""
-    label = "probe"
+    card = Card("probe", "test", "none")
+    group_labels = "val"  # after_fit reads the val split's groups
 
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
+    def __init__(self, params, train, **kw):
+        super().__init__(params, train, **kw)
         self.seen_idx, self.opt_ids, self.stage_start, self.epoch = {}, {}, None, 0
 
     def setup(self, ctx):
@@ -286,34 +285,36 @@ class Probe(Method):
     def new_stage(self, epoch):
         return epoch == 2
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
+    def training_step(self, model, optimizer, batch, autocast):
         if self.epoch == 2 and self.stage_start is None:
             self.stage_start = (_flat(model).clone(), len(optimizer.state))
-        self.seen_idx.setdefault(self.epoch, set()).update(idx.tolist())
+        self.seen_idx.setdefault(self.epoch, set()).update(batch.idx.tolist())
         self.opt_ids.setdefault(self.epoch, id(optimizer))
-        return super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
+        assert batch.g is None  # group_labels "val": no training group ids
+        return super().training_step(model, optimizer, batch, autocast)
 
-    def loss(self, logits, h, y, g, idx):
-        nll = F.cross_entropy(logits, y)
+    def loss(self, logits, h, batch):
+        nll = F.cross_entropy(logits, batch.y)
         return nll, {"nll": nll}
 
     def after_fit(self, model, val_batches):
         with torch.no_grad():  # predict class 0 everywhere: a visible change to the model
             model.head.weight.zero_()
             model.head.bias.copy_(torch.tensor([1.0, 0.0]))
-        correct, groups = [], []
-        for logits, _, y, a in val_batches():
+        correct, groups, labels = [], [], []
+        for logits, _, y, g in val_batches():
             correct.append(logits.argmax(1) == y)
-            groups.append(y * 2 + a)
-        return group_metrics(torch.cat(correct), torch.cat(groups), 4, torch.ones(4))
+            groups.append(g)
+            labels.append(y)
+        return HeldOut(torch.cat(correct), torch.cat(groups), torch.cat(labels))
 
 
 def test_hooks_setup_weights_stages_and_after_fit_through_the_loop(monkeypatch):
     seen = {}
 
     class Kept(Probe):
-        def __init__(self, params, **kw):
-            super().__init__(params, **kw)
+        def __init__(self, params, train, **kw):
+            super().__init__(params, train, **kw)
             seen["probe"] = self
 
     monkeypatch.setitem(METHODS, "probe", Kept)

@@ -8,10 +8,10 @@ from torch import nn
 from trainer import NonFiniteLossError, TrainConfig, fit
 from trainer.data import TensorGroupDataset, load_splits
 from trainer.fisher import last_layer_trace, logit_trace
-from trainer.methods import METHODS
+from trainer.methods import METHODS, Batch, TrainSplit
 from trainer.methods.fim import FIMParams, FisherConstrained
 from trainer.methods.groupdro import GroupDRO, GroupDROParams
-from trainer.metrics import bias_conflicting, get_selection, group_metrics
+from trainer.metrics import bias_conflicting, by_group, get_selection, group_metrics
 
 SHORT = {"jtt": {"stage1_epochs": 1},  # leave a stage-2 epoch in these short runs
          "latent_aug": {"gen_epochs": 3, "n_pairs": 200}}  # a short generator stage: test_latent_aug.py checks it
@@ -32,7 +32,7 @@ def _check_result(r, method, epochs):
         assert 0 <= m["wga"] <= m["avg_plain"] + 1e-9 <= 1 + 1e-9
         assert m["wga"] == min(g["acc"] for g in m["groups"])
         n = 128 if r.dataset == "synthetic" else 1000
-        held_out = split == "val" and METHODS[method].val_note  # DFR: the val half its head never saw
+        held_out = split == "val" and METHODS[method].card.val_note  # DFR: the val half its head never saw
         assert sum(g["count"] for g in m["groups"]) == (n // 2 if held_out else n)
     assert r.objective == r.val[get_selection(r.selection).key]  # what a study maximises
     assert len(r.history) == r.epochs_run and all(math.isfinite(h["train_loss"]) for h in r.history)
@@ -105,12 +105,12 @@ def test_last_layer_trace_matches_autograd():
 
 def test_groupdro_weights_stay_on_simplex_and_move_to_worst_group():
     groups = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    m = GroupDRO(GroupDROParams(eta_q=0.5), n_train=8, n_groups=4, train_groups=groups)
+    m = GroupDRO(GroupDROParams(eta_q=0.5), TrainSplit(groups // 2, 2, 4, groups))
     y = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     logits = torch.zeros(8, 2)
     logits[:, 0] = torch.tensor([3.0, 3.0, 3.0, 3.0, 3.0, 3.0, -3.0, -3.0])  # group 2 is wrong, group 3 right
     for _ in range(20):
-        m.loss(logits, None, y, groups, torch.arange(8))
+        m.loss(logits, None, Batch(logits, y, torch.arange(8), groups))
         assert torch.all(m.q >= 0) and abs(float(m.q.sum()) - 1) < 1e-6
     assert int(m.q.argmax()) == 2 and float(m.q[2]) > 0.9
     w = m.sampling_weights()
@@ -118,9 +118,13 @@ def test_groupdro_weights_stay_on_simplex_and_move_to_worst_group():
 
 
 def _fim(**kw):
-    n, conflicting = kw.pop("n", 4), kw.pop("conflicting", None)
-    return FisherConstrained(FIMParams(**kw), n_train=n, n_groups=4, train_groups=torch.arange(n) % 4,
-                             conflicting=conflicting)
+    n = kw.pop("n", 4)
+    return FisherConstrained(FIMParams(**kw), TrainSplit(torch.zeros(n, dtype=torch.long), 2, 4))
+
+
+def _constrain(m, logits, y, idx):
+    """A constrained step's penalty term on the batch (the multipliers move)."""
+    return m.penalty(None, logits, None, Batch(logits, y, idx), None)
 
 
 def _binary_logits(margins):
@@ -138,7 +142,7 @@ def test_fim_multipliers_move_up_and_down_and_only_active_ones():
     active = trace.topk(4).indices  # samples 4..7
     assert float(m.eps) == pytest.approx(float(trace[active].median() + trace[active].sort().values[2]) / 2)
     m.lam.fill_(1.0)
-    m.loss(logits, None, y, None, torch.arange(8))
+    _constrain(m, logits, y, torch.arange(8))
     moved = m.lam - 1.0
     assert torch.all(moved[:4] == 0)                              # inactive: untouched
     assert torch.all(moved[[4, 5]] < 0) and torch.all(moved[[6, 7]] > 0)  # feasible down, violated up
@@ -148,19 +152,21 @@ def test_fim_multipliers_move_up_and_down_and_only_active_ones():
 def test_fim_saturation_diagnostics_on_a_hand_made_batch():
     # traces 2 (1 - sigmoid(a))^2 for margins 10, 2, 0, -5: about 0, 0.0284, 0.5, 1.973; rho = 1, so eps is the
     # median (0.0284 + 0.5) / 2 = 0.264. Slack (T - eps) / eps, capped at 1: -1, -0.8924, +0.8924, +1.
-    m = _fim(rho=1.0, eps_quantile=0.5, dual_lr=1.0, lambda_max=1.0, warmup_epochs=1,
-             conflicting=torch.tensor([False, False, True, False]))
+    m = _fim(rho=1.0, eps_quantile=0.5, dual_lr=1.0, lambda_max=1.0, warmup_epochs=1)
     logits, y = _binary_logits([10.0, 2.0, 0.0, -5.0])
     m.start_epoch(1, None, lambda: iter([(logits, None, y, torch.arange(len(y)))]))
     assert float(m.eps) == pytest.approx(0.2642, abs=1e-3)
     m.lam.copy_(torch.tensor([0.0, 0.95, 0.5, 0.0]))
-    m.loss(logits, None, y, None, torch.arange(4))
+    _constrain(m, logits, y, torch.arange(4))
     # 0 - 1 -> 0 (at zero); 0.95 - 0.8924 = 0.0576 (free); 0.5 + 0.89 -> 1 (cap); 0 + 1 = 1 (cap)
     assert m.lam.tolist() == pytest.approx([0.0, 0.0576, 1.0, 1.0], abs=1e-4)
     stats = m.epoch_stats()
     assert stats["at_cap_frac"] == 0.5 and stats["at_zero_frac"] == 0.25 and stats["violated_frac"] == 0.5
-    # sample 2 is the one bias-conflicting sample (1/4 of the set) and holds 1 / 2.0576 of the mass
-    assert stats["lambda_enrichment"] == pytest.approx((1 / 2.0576) / 0.25, rel=1e-3)
+    # sample 2 is the one bias-conflicting sample (1/4 of the set) and holds 1 / 2.0576 of the mass: the loop's
+    # summary by group (the method never sees which sample conflicts)
+    summary = by_group(m.per_sample(), torch.arange(4), torch.tensor([False, False, True, False]), 4)
+    assert summary["lambda_enrichment"] == pytest.approx((1 / 2.0576) / 0.25, rel=1e-3)
+    assert summary["lambda_share"] == pytest.approx([0.0, 0.0576 / 2.0576, 1 / 2.0576, 1 / 2.0576], abs=1e-4)
     m.start_epoch(2, None, None)  # a new epoch: the counters restart, eps stays
     assert m.n_active == 0 and float(m.eps) == pytest.approx(0.2642, abs=1e-3)
 
@@ -169,14 +175,14 @@ def test_fim_fixed_penalty_ablation_puts_lambda_max_on_the_active_set():
     m = _fim(n=8, rho=0.25, fixed_penalty=True, lambda_max=3.0, warmup_epochs=1)
     logits, y = _binary_logits([8.0, 6.0, 4.0, 2.0, 1.0, 0.0, -1.0, -3.0])
     m.start_epoch(1, None, lambda: iter([(logits, None, y, torch.arange(len(y)))]))
-    m.loss(logits, None, y, None, torch.arange(8))
+    _constrain(m, logits, y, torch.arange(8))
     assert m.lam.tolist() == [0.0] * 6 + [3.0, 3.0] and m.epoch_stats()["at_cap_frac"] == 1.0
 
 
 def test_fim_refuses_to_calibrate_an_untrained_model():
-    with pytest.raises(ValueError, match="warmup_epochs must be >= 1"):
+    with pytest.raises(ValueError, match="warmup_epochs must be an integer >= 1"):
         _fim(warmup_epochs=0)
-    with pytest.raises(ValueError, match="warmup_epochs must be >= 1"):
+    with pytest.raises(ValueError, match="warmup_epochs must be an integer >= 1"):
         fit(TrainConfig(dataset="synthetic", method="fim", epochs=2, method_params={"warmup_epochs": 0}), log=None)
     assert FisherConstrained.space_for(20)["warmup_epochs"].low == 1
 
@@ -231,10 +237,10 @@ def test_bias_conflicting_groups():
 
 
 def test_fim_rejects_bad_params():
-    with pytest.raises(ValueError, match="rho must be in"):
-        FisherConstrained(FIMParams(rho=1.5), n_train=4, n_groups=4, train_groups=torch.arange(4))
-    with pytest.raises(ValueError, match="scope must be one of"):
-        FisherConstrained(FIMParams(scope="hessian"), n_train=4, n_groups=4, train_groups=torch.arange(4))
+    with pytest.raises(ValueError, match=r"rho must be a finite number in \(0.0, 1.0\], got 1.5"):
+        _fim(rho=1.5)
+    with pytest.raises(ValueError, match="unknown scope 'hessian'"):
+        _fim(scope="hessian")
 
 
 def test_group_metrics_skip_empty_groups_and_weight_by_train():

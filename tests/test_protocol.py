@@ -137,7 +137,7 @@ def test_the_readme_methods_table_is_the_registry():
     from trainer.methods import METHODS, methods_table
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert methods_table() in readme  # regenerate it with trainer.methods.methods_table() when a method changes
-    assert all(c.family and c.cites for c in METHODS.values())  # every method says what it is and where from
+    assert all(c.card.family and c.card.cites for c in METHODS.values())  # every method says what it is and where from
 
 
 def test_method_names_live_with_the_methods():
@@ -148,10 +148,11 @@ def test_method_names_live_with_the_methods():
     source = "".join(p.read_text() for p in [*(root / "study").glob("*.py"), root / "trainer" / "loop.py"])
     for name in METHODS:  # no special case for any method outside trainer/methods/
         assert f'"{name}"' not in source, name
-    assert [c.label for c in sorted(METHODS.values(), key=lambda c: c.order)][:3] == ["ERM", "DRO", "Ours"]
-    assert [n for n, c in METHODS.items() if c.proposed] == ["fim"]
-    assert [n for n, c in METHODS.items() if c.control] == ["erm"]
-    assert [n for n, c in METHODS.items() if c.reference] == ["erm", "groupdro"]
+    cards = {n: c.card for n, c in METHODS.items()}
+    assert [c.label for c in sorted(cards.values(), key=lambda c: c.order)][:3] == ["ERM", "DRO", "Ours"]
+    assert [n for n, c in cards.items() if c.proposed] == ["fim"]
+    assert [n for n, c in cards.items() if c.control] == ["erm"]
+    assert [n for n, c in cards.items() if c.reference] == ["erm", "groupdro"]
 
 
 def test_a_running_trial_that_never_had_a_heartbeat_is_failed_and_retried(pg_url):

@@ -16,10 +16,10 @@ class Recorder(ERM):
     """ERM that keeps every training batch as the step saw it, with the BatchNorm layers' modes."""
     seen: list = []
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
+    def training_step(self, model, optimizer, batch, autocast):
         bn = [m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        Recorder.seen.append((x.clone(), idx.clone(), bn))
-        return super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
+        Recorder.seen.append((batch.x.clone(), batch.idx.clone(), bn))
+        return super().training_step(model, optimizer, batch, autocast)
 
 
 @pytest.fixture
@@ -114,9 +114,9 @@ def test_recipe_settings_reach_the_recorded_command():
 
 def test_deterministic_mode_is_on_during_the_run_only(recorder, monkeypatch):
     modes = []
-    monkeypatch.setattr(Recorder, "loss", lambda self, logits, h, y, g, idx: (
+    monkeypatch.setattr(Recorder, "loss", lambda self, logits, h, batch: (
         modes.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-                      torch.backends.cudnn.benchmark)) or ERM.loss(self, logits, h, y, g, idx)))
+                      torch.backends.cudnn.benchmark)) or ERM.loss(self, logits, h, batch)))
     runs = [fit(TrainConfig(dataset="synthetic", method="recorder", epochs=2, deterministic=True), log=None)
             for _ in range(2)]
     assert modes and set(modes) == {(True, True, False)}

@@ -36,8 +36,8 @@ def test_both_command_lines_are_generated_from_the_declarations(monkeypatch):
     ({"train_agreement": 1.5}, "train_agreement must be a finite number from 0.0 to 1.0, got 1.5"),
     ({"selection": "val_best"}, "unknown selection 'val_best' (choose from val_wga, val_worst_class, val_avg)"),
     ({"run": {"deterministic": "yes"}}, "deterministic must be true or false, got 'yes'"),
-    ({"params": {"fim": {"lambda_max": "big"}}}, "fim.lambda_max must be a finite number <= 1000000.0, got 'big'"),
-    ({"params": {"fim": {"lambda_max": -1.0}}}, "lambda_max must be > 0, got -1.0"),
+    ({"params": {"fim": {"lambda_max": "big"}}}, "fim.lambda_max must be a finite number in (0.0, 1000000.0], got 'big'"),
+    ({"params": {"fim": {"lambda_max": -1.0}}}, "fim.lambda_max must be a finite number in (0.0, 1000000.0], got -1.0"),
     ({"params": {"erm": {"rho": 0.2}}}, "unknown parameter(s) rho for method 'erm'"),
     ({"params": {"groupdro": {"eta_q": 0.1}}}, "params for groupdro: not a method of this experiment"),
     ({"device": "cuda"}, "unknown setting(s) device"),  # the worker's, not the experiment's

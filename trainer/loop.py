@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .config import COMPILE_MIN_STEPS, TrainConfig
 from .data import Splits, TensorGroupDataset, make_loader
-from .methods import RunContext, get_method
-from .metrics import bias_conflicting, get_selection, group_metrics, selection_key
+from .methods import Batch, Method, RunContext, TrainSplit, get_method
+from .metrics import bias_conflicting, by_group, get_selection, group_metrics, selection_key
 from .models import buffers_kept, build_model
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
@@ -161,6 +161,28 @@ def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, chan
                          n_attr=n_attr)
 
 
+def train_one_epoch(method: Method, net: nn.Module, optimizer: torch.optim.Optimizer, loader, device, n_attr: int,
+                    autocast, augment, channels_last: bool, progress: str | None = None) -> dict[str, float]:
+    """One pass over the training loader, a training step per batch; returns the epoch's mean of every step log
+    (train_loss, train_nll, ...). Group ids go into the batch only for a method that trains on them."""
+    net.train()
+    with_groups = method.group_labels == "train"
+    sums: dict[str, torch.Tensor] = {}
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    n_steps = 0
+    for x, y, a, idx in tqdm(loader, desc=progress, leave=False, disable=progress is None):
+        x, y, a, idx = _batch(device, x, y, a, idx, transform=augment, channels_last=channels_last)
+        logs = method.training_step(net, optimizer, Batch(x, y, idx, y * n_attr + a if with_groups else None),
+                                    autocast)
+        finite &= torch.isfinite(logs["loss"])  # checked once per epoch: no per-step host sync
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n_steps += 1
+    if not bool(finite):
+        raise NonFiniteLossError("training loss became non-finite")
+    return {f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()}
+
+
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
         progress: bool = False, log: Callable[[str], None] | None = print) -> FitResult:
     """Train one model with one method; return its result."""
@@ -197,9 +219,10 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> FitResult:
     model = new_model()
     method_cls = get_method(cfg.method)
     params = method_cls.Params(**cfg.method_params)
-    method = method_cls(params, n_train=len(train), n_groups=splits.n_groups, train_groups=train.g,
-                        grad_clip=grad_clip, conflicting=bias_conflicting(train.y, train.a),
-                        train_labels=train.y).to(device)
+    method = method_cls(params, TrainSplit.view(method_cls, train.y, train.g, splits.n_classes, splits.n_groups),
+                        grad_clip=grad_clip).to(device)
+    # the loop's own view, for the method's per-sample diagnostics by group (metrics.by_group)
+    train_groups, conflicting = train.g.to(device), bias_conflicting(train.y, train.a).to(device)
     method.setup(RunContext(new_model, new_optimizer, device, autocast))
     first_own = method_cls.first_own_epoch(params)  # earlier epochs (a warm-up, a first stage) are never selected
     optimizer = new_optimizer(model.parameters())
@@ -247,25 +270,18 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> FitResult:
         now = method.sampling_weights()  # re-read every epoch; the loader is rebuilt only when they change
         if not (now is weights or (now is not None and weights is not None and torch.equal(now, weights))):
             weights, train_loader = now, epoch_loader(now)
-        net.train()
-        sums: dict[str, torch.Tensor] = {}
-        finite = torch.ones((), dtype=torch.bool, device=device)
-        n_steps = 0
-        for x, y, a, idx in tqdm(train_loader, desc=f"epoch {epoch}", leave=False, disable=not progress):
-            x, y, a, idx = _batch(device, x, y, a, idx, transform=augment, channels_last=cuda)
-            logs = method.training_step(net, optimizer, x, y, a, idx, n_attr, autocast)
-            finite &= torch.isfinite(logs["loss"])  # checked once per epoch: no per-step host sync
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n_steps += 1
-        if not bool(finite):
-            raise NonFiniteLossError(f"training loss became non-finite in epoch {epoch} "
-                                     f"(method {cfg.method}, lr {cfg.lr}, {cfg.method_params})")
+        try:
+            train_logs = train_one_epoch(method, net, optimizer, train_loader, device, n_attr, autocast, augment,
+                                         cuda, f"epoch {epoch}" if progress else None)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"{e} in epoch {epoch} (method {cfg.method}, lr {cfg.lr}, "
+                                     f"{cfg.method_params})") from None
         val = evaluate_split(splits.val)
-        record = {"epoch": epoch, **{f"train_{k}": float(v) / max(n_steps, 1) for k, v in sums.items()},
+        record = {"epoch": epoch, **train_logs,
                   "val_wga": val["wga"], "val_worst_class": val["worst_class"], "val_avg_plain": val["avg_plain"],
                   "val_avg_train_weighted": val["avg_train_weighted"], "own": epoch >= first_own,
                   "val_selection": val[selection.key], **method.epoch_stats(),
+                  **by_group(method.per_sample(), train_groups, conflicting, splits.n_groups),
                   "seconds": round(time.time() - t_epoch, 3)}
         history.append(record)
         improved = epoch >= first_own and (best is None or selection_key(val, cfg.selection) >
@@ -288,10 +304,12 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> FitResult:
     model.load_state_dict(best_state)
     val_loader = make_loader(_place(splits.val, device), batch_size * 2, shuffle=False, **loader_kw)
     val_transform = functools.partial(splits.val.batch_transform, train=False)
-    refit = method.after_fit(net, lambda: ((lo, h, y, a) for lo, h, y, a, _ in
+    val_groups = method_cls.group_labels in ("val", "train")  # what the method may read of the val split
+    refit = method.after_fit(net, lambda: ((lo, h, y, y * n_attr + a if val_groups else None) for lo, h, y, a, _ in
                                            predict(net, val_loader, device, autocast, cuda, val_transform)))
-    if refit is not None:  # the method changed the model: its own val metrics, on data it was not fit on
-        best = (best[0], refit)
+    if refit is not None:  # the method changed the model: its val metrics, on val samples it was not fit on
+        best = (best[0], group_metrics(refit.correct, refit.groups, splits.n_groups, train_counts, y=refit.labels,
+                                       n_attr=n_attr))
     test = evaluate_split(splits.test)
     return FitResult(
         method=cfg.method, dataset=cfg.dataset, seed=cfg.seed, hparams=cfg.to_dict(),

@@ -49,6 +49,45 @@ def bias_conflicting(y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
+class PerSample:
+    """A method's per-training-sample diagnostic. kind "weight" (non-negative mass: multipliers, sampling or loss
+    weights, error indicators): logged as `<name>_share` (its share per group) and `<name>_enrichment` (the share on
+    bias-conflicting samples over their share of the training set: 1 = no preference, > 1 = the mass goes to the
+    minority groups). kind "rate" (a per-sample mean, NaN where undefined): logged as `<name>_aligned` and
+    `<name>_conflicting`, its mean over bias-aligned and over bias-conflicting samples."""
+    values: torch.Tensor
+    kind: str = "weight"
+
+
+def enrichment(weights: torch.Tensor, conflicting: torch.Tensor) -> float | None:
+    """Share of `weights` on the `conflicting` samples over their share of the samples; None when undefined."""
+    if not conflicting.any() or conflicting.all():
+        return None
+    total = float(weights.sum())
+    if total <= 0:
+        return None
+    return round(float(weights[conflicting].sum()) / total / float(conflicting.float().mean()), 4)
+
+
+def by_group(stats: dict[str, PerSample], groups: torch.Tensor, conflicting: torch.Tensor,
+             n_groups: int) -> dict[str, float | list | None]:
+    """The loop's summary of a method's per-sample diagnostics (PerSample) by the training split's groups."""
+    out: dict[str, float | list | None] = {}
+    for name, s in stats.items():
+        v = s.values.detach().float()
+        if s.kind == "rate":
+            for side, mask in (("aligned", ~conflicting), ("conflicting", conflicting)):
+                seen = mask & ~v.isnan()
+                out[f"{name}_{side}"] = round(float(v[seen].mean()), 4) if seen.any() else None
+            continue
+        share = torch.zeros(n_groups, device=v.device).scatter_add(0, groups, v)
+        total = float(v.sum())
+        out[f"{name}_share"] = [round(x, 4) for x in (share / total if total > 0 else share).tolist()]
+        out[f"{name}_enrichment"] = enrichment(v, conflicting)
+    return out
+
+
+@dataclass(frozen=True)
 class Selection:
     """A model-selection metric: early stopping, best epoch, pruning, the search objective and the seed phase."""
     key: str                  # key in a split's metrics dict

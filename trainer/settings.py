@@ -12,9 +12,32 @@ _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def param(default, help: str, **kw):
-    """A setting with its default and help text; optional metadata: choices, low (inclusive lower bound), high, and
-    scope="trial" for the trainer settings that a study sets per trial or per worker (never fixed by an experiment)."""
+    """A setting with its default and help text; optional metadata: choices, low / high (inclusive bounds), gt / lt
+    (exclusive bounds), validate (a function that raises ValueError for a bad value of a well-typed setting, e.g. a
+    list written as text), and scope="trial" for the trainer settings that a study sets per trial or per worker
+    (never fixed by an experiment)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+def bounds(f: Field) -> str:
+    """The field's domain in words: " from 0 to 1", " in (0, 1]", " > 0", "" (unbounded)."""
+    m = f.metadata
+    lo = ("[", m["low"]) if m.get("low") is not None else ("(", m["gt"]) if m.get("gt") is not None else None
+    hi = ("]", m["high"]) if m.get("high") is not None else (")", m["lt"]) if m.get("lt") is not None else None
+    if lo and hi:
+        return f" from {lo[1]} to {hi[1]}" if (lo[0], hi[0]) == ("[", "]") else f" in {lo[0]}{lo[1]}, {hi[1]}{hi[0]}"
+    if lo:
+        return f" {'>=' if lo[0] == '[' else '>'} {lo[1]}"
+    if hi:
+        return f" {'<=' if hi[0] == ']' else '<'} {hi[1]}"
+    return ""
+
+
+def within(f: Field, value) -> bool:
+    """Whether a number lies in the field's declared bounds."""
+    m = f.metadata
+    return not ((m.get("low") is not None and value < m["low"]) or (m.get("high") is not None and value > m["high"])
+                or (m.get("gt") is not None and value <= m["gt"]) or (m.get("lt") is not None and value >= m["lt"]))
 
 
 def flag(name: str) -> str:
@@ -47,17 +70,18 @@ def check(f: Field, value: Any, where: str = "") -> Any:
     if typ is float and ok and not math.isfinite(value):
         ok = False
     what = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[typ]
-    low, high, choices = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("choices")
-    if ok and low is not None and value < low:
-        ok = False
-    if ok and high is not None and value > high:
+    choices = f.metadata.get("choices")
+    if ok and typ in (int, float) and not within(f, value):
         ok = False
     if ok and choices is not None and value not in choices:
         raise ValueError(f"unknown {name} {value!r} (choose from {', '.join(map(str, choices))})")
     if not ok:
-        bounds = (f" from {low} to {high}" if low is not None and high is not None else
-                  f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
-        raise ValueError(f"{name} must be {what}{bounds}{' or unset' if optional else ''}, got {value!r}")
+        raise ValueError(f"{name} must be {what}{bounds(f)}{' or unset' if optional else ''}, got {value!r}")
+    if "validate" in f.metadata:
+        try:
+            f.metadata["validate"](value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     return value
 
 

@@ -1,5 +1,5 @@
 """The one method registry: the study layer and the CLI look methods up here by name."""
-from .base import Method, RunContext
+from .base import Batch, Card, HeldOut, Method, RunContext, TrainSplit
 from .dfr import DFR
 from .egr import EGR
 from .erm import ERM
@@ -42,8 +42,8 @@ def methods_table() -> str:
     rows = ["| name | label | family | trains on group labels | reference | searched |", "|:--|:--|:--|:--|:--|:--|"]
     for name, cls in METHODS.items():
         space = ", ".join(_spec(k, v) for k, v in cls.SPACE.items()) or "—"
-        rows.append(f"| `{name}` | {cls.label or name} | {cls.family} | {LABELS_USED[cls.group_labels]} | "
-                    f"{cls.cites} | {space} |")
+        rows.append(f"| `{name}` | {cls.card.label} | {cls.card.family} | {LABELS_USED[cls.group_labels]} | "
+                    f"{cls.card.cites} | {space} |")
     return "\n".join(rows) + "\n"
 
 
@@ -53,4 +53,5 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-__all__ = ["COMPARISON", "LABELS_USED", "METHODS", "Method", "RunContext", "get_method", "methods_table"]
+__all__ = ["COMPARISON", "LABELS_USED", "METHODS", "Batch", "Card", "HeldOut", "Method", "RunContext", "TrainSplit",
+           "get_method", "methods_table"]

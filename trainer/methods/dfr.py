@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..metrics import group_metrics
-from .base import Method, param
+from .base import Card, HeldOut, Method, param
+
 
 @dataclass
 class DFRParams:
     c_grid: str = param("1,0.7,0.3,0.1,0.07,0.03,0.01", "comma-separated inverse L1 strengths C tried on the "
-                        "held-out half (the reference script's Waterbirds grid)")
-    refits: int = param(20, "group-balanced refits on the whole validation set, averaged")
+                        "held-out half (the reference script's Waterbirds grid)", validate=lambda t: parse_grid(t))
+    refits: int = param(20, "group-balanced refits on the whole validation set, averaged", low=1)
 
 
 def parse_grid(text: str) -> tuple[float, ...]:
@@ -35,7 +35,7 @@ def parse_grid(text: str) -> tuple[float, ...]:
     except ValueError:
         grid = ()
     if not grid or not all(c > 0 for c in grid):
-        raise ValueError(f"c_grid must be comma-separated numbers > 0, got {text!r}")
+        raise ValueError(f"must be comma-separated numbers > 0, got {text!r}")
     return grid
 
 
@@ -72,16 +72,13 @@ def tune(h: np.ndarray, y: np.ndarray, g: np.ndarray, a_half: np.ndarray, b_half
 class DFR(Method):
     Params = DFRParams
     group_labels = "val"
-    label, order = "DFR", 50
-    family, cites = "last-layer retraining", "Kirichenko et al., ICLR 2023"
-    val_note = ("DFR: its val is the worst-group accuracy on a held-out half of val of the head fit on the other "
-                "half; the tested head is re-fit on all of val.")
+    card = Card("DFR", "last-layer retraining", "Kirichenko et al., ICLR 2023", order=50,
+                val_note="DFR: its val is the worst-group accuracy on a held-out half of val of the head fit on the "
+                         "other half; the tested head is re-fit on all of val.")
 
-    def __init__(self, params: DFRParams, **kw):
-        super().__init__(params, **kw)
+    def __init__(self, params: DFRParams, train, **kw):
+        super().__init__(params, train, **kw)
         self.c_grid = parse_grid(params.c_grid)
-        if not (isinstance(params.refits, int) and params.refits >= 1):
-            raise ValueError(f"refits must be an integer >= 1, got {params.refits!r}")
         self.chosen_c = None
 
     @torch.no_grad()
@@ -89,9 +86,8 @@ class DFR(Method):
         batches = list(val_batches())
         h = torch.cat([b[1] for b in batches]).double().cpu().numpy()
         y = torch.cat([b[2] for b in batches]).cpu().numpy()
-        a = torch.cat([b[3] for b in batches]).cpu().numpy()
+        g = torch.cat([b[3] for b in batches]).cpu().numpy()  # group_labels = "val": the val split's groups
         n_classes = batches[0][0].shape[1]
-        g = y * (self.n_groups // n_classes) + a
         seed = int(torch.randint(2**31, ()))  # from the training seed (the loop seeds the global generator)
         order = np.random.default_rng(seed).permutation(len(y))
         a_half, b_half = order[len(y) // 2:], order[:len(y) // 2]
@@ -113,7 +109,5 @@ class DFR(Method):
         head = model.head
         head.weight.copy_(torch.as_tensor(w, dtype=head.weight.dtype))
         head.bias.copy_(torch.as_tensor(b, dtype=head.bias.dtype))
-        train_counts = torch.bincount(self.train_groups, minlength=self.n_groups)
-        return group_metrics(torch.as_tensor(pred_b == y[b_half]), torch.as_tensor(g[b_half]), self.n_groups,
-                             train_counts.cpu(), y=torch.as_tensor(y[b_half]))
+        return HeldOut(torch.as_tensor(pred_b == y[b_half]), torch.as_tensor(g[b_half]), torch.as_tensor(y[b_half]))
 

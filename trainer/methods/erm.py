@@ -1,7 +1,6 @@
 """Empirical risk minimisation: mean cross-entropy (the base class's loss)."""
-from .base import Method
+from .base import Card, Method
 
 
 class ERM(Method):
-    label, order, control, reference = "ERM", 0, True, True
-    family, cites = "baseline", "Vapnik, 1992"
+    card = Card("ERM", "baseline", "Vapnik, 1992", order=0, control=True, reference=True)

@@ -5,7 +5,8 @@
 solved through L = mean_i l_i + mean_{i in K} lambda_i (T_i - eps), one multiplier lambda_i >= 0 per training
 sample (indexed by dataset index), primal descent on theta and projected dual ascent on the active samples:
 lambda_i <- clip(lambda_i + eta min((T_i - eps) / eps, 1), 0, lambda_max). T_i is the per-sample Fisher trace of
-`trainer.fisher` (scope `full`: over every parameter, the paper's quantity; `logits`, `last_layer`: proxies).
+`trainer.fisher` (scope `full`: over every parameter, the paper's quantity; `logits`, `last_layer`: proxies). Each
+scope is an object of the table SCOPES: where its traces come from at calibration and at each step.
 
 The active set K. `global` (the paper's): a sample is constrained when its trace is in the top rho of the whole
 training set. Every sample's trace from its last visit is kept (filled for all of them by the calibration pass); at
@@ -27,54 +28,140 @@ same, in units where the penalty is O(1) like the logits scope's). bench/fim_abl
 Cost of the full scope per constrained step: the step's forward and backward, one more backward of that forward for
 every sample's trace (trainer.fisher.ParameterTrace.recording), and a double backprop on the active samples only.
 
-No group labels are used: the per-group share of lambda and its enrichment on bias-conflicting samples are logged
-only to show where the constraint mass goes.
+No group labels are used (group_labels = "none": the method is never given them). The per-group share of lambda and
+its enrichment on bias-conflicting samples are logged by the loop from the per-sample multipliers (`per_sample`),
+to show where the constraint mass goes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from ..fisher import FISHERS, SCOPES, ParameterTrace, last_layer_trace, logit_trace
-from .base import Choice, Float, Int, Method, param
+from ..fisher import FISHERS, ParameterTrace, last_layer_trace, logit_trace
+from ..metrics import PerSample
+from .base import Card, Choice, Float, Int, Method, param
 
 ACTIVE_SETS = ("global", "batch")
+Traces = list[tuple[torch.Tensor, torch.Tensor]]  # (traces, dataset indices) batch by batch
+
+
+class Scope:
+    """Where per-sample Fisher traces are taken, for a method `m` of this module."""
+    name: str
+    own_pass = False   # the traces need a backward of their own: the method then owns the step's gradients
+    unit_mean = False  # the traces are divided by their mean over the training set at calibration
+
+    def step_traces(self, m: "FisherConstrained", logits, h, y) -> torch.Tensor:
+        """Differentiable traces from the training step's own forward (scopes without a pass of their own)."""
+        raise NotImplementedError(self.name)
+
+    def observe(self, m: "FisherConstrained", h: torch.Tensor) -> None:
+        """Called with each constrained step's features before its traces."""
+
+    def calibrate(self, m: "FisherConstrained", model, train_batches) -> Traces:
+        """Every training sample's trace, as the training step sees it, in the units the constraint uses."""
+        raise NotImplementedError(self.name)
+
+    def model_traces(self, m: "FisherConstrained", model: nn.Module, tracer: Callable[[], ParameterTrace], x,
+                     y) -> torch.Tensor:
+        """The traces of any model (fim_relative's f_b too) on inputs x, without a graph to its parameters."""
+        raise NotImplementedError(self.name)
+
+    def recording(self, tracer: ParameterTrace):
+        """Context around a forward whose traces `recorded_traces` then reads."""
+        return contextlib.nullcontext((None, None))
+
+    def recorded_traces(self, m: "FisherConstrained", tracer: ParameterTrace, logits, y, saved) -> torch.Tensor:
+        return logit_trace(logits.detach(), y, m.params.fisher)
+
+
+class Logits(Scope):
+    name = "logits"
+
+    def step_traces(self, m, logits, h, y):
+        return logit_trace(logits, y, m.params.fisher)
+
+    def calibrate(self, m, model, train_batches):
+        return [(self.step_traces(m, logits, h, y), idx) for logits, h, y, idx in train_batches()]
+
+    def model_traces(self, m, model, tracer, x, y):
+        with torch.no_grad():
+            return logit_trace(model(x).float(), y, m.params.fisher)
+
+
+class LastLayer(Scope):
+    name = "last_layer"
+
+    def observe(self, m, h):
+        m.feature_scale.lerp_(h.detach().float().pow(2).sum(1).mean() + 1.0, m.FEATURE_EMA)
+
+    def step_traces(self, m, logits, h, y):
+        return last_layer_trace(logits, h, y, m.params.fisher) / m.feature_scale
+
+    def calibrate(self, m, model, train_batches):
+        batches = list(train_batches())
+        m.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
+        return [(self.step_traces(m, logits, h, y), idx) for logits, h, y, idx in batches]
+
+
+class Full(Scope):
+    name, own_pass, unit_mean = "full", True, True
+
+    def calibrate(self, m, model, train_batches):
+        traces = [(m.full_trace(model, x, y), idx) for x, y, idx in train_batches(inputs=True)]
+        m.trace_scale.fill_(torch.cat([t for t, _ in traces]).mean().clamp(min=1e-12))
+        return [(t / m.trace_scale, idx) for t, idx in traces]
+
+    def model_traces(self, m, model, tracer, x, y):
+        return tracer().batch_traces(x, y, m.params.fisher)
+
+    def recording(self, tracer):
+        return tracer.recording()
+
+    def recorded_traces(self, m, tracer, logits, y, saved):
+        return tracer.recorded_traces(logits, y, saved, m.params.fisher, retain_graph=True)
+
+
+SCOPES: dict[str, Scope] = {s.name: s for s in (Logits(), LastLayer(), Full())}
+SCOPE_HELP = ("per-sample Fisher trace over: full = every parameter (the paper's), logits = ||p-e_y||^2, last_layer "
+              "= ||p-e_y||^2 (||h||^2+1) scaled by the running mean of ||h||^2+1")
 
 
 @dataclass
 class FIMParams:
-    scope: str = param("logits", "per-sample Fisher trace over: full = every parameter (the paper's), logits = "
-                       "||p-e_y||^2, last_layer = ||p-e_y||^2 (||h||^2+1) scaled by the running mean of ||h||^2+1",
-                       choices=SCOPES)
+    scope: str = param("logits", SCOPE_HELP, choices=tuple(SCOPES))
     fisher: str = param("empirical", "empirical = the label's log-likelihood gradient; expected = averaged over the "
                         "model's own predictive distribution", choices=FISHERS)
     active_set: str = param("batch", "global = the top rho of the training set by each sample's last trace (the "
                             "paper's); batch = the top rho of each batch", choices=ACTIVE_SETS)
-    rho: float = param(0.1, "fraction of the samples, by largest trace, that is constrained (active set)")
-    eps_quantile: float = param(0.5, "eps = this quantile of the active-set traces after warm-up")
-    dual_lr: float = param(1.0, "dual ascent step on the normalised slack (T - eps) / eps")
+    rho: float = param(0.1, "fraction of the samples, by largest trace, that is constrained (active set)", gt=0.0,
+                       high=1.0)
+    eps_quantile: float = param(0.5, "eps = this quantile of the active-set traces after warm-up", gt=0.0, high=1.0)
+    dual_lr: float = param(1.0, "dual ascent step on the normalised slack (T - eps) / eps", gt=0.0)
     warmup_epochs: int = param(1, "epochs of plain ERM before eps is set and the constraints start (>= 1: "
-                               "an untrained model's traces say nothing)")
+                               "an untrained model's traces say nothing)", low=1)
     lambda_max: float = param(10.0, "upper bound on each multiplier (a guard; the share at the cap is logged)",
-                              high=1e6)  # larger: lambda * T overflows float32 and every trial fails
+                              gt=0.0, high=1e6)  # larger: lambda * T overflows float32 and every trial fails
     fixed_penalty: bool = param(False, "ablation: no dual ascent, every active sample gets lambda_max")
 
 
 class FisherConstrained(Method):
     Params = FIMParams
     SPACE = {
-        "scope": Choice(SCOPES),                 # default logits
+        "scope": Choice(tuple(SCOPES)),          # default logits
         "rho": Float(0.05, 0.5),                 # default 0.1
         "eps_quantile": Float(0.25, 0.75),       # default 0.5: active samples on both sides of eps
         "dual_lr": Float(0.05, 5.0, log=True),   # default 1
         "warmup_epochs": Int(1, 3),              # default 1
     }
     LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
-    label, order, proposed = "Ours", 2, True
-    family, cites = "Fisher constraint (the paper)", "the paper"
+    card = Card("Ours", "Fisher constraint (the paper)", "the paper", order=2, proposed=True)
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
     COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps")
     # buffers (registered in __init__), declared for the type checker
@@ -90,22 +177,9 @@ class FisherConstrained(Method):
     n_overflow: torch.Tensor
     n_steps: torch.Tensor
 
-    def __init__(self, params: FIMParams, **kw):
-        super().__init__(params, **kw)
-        p = params
-        for name, value, allowed in (("scope", p.scope, SCOPES), ("fisher", p.fisher, FISHERS),
-                                     ("active_set", p.active_set, ACTIVE_SETS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        for name, number in (("rho", p.rho), ("eps_quantile", p.eps_quantile)):
-            if not 0.0 < number <= 1.0:
-                raise ValueError(f"{name} must be in (0.0, 1.0], got {number}")
-        for name, number in (("dual_lr", p.dual_lr), ("lambda_max", p.lambda_max)):
-            if not number > 0:
-                raise ValueError(f"{name} must be > 0, got {number}")
-        if p.warmup_epochs < 1:
-            raise ValueError(f"warmup_epochs must be >= 1 (eps is calibrated on a trained model), "
-                             f"got {p.warmup_epochs}")
+    def __init__(self, params: FIMParams, train, **kw):
+        super().__init__(params, train, **kw)
+        self.scope = SCOPES[params.scope]
         self.register_buffer("lam", torch.zeros(self.n_train))
         self.register_buffer("memory", torch.zeros(self.n_train))  # each sample's trace at its last visit
         self.register_buffer("eps", torch.tensor(float("nan")))
@@ -129,12 +203,6 @@ class FisherConstrained(Method):
     def constrained(self) -> bool:
         return not math.isnan(self._eps_value)
 
-    def trace(self, logits, h, y):
-        """The logits / last_layer scopes' traces from the step's own forward (differentiable)."""
-        if self.params.scope == "logits":
-            return logit_trace(logits, y, self.params.fisher)
-        return last_layer_trace(logits, h, y, self.params.fisher) / self.feature_scale
-
     def tracer(self, model) -> ParameterTrace:
         if self._tracer is None or self._tracer.model is not getattr(model, "_orig_mod", model):
             self._tracer = ParameterTrace(model)
@@ -155,16 +223,9 @@ class FisherConstrained(Method):
         """What the active set ranks samples by: the trace itself (a subclass may rank otherwise)."""
         return trace
 
-    def calibration_traces(self, model, train_batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def calibration_traces(self, model, train_batches) -> Traces:
         """(traces, dataset indices) over the training set as the training step sees it."""
-        if self.params.scope == "full":
-            traces = [(self.full_trace(model, x, y), idx) for x, y, idx in train_batches(inputs=True)]
-            self.trace_scale.fill_(torch.cat([t for t, _ in traces]).mean().clamp(min=1e-12))
-            return [(t / self.trace_scale, idx) for t, idx in traces]
-        batches = list(train_batches())
-        if self.params.scope == "last_layer":
-            self.feature_scale.fill_(torch.cat([h.float().pow(2).sum(1) + 1.0 for _, h, _, _ in batches]).mean())
-        return [(self.trace(logits, h, y), idx) for logits, h, y, idx in batches]
+        return self.scope.calibrate(self, model, train_batches)
 
     @torch.no_grad()
     def start_epoch(self, epoch, model, train_batches):
@@ -218,29 +279,28 @@ class FisherConstrained(Method):
         self.n_steps += 1
         return torch.where(active, lam, torch.zeros_like(lam))
 
-    def penalty(self, lam, t_k, n: int):
+    def constraint(self, lam, t_k, n: int):
+        """The Lagrangian's constraint term of a batch of n samples (t_k: its active samples' traces)."""
         return (lam * (t_k - self.eps)).sum() / self.per_batch(n)
 
-    def loss(self, logits, h, y, g, idx):
-        nll = F.cross_entropy(logits, y)
+    def penalty(self, model, logits, h, batch, loss):
         if not self.constrained:
-            return nll, {"nll": nll}
-        if self.params.scope == "last_layer":
-            self.feature_scale.lerp_(h.detach().float().pow(2).sum(1).mean() + 1.0, self.FEATURE_EMA)
-        trace = self.trace(logits, h, y)
-        top, active = self.select(trace.detach(), idx)
+            return None, {}
+        self.scope.observe(self, h)
+        trace = self.scope.step_traces(self, logits, h, batch.y)
+        top, active = self.select(trace.detach(), batch.idx)
         t_k = trace[top]
         # Dual step first: a multiplier moves only when its sample is drawn (once per epoch), so a primal step with
         # the old value would always lag an epoch behind.
-        lam = self.dual_step(t_k.detach(), idx[top], active)
-        penalty = self.penalty(lam, t_k, len(y))
-        return nll + penalty, {"nll": nll, "penalty": penalty, "trace_active": t_k.detach().mean()}
+        lam = self.dual_step(t_k.detach(), batch.idx[top], active)
+        penalty = self.constraint(lam, t_k, len(batch.y))
+        return penalty, {"penalty": penalty, "trace_active": t_k.detach().mean()}
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
-        if self.params.scope != "full" or not self.constrained:
-            return super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast)
+    def gradients(self, model, batch, autocast):
+        if not (self.scope.own_pass and self.constrained):
+            return super().gradients(model, batch, autocast)
+        x, y, idx = batch.x, batch.y, batch.idx
         tracer = self.tracer(model)
-        optimizer.zero_grad(set_to_none=True)
         with tracer.recording() as (stats, saved), autocast():  # the step's own forward, on the eager model
             logits = tracer.model(x)
         nll = F.cross_entropy(logits.float(), y)
@@ -250,19 +310,14 @@ class FisherConstrained(Method):
         top, active = self.select(trace, idx)
         lam = self.dual_step(trace[top], idx[top], active)
         t_k = self.full_trace(model, x[top], y[top], stats, create_graph=True)  # double backprop on K only
-        penalty = self.penalty(lam, t_k, len(y))
+        penalty = self.constraint(lam, t_k, len(y))
         penalty.backward()
-        self.clip(model)
-        optimizer.step()
-        return {"loss": (nll + penalty).detach(), "nll": nll.detach(), "penalty": penalty.detach(),
-                "trace_active": trace[top].mean()}
+        return {"loss": (nll + penalty).detach(), "nll": nll, "penalty": penalty, "trace_active": trace[top].mean()}
 
     def epoch_stats(self):
         if not self.constrained:
             return {"constrained": False}
         n = self.n_active.clamp(min=1)
-        share = torch.zeros(self.n_groups, device=self.lam.device).scatter_add(0, self.train_groups, self.lam)
-        total = float(self.lam.sum())
         return {
             "constrained": True,
             "eps": float(self.eps),
@@ -273,10 +328,10 @@ class FisherConstrained(Method):
             "overflow_frac": float(self.n_overflow / (self.n_active + self.n_overflow).clamp(min=1)),
             "lambda_mean": float(self.lam.mean()),
             "lambda_max": float(self.lam.max()),
-            "lambda_share": [round(v, 4) for v in (share / total if total > 0 else share).tolist()],
-            "lambda_enrichment": self.enrichment(self.lam),
-            "trace_enrichment": self.enrichment(self.memory),
         }
+
+    def per_sample(self):
+        return {"lambda": PerSample(self.lam), "trace": PerSample(self.memory)} if self.constrained else {}
 
     @classmethod
     def describe(cls, r):

@@ -26,18 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..fisher import ParameterTrace, logit_trace
+from ..fisher import ParameterTrace
 from ..models import buffers_kept
-from .base import Choice, Float, param
-from .fim import FIMParams, FisherConstrained
-from .lff import gce
+from .base import Card, Choice, Float, param
+from .fim import SCOPE_HELP, FIMParams, FisherConstrained
+from .lff import Q_HELP, gce
 
 RELATIVE_SCOPES = ("logits", "full")
 
 
 @dataclass
 class FIMRelativeParams(FIMParams):
-    q: float = param(0.7, "GCE exponent of the bias-amplified model (LfF's; larger: more emphasis on easy samples)")
+    scope: str = param("logits", SCOPE_HELP, choices=RELATIVE_SCOPES)
+    q: float = param(0.7, Q_HELP, gt=0.0, high=1.0)
 
 
 class FisherRelative(FisherConstrained):
@@ -46,26 +47,19 @@ class FisherRelative(FisherConstrained):
     biased_memory: torch.Tensor
     biased_scale: torch.Tensor
     SPACE = {**FisherConstrained.SPACE, "scope": Choice(RELATIVE_SCOPES), "q": Float(0.05, 0.95)}
-    label, order, proposed = "Ours + bias-relative K (beyond the paper)", 3, False
-    family = "Fisher constraint (beyond the paper)"
-    cites = "the paper; the bias-amplified model of Nam et al., NeurIPS 2020"
+    card = Card("Ours + bias-relative K (beyond the paper)", "Fisher constraint (beyond the paper)",
+                "the paper; the bias-amplified model of Nam et al., NeurIPS 2020", order=3)
 
-    def __init__(self, params: FIMRelativeParams, **kw):
-        if params.scope not in RELATIVE_SCOPES:
-            raise ValueError(f"fim_relative: scope must be one of {', '.join(RELATIVE_SCOPES)}, got {params.scope!r}")
-        if not 0 < params.q <= 1:
-            raise ValueError(f"q must be in (0, 1], got {params.q}")
-        super().__init__(params, **kw)
+    def __init__(self, params: FIMRelativeParams, train, **kw):
+        super().__init__(params, train, **kw)
         self.register_buffer("biased_memory", torch.zeros(self.n_train))  # T_b of each sample at its last visit
         self.register_buffer("biased_scale", torch.tensor(1.0))  # full scope: f_b's mean trace at calibration
-        self.biased: nn.Module | None = None  # f_b, its optimiser and its tracer: built in setup
-        self.biased_optimizer: torch.optim.Optimizer | None = None
+        self.biased: nn.Module | None = None  # f_b and its tracer: built in setup
         self._biased_tracer: ParameterTrace | None = None
 
     def setup(self, ctx):
         super().setup(ctx)
-        self.biased = ctx.new_model()
-        self.biased_optimizer = ctx.new_optimizer(self.biased.parameters())
+        self.biased = self.add_auxiliary(ctx)
         self._biased_tracer = ParameterTrace(self.biased)
 
     def score(self, trace, idx):
@@ -78,35 +72,27 @@ class FisherRelative(FisherConstrained):
         assert biased is not None and tracer is not None, "setup() builds them"
         with buffers_kept(biased):
             biased.train()
-            if self.params.scope == "full":
-                return tracer.batch_traces(x, y, self.params.fisher)
-            with torch.no_grad():
-                return logit_trace(biased(x).float(), y, self.params.fisher)
+            return self.scope.model_traces(self, biased, lambda: tracer, x, y)
 
     def calibration_traces(self, model, train_batches):
-        traces = [(self.full_trace(model, x, y) if self.params.scope == "full" else
-                   logit_trace(model(x).float(), y, self.params.fisher), self.biased_traces(x, y), idx)
-                  for x, y, idx in train_batches(inputs=True)]
-        if self.params.scope == "full":
+        traces = [(self.scope.model_traces(self, model, lambda: self.tracer(model), x, y) / self.trace_scale,
+                   self.biased_traces(x, y), idx) for x, y, idx in train_batches(inputs=True)]
+        if self.scope.unit_mean:
             self.trace_scale.fill_(torch.cat([t for t, _, _ in traces]).mean().clamp(min=1e-12))
             self.biased_scale.fill_(torch.cat([t for _, t, _ in traces]).mean().clamp(min=1e-12))
         for _, t_b, idx in traces:
             self.biased_memory[idx] = (t_b / self.biased_scale).to(self.biased_memory.dtype)
         return [(t / self.trace_scale, idx) for t, _, idx in traces]
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
-        self.biased_optimizer.zero_grad(set_to_none=True)
-        self.biased.train()
-        tracer, full = self._biased_tracer, self.params.scope == "full" and self.constrained
-        with tracer.recording() if full else contextlib.nullcontext((None, None)) as (_, saved), autocast():
-            logits_b = self.biased(x).float()
+    def auxiliary_loss(self, batch, autocast):
+        biased, tracer = self.biased, self._biased_tracer
+        assert biased is not None and tracer is not None, "setup() builds them"
+        biased.train()
+        recording = self.scope.recording(tracer) if self.constrained else contextlib.nullcontext((None, None))
+        with recording as (_, saved), autocast():
+            logits_b = biased(batch.x).float()
         if self.constrained:  # f_b's traces of this batch, before its step (as f_d's are taken before f_d's)
-            t_b = (tracer.recorded_traces(logits_b, y, saved, self.params.fisher, retain_graph=True) / self.biased_scale
-                   if full else logit_trace(logits_b.detach(), y, self.params.fisher))
-            self.biased_memory[idx] = t_b.to(self.biased_memory.dtype)
-        loss_b = gce(logits_b, y, self.params.q).mean()
-        loss_b.backward()
-        self.clip(self.biased)
-        self.biased_optimizer.step()
-        return {**super().training_step(model, optimizer, x, y, a, idx, n_attr, autocast),
-                "loss_biased": loss_b.detach()}
+            t_b = self.scope.recorded_traces(self, tracer, logits_b, batch.y, saved) / self.biased_scale
+            self.biased_memory[batch.idx] = t_b.to(self.biased_memory.dtype)
+        loss_b = gce(logits_b, batch.y, self.params.q).mean()
+        return loss_b, {"loss_biased": loss_b}

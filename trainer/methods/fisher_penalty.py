@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from ..fisher import at_least_fp32
-from .base import Choice, Float, Method, grad_sq_norm, param, trainable
+from .base import Card, Choice, Float, Method, grad_sq_norm, param, trainable
 
 
 @dataclass
 class FisherPenaltyParams:
-    alpha: float = param(0.1, "coefficient of the Fisher penalty")
-    every_k: int = param(1, "compute the penalty every k-th step (the others are plain ERM steps)")
+    alpha: float = param(0.1, "coefficient of the Fisher penalty", low=0.0)
+    every_k: int = param(1, "compute the penalty every k-th step (the others are plain ERM steps)", low=1)
 
 
 def sampled_label_penalty(logits: torch.Tensor, params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,36 +37,23 @@ class FisherPenalty(Method):
     penalty_sum: torch.Tensor
     penalised: torch.Tensor
     SPACE = {"alpha": Float(1e-3, 10.0, log=True), "every_k": Choice((1, 10))}  # our own ranges; defaults 0.1, 1
-    label, order = "Fisher penalty", 11
-    family, cites = "flatness", "Jastrzebski et al., ICML 2021"
+    card = Card("Fisher penalty", "flatness", "Jastrzebski et al., ICML 2021", order=11)
 
-    def __init__(self, params: FisherPenaltyParams, **kw):
-        super().__init__(params, **kw)
-        if not params.alpha >= 0:
-            raise ValueError(f"alpha must be >= 0, got {params.alpha}")
-        if not (isinstance(params.every_k, int) and params.every_k >= 1):
-            raise ValueError(f"every_k must be an integer >= 1, got {params.every_k!r}")
+    def __init__(self, params: FisherPenaltyParams, train, **kw):
+        super().__init__(params, train, **kw)
         self.step = 0
         self.register_buffer("penalty_sum", torch.zeros(()))  # over the epoch's penalised steps
         self.register_buffer("penalised", torch.zeros(()))
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            logits = model(x)
-        nll = F.cross_entropy(logits.float(), y)
-        loss = nll
-        if self.step % self.params.every_k == 0:
-            penalty, _ = sampled_label_penalty(logits, trainable(model))
-            loss = nll + self.params.alpha * penalty
-            with torch.no_grad():
-                self.penalty_sum += penalty.detach()
-                self.penalised += 1
+    def penalty(self, model, logits, h, batch, loss):
         self.step += 1
-        loss.backward()
-        self.clip(model)
-        optimizer.step()
-        return {"loss": loss.detach(), "nll": nll.detach()}
+        if (self.step - 1) % self.params.every_k:
+            return None, {}
+        penalty, _ = sampled_label_penalty(logits, trainable(model))
+        with torch.no_grad():
+            self.penalty_sum += penalty.detach()
+            self.penalised += 1
+        return self.params.alpha * penalty, {}
 
     def start_epoch(self, epoch, model, train_batches):
         self.penalty_sum.zero_()

@@ -4,13 +4,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Float, Method, param
+from .base import Card, Float, Method, param
 
 
 @dataclass
 class GroupDROParams:
-    eta_q: float = param(0.01, "step size of the exponentiated-gradient update of the group weights q")
-    adjustment: float = param(0.0, "group size adjustment C: the q update sees L_g + C / sqrt(n_g)")
+    eta_q: float = param(0.01, "step size of the exponentiated-gradient update of the group weights q", gt=0.0)
+    adjustment: float = param(0.0, "group size adjustment C: the q update sees L_g + C / sqrt(n_g)", low=0.0)
     balanced: bool = param(True, "sample training batches group-balanced (weight 1/n_g per sample)")
 
 
@@ -24,16 +24,12 @@ class GroupDRO(Method):
         "adjustment": Float(0.0, 4.0),         # default 0 (Sagawa et al. search 0..5)
     }
     group_labels = "train"
-    label, order, reference = "DRO", 1, True
-    family, cites = "group robustness", "Sagawa et al., ICLR 2020"
-    name_note = "DRO is GroupDRO (Sagawa et al., 2020)."
+    card = Card("DRO", "group robustness", "Sagawa et al., ICLR 2020", order=1, reference=True,
+                name_note="DRO is GroupDRO (Sagawa et al., 2020).")
+    train_groups: torch.Tensor  # group_labels = "train": always given
 
-    def __init__(self, params: GroupDROParams, **kw):
-        super().__init__(params, **kw)
-        if params.eta_q <= 0:
-            raise ValueError(f"eta_q must be > 0, got {params.eta_q}")
-        if params.adjustment < 0:
-            raise ValueError(f"adjustment must be >= 0, got {params.adjustment}")
+    def __init__(self, params: GroupDROParams, train, **kw):
+        super().__init__(params, train, **kw)
         counts = torch.bincount(self.train_groups, minlength=self.n_groups).float()
         self.register_buffer("group_counts", counts)
         self.register_buffer("q", torch.full((self.n_groups,), 1.0 / self.n_groups))
@@ -41,8 +37,9 @@ class GroupDRO(Method):
     def sampling_weights(self):
         return 1.0 / self.group_counts.clamp(min=1)[self.train_groups] if self.params.balanced else None
 
-    def loss(self, logits, h, y, g, idx):
-        ce = F.cross_entropy(logits, y, reduction="none")
+    def loss(self, logits, h, batch):
+        ce, g = F.cross_entropy(logits, batch.y, reduction="none"), batch.g
+        assert g is not None  # group_labels = "train"
         zeros = torch.zeros(self.n_groups, device=ce.device)
         n = zeros.scatter_add(0, g, torch.ones_like(ce))  # not bincount: it syncs with the host on CUDA
         group_loss = zeros.scatter_add(0, g, ce) / n.clamp(min=1)

@@ -16,28 +16,26 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Float, Int, Method, param
+from ..metrics import PerSample
+from .base import Card, Float, Int, Method, param
 
 
 @dataclass
 class JTTParams:
-    stage1_epochs: int = param(5, "epochs of stage-1 ERM whose errors are up-weighted in stage 2 (T)")
-    up: float = param(20.0, "how many times as likely an error is drawn as any other sample in stage 2 (lambda_up)")
+    stage1_epochs: int = param(5, "epochs of stage-1 ERM whose errors are up-weighted in stage 2 (T)", low=1)
+    up: float = param(20.0, "how many times as likely an error is drawn as any other sample in stage 2 (lambda_up)",
+                      low=1.0)
 
 
 class JTT(Method):
     Params = JTTParams
     SPACE = {"stage1_epochs": Int(1, 10), "up": Float(4.0, 100.0, log=True)}  # BalancingGroups' up grid 4...100
-    label, order = "JTT", 40
-    family, cites = "label-free debiasing", "Liu et al., ICML 2021"
+    card = Card("JTT", "label-free debiasing", "Liu et al., ICML 2021", order=40)
     LOGGED = ("error_frac", "error_enrichment")
+    errors: torch.Tensor
 
-    def __init__(self, params: JTTParams, **kw):
-        super().__init__(params, **kw)
-        if not (isinstance(params.stage1_epochs, int) and params.stage1_epochs >= 1):
-            raise ValueError(f"stage1_epochs must be an integer >= 1, got {params.stage1_epochs!r}")
-        if not params.up >= 1:
-            raise ValueError(f"up must be >= 1, got {params.up}")
+    def __init__(self, params: JTTParams, train, **kw):
+        super().__init__(params, train, **kw)
         self.register_buffer("errors", torch.zeros(self.n_train, dtype=torch.bool))
         self.stage = 1
 
@@ -67,14 +65,14 @@ class JTT(Method):
         return 1.0 + (self.params.up - 1.0) * self.errors.float()
 
     def epoch_stats(self):
-        if self.stage == 1:
-            return {"error_frac": None, "error_enrichment": None}
-        return {"error_frac": round(float(self.errors.float().mean()), 4),
-                "error_enrichment": self.enrichment(self.errors.float())}
+        return {"error_frac": None if self.stage == 1 else round(float(self.errors.float().mean()), 4)}
+
+    def per_sample(self):
+        return {} if self.stage == 1 else {"error": PerSample(self.errors.float())}
 
     @classmethod
     def describe(cls, stats):
         if stats["error_frac"] is None:
             return "(stage 1)"
-        enr = stats["error_enrichment"]
+        enr = stats.get("error_enrichment")
         return f"errors {stats['error_frac']:.3f}{'' if enr is None else f' enrichment {enr:.1f}x'}"

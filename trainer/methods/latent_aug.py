@@ -25,6 +25,7 @@ it; its time counts in the trial that trains it (the report's compute column).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.cache import cache_dir, load_verified, save_verified
-from .base import Int, Method, param
+from .base import Batch, Card, Int, Method, param
 
 STAGE_VERSION = "1"  # bump when the generator stage changes: cached stages are then ignored
 
@@ -132,25 +133,19 @@ class LatentAug(Method):
     SPACE = {"n_pairs": Int(500, 5000), "width": Int(16, 64), "gen_epochs": Int(10, 60)}  # defaults 2000, 32, 30
     group_labels = "train"  # the attribute hyperplane is fit on the training split's attribute labels
     LOGGED = ("generator_seconds", "generator_cached")
-    label, order = "Latent de-biasing", 25
-    family, cites = "generative augmentation", "Ramaswamy, Kim, Russakovsky, CVPR 2021"
+    card = Card("Latent de-biasing", "generative augmentation", "Ramaswamy, Kim, Russakovsky, CVPR 2021", order=25)
+    train_groups: torch.Tensor  # group_labels = "train": always given
 
-    def __init__(self, params: LatentAugParams, **kw):
-        super().__init__(params, **kw)
-        for name in ("n_pairs", "latent_dim", "width", "gen_epochs"):
-            if getattr(params, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(params, name)}")
+    def __init__(self, params: LatentAugParams, train, **kw):
+        super().__init__(params, train, **kw)
+        if self.n_classes != 2 or self.n_groups != 4:
+            raise ValueError(f"latent_aug: a binary label and a binary attribute, got {self.n_classes} classes and "
+                             f"{self.n_groups} groups")
         self.synthetic: dict | None = None
         self.stage_log: dict = {}
         self._draw = torch.Generator()
 
     def setup(self, ctx):
-        if self.train_labels is None:
-            raise ValueError("latent_aug needs the training labels (train_labels)")
-        n_classes = int(self.train_labels.max()) + 1
-        if n_classes != 2 or self.n_groups != 4:
-            raise ValueError(f"latent_aug: a binary label and a binary attribute, got {n_classes} classes and "
-                             f"{self.n_groups} groups")
         self.device = ctx.device
 
     @torch.no_grad()
@@ -162,7 +157,7 @@ class LatentAug(Method):
             xs.update(zip(idx.tolist(), x.float().cpu()))
         x = torch.stack([xs[i] for i in range(self.n_train)])
         y, g = self.train_labels.cpu(), self.train_groups.cpu()
-        a = g - 2 * y
+        a = g - 2 * y  # group_labels = "train": the training split's attribute
         key = hashlib.sha256(b"".join([STAGE_VERSION.encode(), x.numpy().tobytes(), y.numpy().tobytes(),
                                        a.numpy().tobytes(), repr(sorted(vars(self.params).items())).encode()]))
         name = f"latent_aug {key.hexdigest()[:32]}"
@@ -179,22 +174,21 @@ class LatentAug(Method):
         self.synthetic = {k: stage[k].to(self.device) for k in ("x", "y")}
         self._draw.manual_seed(int(self.train_labels.sum()) + len(self.train_labels))
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
-        n_syn = len(self.synthetic["y"])
-        k = max(1, math.ceil(len(y) * n_syn / self.n_train))
+    def extend(self, batch: Batch) -> Batch:
+        """The real batch and ceil(B n_syn / N) synthetic images drawn from the pairs (every pair ~once an epoch)."""
+        assert self.synthetic is not None, "start_epoch() builds the pairs"
+        x, n_syn = batch.x, len(self.synthetic["y"])
+        k = max(1, math.ceil(len(batch.y) * n_syn / self.n_train))
         j = torch.randint(n_syn, (k,), generator=self._draw).to(x.device)
         xs = self.synthetic["x"][j].to(x.dtype)
         if x.is_contiguous(memory_format=torch.channels_last):
             xs = xs.contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            logits = model(torch.cat([x, xs])).float()
-        nll_real = F.cross_entropy(logits[:len(y)], y)
-        loss = F.cross_entropy(logits, torch.cat([y, self.synthetic["y"][j]]))
-        loss.backward()
-        self.clip(model)
-        optimizer.step()
-        return {"loss": loss.detach(), "nll": nll_real.detach()}
+        return dataclasses.replace(batch, x=torch.cat([x, xs]), y=torch.cat([batch.y, self.synthetic["y"][j]]),
+                                   g=None)
+
+    def loss(self, logits, h, batch):
+        n = len(batch.idx)  # the real samples come first
+        return F.cross_entropy(logits, batch.y), {"nll": F.cross_entropy(logits[:n], batch.y[:n])}
 
     def epoch_stats(self):
         out, self.stage_log = self.stage_log, {}  # the stage's numbers once, in the epoch that built or loaded it

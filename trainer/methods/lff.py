@@ -20,13 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Float, Method, param
+from ..metrics import PerSample
+from .base import Card, Float, Method, param
+
+
+Q_HELP = "GCE exponent of the biased model (larger: more emphasis on easy samples)"  # fim_relative's q too
 
 
 @dataclass
 class LfFParams:
-    q: float = param(0.7, "GCE exponent of the biased model (larger: more emphasis on easy samples)")
-    ema_alpha: float = param(0.7, "per-sample loss EMA decay")
+    q: float = param(0.7, Q_HELP, gt=0.0, high=1.0)
+    ema_alpha: float = param(0.7, "per-sample loss EMA decay", low=0.0, lt=1.0)
 
 
 def gce(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
@@ -42,50 +46,46 @@ class LfF(Method):
     ema_d: torch.Tensor
     seen: torch.Tensor
     weight: torch.Tensor
-    biased_correct: torch.Tensor
-    biased_count: torch.Tensor
+    biased_hit: torch.Tensor
     SPACE = {"q": Float(0.05, 0.95), "ema_alpha": Float(0.5, 0.99)}  # q: SubpopBench's range; defaults 0.7, 0.7
-    label, order = "LfF", 20
-    family, cites = "label-free debiasing", "Nam et al., NeurIPS 2020"
+    card = Card("LfF", "label-free debiasing", "Nam et al., NeurIPS 2020", order=20)
     LOGGED = ("weight_enrichment", "biased_acc_aligned", "biased_acc_conflicting")
 
-    def __init__(self, params: LfFParams, **kw):
-        super().__init__(params, **kw)
-        if not 0 < params.q <= 1:
-            raise ValueError(f"q must be in (0, 1], got {params.q}")
-        if not 0 <= params.ema_alpha < 1:
-            raise ValueError(f"ema_alpha must be in [0, 1), got {params.ema_alpha}")
+    def __init__(self, params: LfFParams, train, **kw):
+        super().__init__(params, train, **kw)
         for name in ("ema_b", "ema_d", "seen", "weight"):  # per training sample
             self.register_buffer(name, torch.zeros(self.n_train))
-        self.register_buffer("biased_correct", torch.zeros(2))  # this epoch: bias-aligned, bias-conflicting
-        self.register_buffer("biased_count", torch.zeros(2))
+        # this epoch: whether f_b got the sample right (NaN: not drawn yet), to log whether it learns the shortcut
+        self.register_buffer("biased_hit", torch.full((self.n_train,), float("nan")))
         self.biased: nn.Module | None = None
-        self.biased_optimizer: torch.optim.Optimizer | None = None
+        self._ce_b: torch.Tensor | None = None
 
     def setup(self, ctx):
-        if self.train_labels is None:
-            raise ValueError("lff needs the training labels (train_labels) for its class-wise normalisation")
-        self.n_classes = int(self.train_labels.max()) + 1  # once: no host sync in the step
-        self.biased = ctx.new_model()
-        self.biased_optimizer = ctx.new_optimizer(self.biased.parameters())
+        self.biased = self.add_auxiliary(ctx)
 
     def relative_difficulty(self, idx: torch.Tensor) -> torch.Tensor:
         """w for the samples `idx` from the current EMAs, each normalised by its class's maximum."""
         y, scores = self.train_labels, []
-        assert y is not None, "setup() checks it"
         for ema in (self.ema_b, self.ema_d):
             class_max = torch.zeros(self.n_classes, device=ema.device).scatter_reduce(0, y, ema, "amax")
             scores.append(ema[idx] / class_max[y[idx]].clamp(min=1e-12))
         return scores[0] / (scores[0] + scores[1] + 1e-8)
 
-    def training_step(self, model, optimizer, x, y, a, idx, n_attr, autocast):
-        optimizer.zero_grad(set_to_none=True)
-        self.biased_optimizer.zero_grad(set_to_none=True)
+    def auxiliary_loss(self, batch, autocast):
+        assert self.biased is not None, "setup() builds it"
         self.biased.train()
         with autocast():
-            logits_b, logits_d = self.biased(x).float(), model(x).float()
-        ce_b = F.cross_entropy(logits_b, y, reduction="none")
-        ce_d = F.cross_entropy(logits_d, y, reduction="none")
+            logits_b = self.biased(batch.x).float()
+        self._ce_b = F.cross_entropy(logits_b, batch.y, reduction="none")
+        with torch.no_grad():
+            self.biased_hit[batch.idx] = (logits_b.argmax(1) == batch.y).float()
+        loss_b = gce(logits_b, batch.y, self.params.q).mean()
+        return loss_b, {"loss_biased": loss_b}
+
+    def loss(self, logits, h, batch):
+        idx, ce_b = batch.idx, self._ce_b
+        assert ce_b is not None, "auxiliary_loss() runs first"
+        ce_d = F.cross_entropy(logits, batch.y, reduction="none")
         with torch.no_grad():
             alpha = self.params.ema_alpha
             for ema, ce in ((self.ema_b, ce_b), (self.ema_d, ce_d)):
@@ -93,31 +93,22 @@ class LfF(Method):
             self.seen[idx] = 1.0
             w = self.relative_difficulty(idx)
             self.weight[idx] = w
-            if self.conflicting is not None:  # logging only: does f_b learn the shortcut?
-                c = self.conflicting[idx].long()
-                self.biased_correct.scatter_add_(0, c, (logits_b.argmax(1) == y).float())
-                self.biased_count.scatter_add_(0, c, torch.ones_like(ce_b))
-        loss_b, loss_d = gce(logits_b, y, self.params.q).mean(), (w * ce_d).mean()
-        (loss_b + loss_d).backward()
-        self.clip(model)
-        self.clip(self.biased)
-        optimizer.step()
-        self.biased_optimizer.step()
-        return {"loss": loss_d.detach(), "nll": ce_d.detach().mean(), "loss_biased": loss_b.detach()}
+        return (w * ce_d).mean(), {"nll": ce_d.mean()}
 
     def start_epoch(self, epoch, model, train_batches):
-        self.biased_correct.zero_()
-        self.biased_count.zero_()
+        self.biased_hit.fill_(float("nan"))
 
     def epoch_stats(self):
-        acc = (self.biased_correct / self.biased_count.clamp(min=1)).tolist()
         seen = self.seen > 0
-        return {"weight_mean": float(self.weight[seen].mean()) if seen.any() else None,
-                "weight_enrichment": self.enrichment(self.weight),
-                "biased_acc_aligned": round(acc[0], 4), "biased_acc_conflicting": round(acc[1], 4)}
+        return {"weight_mean": float(self.weight[seen].mean()) if seen.any() else None}
+
+    def per_sample(self):
+        return {"weight": PerSample(self.weight), "biased_acc": PerSample(self.biased_hit, "rate")}
 
     @classmethod
     def describe(cls, stats):
-        enr = stats["weight_enrichment"]
-        return (f"f_b acc aligned {stats['biased_acc_aligned']:.3f} conflicting {stats['biased_acc_conflicting']:.3f}"
-                f"{'' if enr is None else f' weight enrichment {enr:.1f}x'}")
+        enr, aligned, conflicting = (stats.get(k) for k in ("weight_enrichment", "biased_acc_aligned",
+                                                             "biased_acc_conflicting"))
+        return ("" if aligned is None or conflicting is None else
+                f"f_b acc aligned {aligned:.3f} conflicting {conflicting:.3f}") + \
+            ("" if enr is None else f" weight enrichment {enr:.1f}x")

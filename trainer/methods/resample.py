@@ -3,9 +3,11 @@ with probability proportional to 1 / n_g of each sample's group (`resample`) or 
 (`resample_class`, which reads no group label), N draws per epoch."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .base import Method
+from .base import Card, Method
 
 
 def inverse_frequency(keys: torch.Tensor) -> torch.Tensor:
@@ -15,11 +17,12 @@ def inverse_frequency(keys: torch.Tensor) -> torch.Tensor:
 
 class Resample(Method):
     group_labels = "train"
-    label, order = "ReSample", 30
-    family, cites = "rebalancing", "Idrissi et al., CLeaR 2022; Yang et al., ICML 2023 (SubpopBench)"
+    card = Card("ReSample", "rebalancing", "Idrissi et al., CLeaR 2022; Yang et al., ICML 2023 (SubpopBench)",
+                order=30)
 
     def keys(self) -> torch.Tensor:
         """What is balanced: the group of each training sample."""
+        assert self.train_groups is not None  # group_labels = "train"
         return self.train_groups
 
     def sampling_weights(self):
@@ -28,7 +31,7 @@ class Resample(Method):
 
 class ResampleClass(Resample):
     group_labels = "none"
-    label, order = "ReSample (class)", 31
+    card = dataclasses.replace(Resample.card, label="ReSample (class)", order=31)
 
     def keys(self):
         return self.train_labels

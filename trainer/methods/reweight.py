@@ -6,10 +6,12 @@ over the training set is 1, so the loss's scale — hence the effective learning
 imbalance.) Uniform shuffling; the batch loss is the plain mean of w_i l_i."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
-from .base import Method
+from .base import Card, Method
 
 
 def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
@@ -21,24 +23,25 @@ def balanced_weights(keys: torch.Tensor) -> torch.Tensor:
 
 class Reweight(Method):
     group_labels = "train"
-    label, order = "ReWeight", 32
-    family, cites = "rebalancing", "Yang et al., ICML 2023 (SubpopBench)"
+    card = Card("ReWeight", "rebalancing", "Yang et al., ICML 2023 (SubpopBench)", order=32)
+    weight: torch.Tensor
 
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
+    def __init__(self, params, train, **kw):
+        super().__init__(params, train, **kw)
         self.register_buffer("weight", balanced_weights(self.keys()), persistent=False)
 
     def keys(self) -> torch.Tensor:
+        assert self.train_groups is not None  # group_labels = "train"
         return self.train_groups
 
-    def loss(self, logits, h, y, g, idx):
-        ce = F.cross_entropy(logits, y, reduction="none")
-        return (self.weight[idx] * ce).mean(), {"nll": ce.mean()}
+    def loss(self, logits, h, batch):
+        ce = F.cross_entropy(logits, batch.y, reduction="none")
+        return (self.weight[batch.idx] * ce).mean(), {"nll": ce.mean()}
 
 
 class ReweightClass(Reweight):
     group_labels = "none"
-    label, order = "ReWeight (class)", 33
+    card = dataclasses.replace(Reweight.card, label="ReWeight (class)", order=33)
 
     def keys(self):
         return self.train_labels

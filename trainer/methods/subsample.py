@@ -4,9 +4,11 @@ drawn once per run from the training seed and kept for every epoch, as Balancing
 so an epoch is K x min_k n_k samples: on Waterbirds 4 x 56 = 224 images — give it many epochs."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .base import Method
+from .base import Card, Method
 
 
 def balanced_subset(keys: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -22,15 +24,15 @@ def balanced_subset(keys: torch.Tensor, generator: torch.Generator) -> torch.Ten
 
 class Subsample(Method):
     group_labels = "train"
-    label, order = "Subsample", 34
-    family, cites = "rebalancing", "Idrissi et al., CLeaR 2022 (BalancingGroups)"
+    card = Card("Subsample", "rebalancing", "Idrissi et al., CLeaR 2022 (BalancingGroups)", order=34)
     replacement = False  # each kept sample once per epoch
 
-    def __init__(self, params, **kw):
-        super().__init__(params, **kw)
+    def __init__(self, params, train, **kw):
+        super().__init__(params, train, **kw)
         self.mask = None
 
     def keys(self) -> torch.Tensor:
+        assert self.train_groups is not None  # group_labels = "train"
         return self.train_groups
 
     def setup(self, ctx):
@@ -43,7 +45,7 @@ class Subsample(Method):
 
 class SubsampleClass(Subsample):
     group_labels = "none"
-    label, order = "Subsample (class)", 35
+    card = dataclasses.replace(Subsample.card, label="Subsample (class)", order=35)
 
     def keys(self):
         return self.train_labels
