@@ -64,6 +64,8 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[300, 1500])
     p.add_argument("--image-size", type=int, default=224)
     args = p.parse_args()
+    if len(args.sizes) < 2:
+        raise SystemExit(f"error: --sizes needs two sizes or more (memory growth between them), got {args.sizes}")
     from trainer.data import load_splits
     from trainer.data.decoded import cache_dir
 

@@ -61,7 +61,7 @@ def main():
 
     from trainer.data import load_splits, make_loader
     from trainer.loop import _autocast, _batch, resolve_device
-    from trainer.methods import get_method
+    from trainer.methods import Batch, TrainSplit, get_method
     from trainer.models import build_model
 
     device = resolve_device(args.device)

@@ -1,6 +1,6 @@
 """Ours in each trace scope against ERM and GroupDRO on the bundled cmnist, at 7 x 7 (the default) and 14 x 14.
 
-    python bench/fim_scopes.py [--seeds 5] [--jobs 2] [--sizes 7,14] [--searched --trials 12 --top-k 2]
+    python bench/fim_scopes.py [--seeds 5] [--jobs 2] [--epochs N] [--sizes 7,14] [--searched --trials 12 --top-k 2]
 
 Default recipes (every method's defaults, the dataset's recipe; only the digit size changes), seeds 0..n-1, early
 stopping on val WGA. Rows: ERM, GroupDRO, and Ours with the logits, last_layer and full scopes (full: per-batch and
@@ -109,6 +109,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="default recipes: epochs per run (default: the dataset's)")
     p.add_argument("--sizes", default="7,14", help="comma-separated digit sizes (cmnist image_size)")
     p.add_argument("--only", default=None, help="';'-separated row labels (default recipes)")
     p.add_argument("--searched", action="store_true", help="the study protocol instead of default recipes")
@@ -129,7 +130,7 @@ def main():
             what = (f"searched recipe ({args.trials} TPE trials per method, the top {args.top_k} re-run, "
                     f"the selected one's {args.seeds} seeds)")
         else:
-            df = runs(specs, args.seeds, None, args.jobs, image_size=size)
+            df = runs(specs, args.seeds, args.epochs, args.jobs, image_size=size)
             order = [label for label, *_ in specs]
             what = "default recipe"
         print(f"\ncmnist 2 × {size} × {size}, {what}, {args.seeds} seeds, mean ± std (%), paired over seeds\n")

@@ -1,6 +1,6 @@
 """Every method's learning on both bundled benchmarks, as numbers to compare across a change of the code.
 
-    python bench/method_fingerprint.py [--epochs 3] [--save FILE] [--compare FILE]
+    python bench/method_fingerprint.py [--epochs 3] [--datasets cmnist,texdigits] [--save FILE] [--compare FILE]
 
 Runs every registered method (and the variants that take another code path: Ours' three trace scopes and its
 global active set, fim_relative's full scope, adaptive SAM, the Fisher penalty every 2nd step) on cmnist and
@@ -79,11 +79,12 @@ def main(argv=None) -> int:
     ap.add_argument("--save", help="write the runs' numbers to this JSON file")
     ap.add_argument("--compare", help="compare with this JSON file (written by --save)")
     ap.add_argument("--only", help="comma-separated run names (default: all)")
+    ap.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated bundled benchmarks")
     args = ap.parse_args(argv)
     saved = json.load(open(args.compare)) if args.compare else {}
     out, rows = {}, []
     chosen = [r for r in runs() if not args.only or r[0] in args.only.split(",")]
-    for dataset in DATASETS:
+    for dataset in args.datasets.split(","):
         for label, method, params in chosen:
             t0 = time.perf_counter()
             cfg = TrainConfig(dataset=dataset, method=method, method_params=params, epochs=args.epochs, patience=0,

@@ -1,6 +1,6 @@
 """Time per training step of every registered method (fim in each trace scope), as ratios to ERM, in one run.
 
-    python bench/step_cost.py [--device auto] [--steps 50] [--compile] [--deterministic] [--only LABELS]
+    python bench/step_cost.py [--device auto] [--steps 50] [--rounds 3] [--n-train 4795] [--compile] [--deterministic] [--only LABELS]
 
 --compile adds a row: ERM with torch.compile (its compile time is printed, not counted in the step).
 --deterministic adds rows: ERM, GroupDRO and fim under the trainer's --deterministic mode (its cost).
@@ -89,6 +89,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=50, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=4795, help="training-set size the methods' per-sample state has "
+                   "(Waterbirds': 4795)")
     p.add_argument("--compile", action="store_true", help="add ERM with torch.compile (compile time excluded)")
     p.add_argument("--deterministic", action="store_true", help="add ERM, GroupDRO, fim in deterministic mode")
     p.add_argument("--only", help="';'-separated row labels to time (ERM is always timed), e.g. 'fim;fim (full)'")
@@ -109,7 +111,7 @@ def main():
         t0 = time.time()
         modes[label] = det
         with deterministic_mode(det):
-            steps[label] = setup(method, params, device, model, batch, size, 4795, compile_)
+            steps[label] = setup(method, params, device, model, batch, size, args.n_train, compile_)
             for _ in range(5):  # warm-up (and compilation)
                 steps[label]()
         sync(device)
