@@ -1,6 +1,6 @@
 """Decoded pairs of latent-space de-biasing on cmnist: originals (top row) and their complements (bottom row).
 
-    python bench/latent_aug_pairs.py [--pairs 10] [--out bench/figures/latent_aug_pairs.png]
+    python bench/latent_aug_pairs.py [--pairs 10] [--gen-epochs 30] [--out bench/figures/latent_aug_pairs.png]
 
 Runs the method's generator stage (trainer/methods/latent_aug.py, default settings) on cmnist's training split
 and writes a PNG: each column one sampled latent z and its complement z' (the attribute score negated, the target
@@ -23,11 +23,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=10)
     p.add_argument("--out", default="bench/figures/latent_aug_pairs.png")
+    p.add_argument("--gen-epochs", type=int, default=LatentAugParams.gen_epochs, help="epochs of VAE training")
     args = p.parse_args()
     torch.set_num_threads(2)
     train = load_splits("cmnist").train
     x, y, a = train.x.float(), train.y.long(), train.a.long()
-    stage = generator_stage(x, y, a, LatentAugParams())
+    stage = generator_stage(x, y, a, LatentAugParams(gen_epochs=args.gen_epochs))
     n, scale = len(stage["y"]) // 2, 8
     cols = range(args.pairs)
     img = Image.new("RGB", (args.pairs * (7 * scale + 6), 2 * (7 * scale + 6) + 16), "white")

@@ -91,7 +91,8 @@ def main(argv=None) -> int:
                               seed=0, threads=1, device="cpu")
             key = f"{dataset} {label}"
             out[key] = record(fit(cfg, log=None))
-            row = {"run": key, "seconds": round(time.perf_counter() - t0, 1), "test wga": round(out[key]["test"]["wga"], 4)}
+            row = {"run": key, "seconds": round(time.perf_counter() - t0, 1),
+                   "test wga": round(out[key]["test"]["wga"], 4)}
             if args.compare:
                 (learnt, diag), (was, was_diag) = split(out[key]), split(saved[key]) if key in saved else ({}, [])
                 diff = first_difference(was, learnt) if key in saved else "not in the saved file"

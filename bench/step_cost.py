@@ -1,6 +1,7 @@
 """Time per training step of every registered method (fim in each trace scope), as ratios to ERM, in one run.
 
-    python bench/step_cost.py [--device auto] [--steps 50] [--rounds 3] [--n-train 4795] [--compile] [--deterministic] [--only LABELS]
+    python bench/step_cost.py [--device auto] [--steps 50] [--rounds 3] [--batch B] [--image-size PX]
+                              [--n-train 4795] [--compile] [--deterministic] [--only LABELS]
 
 --compile adds a row: ERM with torch.compile (its compile time is printed, not counted in the step).
 --deterministic adds rows: ERM, GroupDRO and fim under the trainer's --deterministic mode (its cost).
@@ -89,6 +90,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=50, help="timed steps per method per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: 128 on CUDA, 64 on the CPU)")
+    p.add_argument("--image-size", type=int, default=None, help="pixels (default: 224 on CUDA, 28 on the CPU)")
     p.add_argument("--n-train", type=int, default=4795, help="training-set size the methods' per-sample state has "
                    "(Waterbirds': 4795)")
     p.add_argument("--compile", action="store_true", help="add ERM with torch.compile (compile time excluded)")
@@ -98,6 +101,7 @@ def main():
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     model, batch, size = ("resnet50", 128, 224) if cuda else ("cnn", 64, 28)
+    batch, size = args.batch or batch, args.image_size or size
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     steps = {}
     only = None if args.only is None else {"erm", *args.only.split(";")}

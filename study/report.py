@@ -250,8 +250,8 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
                     f"1 seed (seed {exp.run.seed}); `python -m study replicate` adds the seed phase.")
     patience = (f"{exp.run.patience}" if exp.run.patience is not None else
                 f"{PATIENCE_RULE} = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
-    notes = "".join(f" {note}" for note in dict.fromkeys(n for r in results for n in (r.cls.card.name_note, r.cls.card.val_note)
-                                                          if n))
+    notes = "".join(f" {note}" for note in dict.fromkeys(
+        n for r in results for n in (r.cls.card.name_note, r.cls.card.val_note) if n))
     notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
                      "rate and epochs); differences against it overstate the other methods."
                      for r in results if (why := untrained(r)))

@@ -10,18 +10,21 @@ BENCH = Path(__file__).parents[1] / "bench"
 
 # the smallest settings of each script: every code path of its default run, on the least data and time
 SMALLEST = {
-    "decoded_memory.py": ["--sizes", "16", "64", "--image-size", "32"],
+    "decoded_memory.py": ["--sizes", "8", "16", "--image-size", "16"],
     "epoch_cost.py": ["--device", "cpu", "--pil-workers", "0", "--train", "32", "--val", "16"],
     "fim_ablation.py": ["--seeds", "2", "--epochs", "2", "--jobs", "1"],
     "fim_full_probe.py": ["--epochs", "2"],
-    "fim_scopes.py": ["--seeds", "2", "--epochs", "2", "--jobs", "1", "--sizes", "7"],
-    "latent_aug_pairs.py": ["--pairs", "2", "--out", "{tmp}/pairs.png"],
-    "method_fingerprint.py": ["--epochs", "2", "--datasets", "cmnist", "--save", "{tmp}/runs.json"],
-    "methods_cmnist.py": ["--seeds", "1", "--epochs", "6", "--jobs", "1"],  # 6: JTT's first own epoch
-    "pruning.py": ["--trials", "2", "--epochs", "2"],
-    "step_cost.py": ["--steps", "1", "--rounds", "1", "--n-train", "256"],
+    "fim_scopes.py": ["--seeds", "2", "--epochs", "2", "--jobs", "1", "--sizes", "7", "--only",
+                      "ERM;GroupDRO;Ours (logits)"],
+    "latent_aug_pairs.py": ["--pairs", "2", "--gen-epochs", "1", "--out", "{tmp}/pairs.png"],
+    "method_fingerprint.py": ["--epochs", "2", "--datasets", "cmnist", "--only", "erm,lff", "--save",
+                              "{tmp}/runs.json"],
+    "methods_cmnist.py": ["--seeds", "1", "--epochs", "2", "--jobs", "1", "--only", "erm,groupdro"],
+    "pruning.py": ["--method", "erm", "--trials", "2", "--epochs", "2"],
+    # every method's row (a crash in one row is what this catches), on tiny batches
+    "step_cost.py": ["--steps", "1", "--rounds", "1", "--batch", "8", "--image-size", "16", "--n-train", "64"],
     "texdigits_samples.py": ["--out", "{tmp}/groups.png"],
-    "trial_cost.py": ["--epochs", "1", "--repeats", "1"],
+    "trial_cost.py": ["--epochs", "1", "--repeats", "1", "--only", "bundled"],
 }
 
 

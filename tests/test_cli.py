@@ -33,7 +33,7 @@ def test_cli_writes_result_json(tmp_path):
     (["--method", "erm", "--eta-q", "0.1"], "error: --eta-q is a parameter of groupdro, not of erm"),
     (["--dataset", "waterbirds", "--data-dir", "/nonexistent/wb"], "error: /nonexistent/wb: data directory not found"),
     (["--epochs", "0"], "error: epochs must be an integer >= 1 or unset, got 0"),
-    (["--method", "fim", "--rho", "2"], "error: rho must be in (0.0, 1.0], got 2.0"),
+    (["--method", "fim", "--rho", "2"], "error: fim.rho must be a finite number in (0.0, 1.0], got 2.0"),
     # argparse's own refusals, in the same one line (not its usage text)
     (["--method", "fim", "--lambda-max", "big"],
      "error: argument --lambda-max: invalid float value: 'big' (see python -m trainer --help)"),

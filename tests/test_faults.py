@@ -91,7 +91,7 @@ def test_failing_trials_do_not_exhaust_the_budget_and_halt_the_study(pg_url):
     ([], '[space.train]\nlr = ["a", "b"]', "train.lr: bound 'a' is not a finite number"),
     (["--methods", "erm,erm"], None, "methods lists a name twice"),
     # 15. values every trial would fail on: refused before anything is written
-    (["--lambda-max", "1e308"], None, "fim.lambda_max must be a finite number <= 1000000.0, got 1e+308"),
+    (["--lambda-max", "1e308"], None, "fim.lambda_max must be a finite number in (0.0, 1000000.0], got 1e+308"),
     (["--methods", "latent_aug", "--latent-dim", "1"], None, "latent_aug.latent_dim must be an integer from 2 to"),
     (["--methods", "latent_aug", "--n-pairs", "100000"], None, "latent_aug.n_pairs must be an integer from 1 to 50000"),
     (["--methods", "latent_aug", "--width", "1000000"], None, "latent_aug.width must be an integer from 1 to 1024"),

@@ -270,7 +270,7 @@ def test_every_method_gets_a_row_with_its_group_label_use(storage):
     p = report(url, "--experiment", "all")
     assert p.returncode == 0, p.stderr
     rows = {r[1]: r for r in markdown_rows(p.stdout) if len(r) == 10}
-    assert set(rows) == {c.label for c in METHODS.values()}  # every method has its row, finished or not
+    assert set(rows) == {c.card.label for c in METHODS.values()}  # every method has its row, finished or not
     assert [rows[label][6] for label in ("ERM", "DFR", "JTT", "ReSample", "ReSample (class)")] == [
         "no", "val split", "no", "yes", "no"]  # train group labels: none, the val split, training
     assert "DFR: its val is the worst-group accuracy on a held-out half of val" in p.stdout

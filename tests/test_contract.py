@@ -1,0 +1,153 @@
+"""The method contract: what a method is given, what it declares, and that one step skeleton serves every method."""
+import dataclasses
+
+import pytest
+import torch
+
+from study.experiment import Experiment
+from trainer import TrainConfig, fit
+from trainer.cli import get_args_parser, method_flags, method_params_from_args
+from trainer.data import TensorGroupDataset, load_splits
+from trainer.methods import METHODS, Method, TrainSplit
+from trainer.methods.base import Choice
+from trainer.settings import check
+
+# short runs that reach each method's own epochs (JTT's second stage, Ours' constrained epochs)
+SHORT = {"jtt": {"stage1_epochs": 1}}
+LABEL_FREE = [name for name, cls in METHODS.items() if cls.group_labels != "train"]
+
+
+def _scrambled(splits):
+    """The same splits with the training split's group labels (its attribute) permuted: val and test untouched."""
+    t = splits.train
+    perm = torch.randperm(len(t.a), generator=torch.Generator().manual_seed(7))
+    assert not torch.equal(t.a[perm], t.a)
+    return dataclasses.replace(splits, train=TensorGroupDataset(t.x, t.y, t.a[perm], t.n_classes, t.n_attr))
+
+
+def _learned(r):
+    """Everything a run learned and was selected by: every epoch's training logs and val metrics but the
+    train-weighted average (it weights by the training groups by definition), the selected epoch, every per-group
+    val and test accuracy."""
+    def metrics(m):
+        return {k: v for k, v in m.items() if k != "avg_train_weighted"}
+    history = [{k: v for k, v in h.items() if k.startswith("train_") or k in (
+        "epoch", "own", "val_wga", "val_worst_class", "val_avg_plain", "val_selection")} for h in r.history]
+    return {"best_epoch": r.best_epoch, "history": history, "val": metrics(r.val), "test": metrics(r.test)}
+
+
+def _pair(method, splits):
+    cfg = TrainConfig(dataset="cmnist", method=method, epochs=3, patience=0, threads=1, device="cpu",
+                      method_params=SHORT.get(method, {}))
+    return fit(cfg, splits=splits, log=None), fit(cfg, splits=_scrambled(splits), log=None)
+
+
+@pytest.fixture(scope="module")
+def cmnist():
+    return load_splits("cmnist")
+
+
+@pytest.mark.parametrize("method", LABEL_FREE)
+def test_a_method_that_trains_on_no_group_label_learns_nothing_from_them(method, cmnist):
+    """Scrambling the training split's group labels changes nothing a label-free method learns, bit for bit."""
+    plain, scrambled = _pair(method, cmnist)
+    assert _learned(plain) == _learned(scrambled)
+    assert plain.val["avg_train_weighted"] != scrambled.val["avg_train_weighted"] or method == "dfr"
+
+
+def test_the_scramble_is_seen_by_a_method_that_trains_on_group_labels(cmnist):
+    """The control: the same scramble changes what GroupDRO learns (the test above can fail)."""
+    plain, scrambled = _pair("groupdro", cmnist)
+    assert plain.history[0]["train_loss"] != scrambled.history[0]["train_loss"]
+
+
+def test_group_ids_reach_only_the_methods_that_declare_them():
+    labels, groups = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
+    for name, cls in METHODS.items():
+        view = TrainSplit.view(cls, labels, groups, 2, 4)
+        assert (view.groups is not None) == (cls.group_labels == "train"), name
+
+
+def test_only_the_methods_whose_step_differs_own_it():
+    """One step skeleton (Method.training_step): no method overrides it; the whole forward/backward is owned only
+    where it is not one loss's gradient (SAM's two passes, the full-scope constraint's double backprop)."""
+    assert [n for n, c in METHODS.items() if c.training_step is not Method.training_step] == []
+    owners = {n for n, c in METHODS.items() if c.gradients is not Method.gradients}
+    assert owners == {"sam", "fim", "fim_relative"}  # fim_relative inherits fim's
+
+
+def test_a_parameter_name_means_one_thing_across_the_registry():
+    helps: dict[str, set] = {}
+    for cls in METHODS.values():
+        for f in cls.param_fields():
+            helps.setdefault(f.name, set()).add(f.metadata["help"])
+    assert {name: texts for name, texts in helps.items() if len(texts) > 1} == {}
+    assert method_flags()["rho"] == ["fim", "fim_relative"] and method_flags()["radius"] == ["sam"]
+    # `--rho` fixes Ours' active fraction only; SAM's radius has a flag of its own
+    args = get_args_parser().parse_args(["--rho", "0.2", "--radius", "0.1"])
+    assert method_params_from_args(args, ["fim", "sam"]) == {"fim": {"rho": 0.2}, "sam": {"radius": 0.1}}
+
+
+def test_every_search_range_lies_in_its_parameters_domain():
+    for name, cls in METHODS.items():
+        declared = {f.name: f for f in cls.param_fields()}
+        for pname, spec in cls.SPACE.items():
+            values = spec.choices if isinstance(spec, Choice) else (spec.low, spec.high)
+            for v in values:
+                check(declared[pname], v, f"{name}.")  # raises, naming it, when outside
+
+
+@pytest.mark.parametrize("space, expect", [
+    ({"lff": {"q": [0.5, 1.5]}}, "search space lff.q: value 1.5 is not accepted (lff.q must be a finite number in "
+                                 "(0.0, 1.0], got 1.5)"),
+    ({"lff": {"ema_alpha": [0.5, 1.0]}}, "search space lff.ema_alpha: value 1.0 is not accepted (lff.ema_alpha must "
+                                         "be a finite number in [0.0, 1.0), got 1.0)"),
+])
+def test_a_search_range_outside_the_domain_is_refused_naming_it(space, expect):
+    with pytest.raises(ValueError) as e:
+        Experiment.of(name="x", datasets=["synthetic"], methods=list(space), space=space)
+    assert expect in str(e.value)
+
+
+@pytest.mark.parametrize("method, params, expect", [
+    ("groupdro", {"eta_q": 0.0}, "eta_q must be a finite number > 0.0, got 0.0"),
+    ("lff", {"q": 1.5}, "q must be a finite number in (0.0, 1.0], got 1.5"),
+    ("jtt", {"up": 0.5}, "up must be a finite number >= 1.0, got 0.5"),
+    ("dfr", {"c_grid": "1,x"}, "c_grid: must be comma-separated numbers > 0, got '1,x'"),
+    ("latent_aug", {"latent_dim": 1}, "latent_dim must be an integer from 2 to 1024, got 1"),
+])
+def test_a_parameter_outside_its_declared_domain_is_refused_by_the_settings_and_the_method(method, params, expect):
+    with pytest.raises(ValueError) as e:  # the command line, a TOML file and a stored study go through this
+        TrainConfig(dataset="synthetic", method=method, method_params=params).resolved()
+    assert f"{method}.{expect}" in str(e.value)
+    cls = METHODS[method]
+    with pytest.raises(ValueError) as e:  # and a method built directly checks the same declarations
+        cls(cls.Params(**params), TrainSplit(torch.tensor([0, 1, 0, 1]), 2, 4, torch.arange(4)))
+    assert expect in str(e.value)
+
+
+def test_every_method_has_a_card():
+    for name, cls in METHODS.items():
+        assert cls.card.label and cls.card.family and cls.card.cites, name
+    assert len({c.card.label for c in METHODS.values()}) == len(METHODS)  # one row each in the report
+
+
+def test_the_readme_example_method_is_a_working_method(monkeypatch):
+    """The README's "Adding a method" example, as written there: registered, it trains, and its parameter's domain
+    is checked like every other."""
+    import re
+    import types
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Adding a method"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 16  # what a new method writes
+    module = types.ModuleType("trainer.methods.focal")
+    module.__package__ = "trainer.methods"
+    exec(compile(code, "README.md", "exec"), module.__dict__)
+    monkeypatch.setitem(METHODS, "focal", module.Focal)
+    r = fit(TrainConfig(dataset="synthetic", method="focal", epochs=2, method_params={"gamma": 1.0}), log=None)
+    assert r.hparams["method_params"] == {"gamma": 1.0} and r.history[-1]["train_loss"] < r.history[-1]["train_nll"]
+    with pytest.raises(ValueError, match=r"focal.gamma must be a finite number >= 0.0, got -1.0"):
+        TrainConfig(dataset="synthetic", method="focal", method_params={"gamma": -1.0}).resolved()
