@@ -1,65 +1,13 @@
 """The method contract: what a method is given, what it declares, and that one step skeleton serves every method."""
-import dataclasses
-
 import pytest
 import torch
 
 from study.experiment import Experiment
 from trainer import TrainConfig, fit
 from trainer.cli import get_args_parser, method_flags, method_params_from_args
-from trainer.data import TensorGroupDataset, load_splits
 from trainer.methods import METHODS, Method, TrainSplit
 from trainer.methods.base import Choice
 from trainer.settings import check
-
-# short runs that reach each method's own epochs (JTT's second stage, Ours' constrained epochs)
-SHORT = {"jtt": {"stage1_epochs": 1}}
-LABEL_FREE = [name for name, cls in METHODS.items() if cls.group_labels != "train"]
-
-
-def _scrambled(splits):
-    """The same splits with the training split's group labels (its attribute) permuted: val and test untouched."""
-    t = splits.train
-    perm = torch.randperm(len(t.a), generator=torch.Generator().manual_seed(7))
-    assert not torch.equal(t.a[perm], t.a)
-    return dataclasses.replace(splits, train=TensorGroupDataset(t.x, t.y, t.a[perm], t.n_classes, t.n_attr))
-
-
-def _learned(r):
-    """Everything a run learned and was selected by: every epoch's training logs and val metrics but the
-    train-weighted average (it weights by the training groups by definition), the selected epoch, every per-group
-    val and test accuracy."""
-    def metrics(m):
-        return {k: v for k, v in m.items() if k != "avg_train_weighted"}
-    history = [{k: v for k, v in h.items() if k.startswith("train_") or k in (
-        "epoch", "own", "val_wga", "val_worst_class", "val_avg_plain", "val_selection")} for h in r.history]
-    return {"best_epoch": r.best_epoch, "history": history, "val": metrics(r.val), "test": metrics(r.test)}
-
-
-def _pair(method, splits):
-    cfg = TrainConfig(dataset="cmnist", method=method, epochs=3, patience=0, threads=1, device="cpu",
-                      method_params=SHORT.get(method, {}))
-    return fit(cfg, splits=splits, log=None), fit(cfg, splits=_scrambled(splits), log=None)
-
-
-@pytest.fixture(scope="module")
-def cmnist():
-    return load_splits("cmnist")
-
-
-@pytest.mark.parametrize("method", LABEL_FREE)
-def test_a_method_that_trains_on_no_group_label_learns_nothing_from_them(method, cmnist):
-    """Scrambling the training split's group labels changes nothing a label-free method learns, bit for bit."""
-    plain, scrambled = _pair(method, cmnist)
-    assert _learned(plain) == _learned(scrambled)
-    assert plain.val["avg_train_weighted"] != scrambled.val["avg_train_weighted"] or method == "dfr"
-
-
-def test_the_scramble_is_seen_by_a_method_that_trains_on_group_labels(cmnist):
-    """The control: the same scramble changes what GroupDRO learns (the test above can fail)."""
-    plain, scrambled = _pair("groupdro", cmnist)
-    assert plain.history[0]["train_loss"] != scrambled.history[0]["train_loss"]
-
 
 def test_group_ids_reach_only_the_methods_that_declare_them():
     labels, groups = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 2, 3])
