@@ -1,4 +1,6 @@
-"""Every bench/ script runs: each with its smallest settings, as a user would start it (`python bench/NAME.py`)."""
+"""Every bench/ script runs: each with its smallest settings, as `python bench/NAME.py ARGS` runs it (`runpy` with the
+script as `__main__` and bench/ on the path), several in one process so that torch is imported once per group."""
+import json
 import os
 import subprocess
 import sys
@@ -26,18 +28,55 @@ SMALLEST = {
     "texdigits_samples.py": ["--out", "{tmp}/groups.png"],
     "trial_cost.py": ["--epochs", "1", "--repeats", "1", "--only", "bundled"],
 }
+# two groups of about equal time, one process each; fim_full_probe patches the method class it probes: last
+GROUPS = {"training": ["fim_ablation.py", "fim_scopes.py", "methods_cmnist.py", "method_fingerprint.py", "pruning.py",
+                       "fim_full_probe.py"],
+          "cost and figures": ["decoded_memory.py", "epoch_cost.py", "latent_aug_pairs.py", "step_cost.py",
+                               "texdigits_samples.py", "trial_cost.py"]}
+
+# Runs each script as its own command line would, one after another; what a script changes in the process (the
+# environment, torch's thread count) is put back before the next. One JSON line per script on the real stdout.
+RUNNER = r"""
+import contextlib, io, json, os, runpy, sys, traceback
+import torch
+bench, jobs = sys.argv[1], json.loads(sys.argv[2])
+sys.path.insert(0, bench)
+real_stdout = sys.stdout
+for script, args in jobs:
+    env, threads, out = dict(os.environ), torch.get_num_threads(), io.StringIO()
+    sys.argv = [os.path.join(bench, script), *args]
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if rc:
+            print(f"{script}: {e.code}", file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+        rc = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+    print(json.dumps({"script": script, "rc": rc, "stdout": out.getvalue()[-2000:]}), file=real_stdout, flush=True)
+"""
 
 
 def test_every_bench_script_is_run_here():
-    assert {p.name for p in BENCH.glob("*.py")} == set(SMALLEST)
+    assert {p.name for p in BENCH.glob("*.py")} == set(SMALLEST) == {s for g in GROUPS.values() for s in g}
 
 
-@pytest.mark.parametrize("script", sorted(SMALLEST))
-def test_bench_script_runs(script, tmp_path):
-    args = [a.format(tmp=tmp_path) for a in SMALLEST[script]]
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_bench_scripts_run(group, tmp_path):
+    jobs = [(s, [a.format(tmp=tmp_path) for a in SMALLEST[s]]) for s in GROUPS[group]]
     env = {**os.environ, "DEBIAS_CACHE_DIR": os.environ.get("DEBIAS_CACHE_DIR", str(tmp_path / "cache")),
-           "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
-                       timeout=600, cwd=tmp_path)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    assert p.stdout.strip(), "a bench script prints its result"
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)}
+    p = subprocess.run([sys.executable, "-c", RUNNER, str(BENCH), json.dumps(jobs)], capture_output=True, text=True,
+                       env=env, timeout=900, cwd=tmp_path)
+    done = {r["script"]: r for r in map(json.loads, (line for line in p.stdout.splitlines() if line.startswith("{")))}
+    for script in GROUPS[group]:
+        assert script in done, f"{script} did not finish: {p.stderr[-4000:]}"
+        assert done[script]["rc"] == 0, f"{script} exited {done[script]['rc']}: {p.stderr[-4000:]}"
+        assert done[script]["stdout"].strip(), f"{script} printed no result"
