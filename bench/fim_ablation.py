@@ -16,7 +16,7 @@ from __future__ import annotations
 import pandas as pd
 from methods_cmnist import parse_args, pm, runs
 
-from study.report import t_interval
+from study.statistics import t_interval
 
 DESIGNED = "(a) Ours as designed"
 VARIANTS = [

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from methods_cmnist import pm, runs
 
-from study.report import t_interval
+from study.statistics import t_interval
 
 SPECS = [
     ("ERM", "erm", {}),

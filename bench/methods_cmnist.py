@@ -65,7 +65,7 @@ def parse_args(description: str) -> argparse.Namespace:
 
 def paired(df: pd.DataFrame, against: str, order: list[str]) -> list[str]:
     """Each row's test Worst minus `against`'s over the same seeds (pp), with its 95% t-interval and verdict."""
-    from study.report import decided, t_interval
+    from study.statistics import decided, t_interval
     ref = df[df["method"] == against].set_index("seed")["worst"]
     out = []
     for label in order:

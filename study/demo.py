@@ -17,7 +17,7 @@ from trainer.methods import COMPARISON
 
 from .experiment import Experiment, init_experiment, load_experiment
 from .replicate import replicate
-from .report import render_html, render_markdown
+from .render import render_html, render_markdown
 from .results import collect, trial_counts
 from .storage import make_storage
 from .worker import StopSignals

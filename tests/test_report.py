@@ -15,7 +15,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from study.experiment import Experiment, init_experiment
-from study.report import t_interval
+from study.statistics import t_interval
 from study.results import collect
 from study.storage import make_storage
 
