@@ -14,6 +14,12 @@ def test_group_ids_reach_only_the_methods_that_declare_them():
     for name, cls in METHODS.items():
         view = TrainSplit.view(cls, labels, groups, 2, 4)
         assert (view.groups is not None) == (cls.group_labels == "train"), name
+        method = cls(cls.Params(), view)
+        if cls.group_labels == "train":
+            assert torch.equal(method.train_group_ids, groups), name
+        else:
+            with pytest.raises(RuntimeError, match="is given no training group ids"):
+                method.train_group_ids
 
 
 def test_only_the_methods_whose_step_differs_own_it():

@@ -162,6 +162,14 @@ class Method(nn.Module):
                              persistent=False)
         self._auxiliaries: list[tuple[nn.Module, torch.optim.Optimizer]] = []
 
+    @property
+    def train_group_ids(self) -> torch.Tensor:
+        """The training split's group id per sample, given only to a method that declares group_labels = "train"."""
+        if self.train_groups is None:  # not AttributeError: nn.Module.__getattr__ would replace its message
+            raise RuntimeError(f"{type(self).__name__} declares group_labels = {self.group_labels!r}: it is given "
+                               "no training group ids")
+        return self.train_groups
+
     def add_auxiliary(self, ctx: RunContext) -> nn.Module:
         """A model like the run's, with its own optimiser, stepped by the base with the run's model (in `setup`)."""
         model = ctx.new_model()

@@ -78,7 +78,8 @@ class Scope:
         return contextlib.nullcontext((None, None))
 
     def recorded_traces(self, m: "FisherConstrained", tracer: ParameterTrace, logits, y, saved) -> torch.Tensor:
-        return logit_trace(logits.detach(), y, m.params.fisher)
+        """The traces of a forward run inside `recording` (its logits), without a graph to the parameters."""
+        raise NotImplementedError(self.name)
 
 
 class Logits(Scope):
@@ -93,6 +94,9 @@ class Logits(Scope):
     def model_traces(self, m, model, tracer, x, y):
         with torch.no_grad():
             return logit_trace(model(x).float(), y, m.params.fisher)
+
+    def recorded_traces(self, m, tracer, logits, y, saved):
+        return logit_trace(logits.detach(), y, m.params.fisher)
 
 
 class LastLayer(Scope):

@@ -26,16 +26,15 @@ class GroupDRO(Method):
     group_labels = "train"
     card = Card("DRO", "group robustness", "Sagawa et al., ICLR 2020", order=1, reference=True,
                 name_note="DRO is GroupDRO (Sagawa et al., 2020).")
-    train_groups: torch.Tensor  # group_labels = "train": always given
 
     def __init__(self, params: GroupDROParams, train, **kw):
         super().__init__(params, train, **kw)
-        counts = torch.bincount(self.train_groups, minlength=self.n_groups).float()
+        counts = torch.bincount(self.train_group_ids, minlength=self.n_groups).float()
         self.register_buffer("group_counts", counts)
         self.register_buffer("q", torch.full((self.n_groups,), 1.0 / self.n_groups))
 
     def sampling_weights(self):
-        return 1.0 / self.group_counts.clamp(min=1)[self.train_groups] if self.params.balanced else None
+        return 1.0 / self.group_counts.clamp(min=1)[self.train_group_ids] if self.params.balanced else None
 
     def loss(self, logits, h, batch):
         ce, g = F.cross_entropy(logits, batch.y, reduction="none"), batch.g

@@ -134,7 +134,6 @@ class LatentAug(Method):
     group_labels = "train"  # the attribute hyperplane is fit on the training split's attribute labels
     LOGGED = ("generator_seconds", "generator_cached")
     card = Card("Latent de-biasing", "generative augmentation", "Ramaswamy, Kim, Russakovsky, CVPR 2021", order=25)
-    train_groups: torch.Tensor  # group_labels = "train": always given
 
     def __init__(self, params: LatentAugParams, train, **kw):
         super().__init__(params, train, **kw)
@@ -156,7 +155,7 @@ class LatentAug(Method):
         for x, _, idx in train_batches(eval=False, inputs=True):  # the training step's inputs, every sample once
             xs.update(zip(idx.tolist(), x.float().cpu()))
         x = torch.stack([xs[i] for i in range(self.n_train)])
-        y, g = self.train_labels.cpu(), self.train_groups.cpu()
+        y, g = self.train_labels.cpu(), self.train_group_ids.cpu()
         a = g - 2 * y  # group_labels = "train": the training split's attribute
         key = hashlib.sha256(b"".join([STAGE_VERSION.encode(), x.numpy().tobytes(), y.numpy().tobytes(),
                                        a.numpy().tobytes(), repr(sorted(vars(self.params).items())).encode()]))

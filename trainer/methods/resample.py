@@ -22,8 +22,7 @@ class Resample(Method):
 
     def keys(self) -> torch.Tensor:
         """What is balanced: the group of each training sample."""
-        assert self.train_groups is not None  # group_labels = "train"
-        return self.train_groups
+        return self.train_group_ids
 
     def sampling_weights(self):
         return inverse_frequency(self.keys())

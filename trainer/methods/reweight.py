@@ -31,8 +31,7 @@ class Reweight(Method):
         self.register_buffer("weight", balanced_weights(self.keys()), persistent=False)
 
     def keys(self) -> torch.Tensor:
-        assert self.train_groups is not None  # group_labels = "train"
-        return self.train_groups
+        return self.train_group_ids
 
     def loss(self, logits, h, batch):
         ce = F.cross_entropy(logits, batch.y, reduction="none")

@@ -32,8 +32,7 @@ class Subsample(Method):
         self.mask = None
 
     def keys(self) -> torch.Tensor:
-        assert self.train_groups is not None  # group_labels = "train"
-        return self.train_groups
+        return self.train_group_ids
 
     def setup(self, ctx):
         # drawn from the global generator, which the loop seeds with the training seed before setup
