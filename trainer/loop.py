@@ -166,7 +166,7 @@ def train_one_epoch(method: Method, net: nn.Module, optimizer: torch.optim.Optim
     """One pass over the training loader, a training step per batch; returns the epoch's mean of every step log
     (train_loss, train_nll, ...). Group ids go into the batch only for a method that trains on them."""
     net.train()
-    with_groups = method.group_labels == "train"
+    with_groups = method.train_groups is not None  # the method was given the training groups (TrainSplit.view)
     sums: dict[str, torch.Tensor] = {}
     finite = torch.ones((), dtype=torch.bool, device=device)
     n_steps = 0
