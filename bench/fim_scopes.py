@@ -94,13 +94,13 @@ def searched(size: int, args) -> pd.DataFrame:
             label = {"erm": "ERM", "groupdro": "GroupDRO", "fim": f"Ours ({scope})",
                      "fim_relative": EXTENSION}[r.method]
             for t in r.runs():
-                own = [e for e in t.user_attrs.get("lambda_enrichment") or [] if e is not None]
-                rows.append({"method": label, "seed": t.user_attrs["seed"], "worst": t.user_attrs["test"]["wga"],
-                             "avg": t.user_attrs["test"]["avg_train_weighted"],
-                             "seconds": t.user_attrs["train_seconds"],
+                own = [e for e in t.record.diagnostics.get("lambda_enrichment") or [] if e is not None]
+                rows.append({"method": label, "seed": t.seed, "worst": t.test.wga,
+                             "avg": t.test.avg("avg_train_weighted"), "seconds": t.record.train_seconds,
                              "enrichment": float(np.mean(own)) if own else np.nan,
                              "params": ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in t.params.items() if k != "scope" or r.method != "fim")})
+                                                 for k, v in t.record.params.items()
+                                                 if k != "scope" or r.method != "fim")})
     print(f"storage of the searched runs: {url}")
     return pd.DataFrame(rows)
 

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from study.experiment import Experiment, init_experiment
-from study.results import best_trial
+from study.records import best as best_of, read_all
 from study.storage import make_storage
 from study.worker import run_worker
 
@@ -27,11 +27,13 @@ def run(pruner: str, args, tmp: str) -> dict:
     init_experiment(storage, exp)
     run_worker(storage, exp.name, device="cpu", sampler_seed=args.seed, log=lambda *_: None)
     study = optuna.load_study(study_name=exp.study_name("cmnist", args.method), storage=storage)
-    best = best_trial(study.trials)
-    return {"pruner": pruner, "best val WGA": best.value, "its test WGA": best.user_attrs["test"]["wga"],
+    records = read_all(study.trials)
+    best = best_of(records)
+    assert best is not None and best.run is not None, "no trial finished"
+    return {"pruner": pruner, "best val WGA": best.value, "its test WGA": best.run.test.wga,
             "epochs trained": sum(len(t.intermediate_values) for t in study.trials),
             "pruned trials": sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials),
-            "seconds": sum(t.user_attrs.get("train_seconds", 0) for t in study.trials)}
+            "seconds": sum(r.train_seconds for r in records)}
 
 
 def main():

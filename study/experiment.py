@@ -19,6 +19,7 @@ from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
 from trainer.settings import check
 
+from .records import plan
 from .storage import named_lock
 
 PRUNERS = ("median", "hyperband", "none")
@@ -411,7 +412,7 @@ def _create(storage, exp: Experiment, existing: set[str]) -> list[str]:
                 study.set_user_attr("method", method)
                 study.set_user_attr("phase", phase)
                 if phase == "search" and not study.get_trials(deepcopy=False):
-                    study.enqueue_trial(reference_params(exp, dataset, method), user_attrs={"reference": True})
+                    study.enqueue_trial(reference_params(exp, dataset, method), user_attrs=plan(reference=True))
                 study.set_user_attr("experiment", settings)  # last: a study with its settings is complete
         names.append(name)
     return names

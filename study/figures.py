@@ -8,7 +8,7 @@ from optuna.trial import TrialState
 
 from trainer.methods import METHODS
 
-from .results import AVG, has_result
+from .results import AVG
 
 # One colour per registered method, in the registry's order (ERM grey, GroupDRO blue, Ours red, ...): a method keeps
 # its colour in every figure and every report, whatever else the experiment holds.
@@ -66,8 +66,8 @@ def history(results, objective: str) -> go.Figure:
 def avg_vs_worst(results, avg_key: str) -> go.Figure:
     fig = go.Figure()
     for r in results:
-        done = [t for t in r.search if has_result(t)]
-        pts = [(100 * t.user_attrs["test"][avg_key], 100 * t.user_attrs["test"]["wga"]) for t in done]
+        done = [t.run for t in r.search if t.run]
+        pts = [(100 * t.test.avg(avg_key), 100 * t.test.wga) for t in done]
         c, name = color(r.method), _name(r, results)
         fig.add_scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=name, legendgroup=name,
                         marker_color=c, text=[f"trial {t.number}" for t in done])
@@ -82,16 +82,11 @@ def group_accuracy(results) -> go.Figure:
     for r in results:
         if r.best is None:
             continue
-        groups = r.best.user_attrs["test"].get("groups", [])
-        fig.add_bar(x=[f"{group_name(g)} (n={g['count']})" for g in groups], y=[100 * g["acc"] for g in groups],
+        groups = r.best.test.groups if r.best.test else ()
+        fig.add_bar(x=[f"{g.name} (n={g.count})" for g in groups], y=[100 * g.acc for g in groups],
                     name=_name(r, results), marker_color=color(r.method))
     return fig.update_layout(barmode="group", xaxis_title="test group (label y, spurious attribute a)",
                              yaxis_title="accuracy of the best trial (%)")
-
-
-def group_name(g: dict) -> str:
-    """'y=1, a=0' (a record from before groups named their label and attribute: 'group 2')."""
-    return f"y={g['y']}, a={g['a']}" if "y" in g else f"group {g['group']}"
 
 
 def val_curves(results, objective: str) -> go.Figure:
@@ -119,7 +114,7 @@ def benchmark_figure(results) -> go.Figure:
         rows = [r for r in results if r.method == method and r.runs()]
         if not rows:
             continue
-        values = [100 * np.array([t.user_attrs["test"]["wga"] for t in r.runs()]) for r in rows]
+        values = [100 * np.array([t.test.wga for t in r.runs()]) for r in rows]
         fig.add_bar(x=[r.dataset for r in rows], y=[v.mean() for v in values], name=rows[0].label,
                     marker_color=color(method),
                     error_y=dict(type="data", array=[v.std(ddof=1) if len(v) > 1 else 0 for v in values]),
@@ -136,20 +131,20 @@ def lambda_share(results) -> go.Figure | None:
     fig, any_data = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
                                   specs=[[{}], [{"secondary_y": True}]]), False
     for r in results:
-        attrs = r.best.user_attrs if r.best else {}
-        shares = attrs.get("lambda_share") or []
+        series = r.best.diagnostics if r.best else {}
+        shares = series.get("lambda_share") or []
         epochs = [e for e, s in enumerate(shares, start=1) if s]
         if not epochs:
             continue
         any_data, name = True, _name(r, results)
-        names = {g["group"]: group_name(g) for g in attrs.get("test", {}).get("groups", [])}
+        names = {g.group: g.name for g in r.best.test.groups} if r.best and r.best.test else {}
         for g in range(len(shares[epochs[0] - 1])):
             fig.add_scatter(x=epochs, y=[100 * shares[e - 1][g] for e in epochs], stackgroup=r.name, mode="lines",
                             name=f"{name} {names.get(g, f'group {g}')}", row=1, col=1)
         for key, label, dash, secondary in (("lambda_enrichment", "λ enrichment on bias-conflicting", "solid", False),
                                             ("at_cap_frac", "share at λ_max", "dot", True),
                                             ("at_zero_frac", "share at 0", "dash", True)):
-            values = attrs.get(key) or []
+            values = series.get(key) or []
             points = [(e, v) for e, v in enumerate(values, start=1) if v is not None]
             if points:
                 x, y = zip(*points)

@@ -9,7 +9,8 @@ that failed stays failed: the report shows it).
 """
 from __future__ import annotations
 
-from .results import collect, ranked, trial_counts
+from .records import plan, ranked
+from .results import collect, trial_counts
 
 TOP_K = 3   # configurations carried into the seed phase
 SEEDS = 5   # seeds per configuration, the searched run counting as one (BalancingGroups ranks by 5)
@@ -37,12 +38,12 @@ def replicate(storage, experiment: str, seeds: int = SEEDS, top_k: int = TOP_K) 
     out = {}
     for r in results:
         study = r.seeds_study
-        have = {(c.searched.number, t.user_attrs.get("seed")) for c in r.configs for t in c.reruns}
+        have = {(c.searched.number, t.seed) for c in r.configs for t in c.reruns}
         new = []
         for rank, t in enumerate(ranked(r.search)[:top_k], start=1):
             for seed in range(exp.run.seed + 1, exp.run.seed + seeds):
                 if (t.number, seed) not in have:
-                    study.enqueue_trial(t.params, user_attrs={"seed": seed, "config": t.number, "rank": rank})
+                    study.enqueue_trial(t.params, user_attrs=plan(seed, config=t.number, rank=rank))
                     new.append((rank, seed))
         out[r.name] = new
     return out

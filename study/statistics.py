@@ -38,8 +38,8 @@ def _r(v: float) -> float:
 
 def paired_diffs(a: StudyResult, b: StudyResult) -> list[float]:
     """Test worst-group differences a − b (pp), paired by training seed over the seeds both rows finished."""
-    mine = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in a.runs()}
-    theirs = {t.user_attrs["seed"]: t.user_attrs["test"]["wga"] for t in b.runs()}
+    mine = {t.seed: t.test.wga for t in a.runs()}
+    theirs = {t.seed: t.test.wga for t in b.runs()}
     return [100 * (mine[s] - theirs[s]) for s in sorted(set(mine) & set(theirs))]
 
 

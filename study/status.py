@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from .experiment import load_experiment
-from .results import best_trial, trial_counts
+from .records import best, read_all
+from .results import trial_counts
 
 
 def status_table(storage, experiment: str) -> pd.DataFrame:
@@ -15,12 +16,12 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
         c = trial_counts(s)
         trials = s.get_trials(deepcopy=False)
         sc = trial_counts(seeds[s.study_name]) if s.study_name in seeds else {}
-        best = best_trial(trials)  # COMPLETE only, the report's ties
+        top = best(read_all(trials))  # the report's ranking
         rows.append({
             "study": s.study_name, "budget": exp.trials, "used": c["used"], "complete": c["complete"],
             "pruned": c["pruned"], "failed": c["fail"], "running": c["running"], "waiting": c["waiting"],
             "seed phase (done/all)": f"{sc.get('complete', 0)}/{sc.get('used', 0)}" if sc else "-",
-            f"best {exp.selection}": round(best.value, 4) if best and best.value is not None else None,
+            f"best {exp.selection}": round(top.value, 4) if top else None,
             "epochs trained": sum(len(t.intermediate_values) for t in trials),
             "halted": c["halted"] or "",
         })

@@ -27,6 +27,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import (ArgumentError, DBAPIError, DisconnectionError, InterfaceError, OperationalError,
                             PendingRollbackError, SQLAlchemyError)
 
+from .records import inherited
+
 DEFAULT_STORAGE = "sqlite:///studies.db"
 HEARTBEAT_INTERVAL = 60  # seconds between heartbeats of a running trial
 GRACE_PERIOD = 180       # a trial silent this long is stale: failed and re-queued with the same parameters
@@ -442,10 +444,6 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(cause)}") from None
 
 
-# The user attributes that say what a trial is (not what happened to it): the only ones a retry inherits.
-IDENTITY_ATTRS = ("seed", "reference", "config", "rank")
-
-
 class CleanRetry(RetryHeartbeatStaleTrialCallback):
     """Re-queues a dead trial with the same parameters, like Optuna's callback, but the retry inherits only the
     identity attributes (seed, configuration), never the dead trial's fail_reason, metrics or seconds. (The storage
@@ -458,7 +456,7 @@ class CleanRetry(RetryHeartbeatStaleTrialCallback):
         study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
             system_attrs={"failed_trial": trial.number, **trial.system_attrs, "retry_history": history},
-            user_attrs={k: v for k, v in trial.user_attrs.items() if k in IDENTITY_ATTRS}))
+            user_attrs=inherited(trial)))
 
 
 def retried_numbers(trials: list[optuna.trial.FrozenTrial]) -> set[int]:

@@ -29,11 +29,11 @@ def untrained(r: StudyResult) -> str | None:
     runs = r.runs()
     if not runs:
         return None
-    if all(t.user_attrs.get("test", {}).get("worst_class") == 0 for t in runs):
+    if all(t.test.worst_class == 0 for t in runs):
         return "predicts a single class"
-    if all(t.user_attrs["val"]["wga"] == 0 and t.user_attrs["val"].get("avg_train_weighted", 0) >= 0.9 for t in runs):
+    if all(t.val.wga == 0 and (t.val.avg_train_weighted or 0) >= 0.9 for t in runs):
         return None
-    if all(t.user_attrs.get("best_epoch") == t.user_attrs.get("first_own_epoch", 1) for t in runs):
+    if all(t.best_epoch == t.first_own_epoch for t in runs):
         return "its best epoch is its first"
     return None
 
@@ -61,8 +61,8 @@ def summary(exp, results: list[StudyResult], avg: str = "train_weighted") -> pd.
             "trials complete": r.count(TrialState.COMPLETE), "trials pruned": r.count(TrialState.PRUNED),
             "trials failed": r.count(TrialState.FAIL), "compute (s)": round(r.compute_s)}
         if runs:
-            row["Avg"], row["Avg std"] = _pct([t.user_attrs["test"][key] for t in runs])
-            row["Worst"], row["Worst std"] = _pct([t.user_attrs["test"]["wga"] for t in runs])
+            row["Avg"], row["Avg std"] = _pct([t.test.avg(key) for t in runs])
+            row["Worst"], row["Worst std"] = _pct([t.test.wga for t in runs])
             row["val"], row["val std"] = _pct([t.value for t in runs])
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS).round(1)
@@ -80,7 +80,7 @@ def benchmark_summary(results: list[StudyResult]) -> pd.DataFrame:
     if len(datasets) < 2:
         return pd.DataFrame()
     at = {(r.dataset, r.method): r for r in results}
-    worst = {(r.dataset, r.method): _pct([t.user_attrs["test"]["wga"] for t in r.runs()])[0]
+    worst = {(r.dataset, r.method): _pct([t.test.wga for t in r.runs()])[0]
              for r in results if r.runs()}
     ranks: dict[tuple[str, str], float] = {}
     for d in datasets:

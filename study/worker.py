@@ -6,7 +6,6 @@ from typing import Any
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -20,11 +19,12 @@ from optuna.trial import TrialState
 
 from trainer import TrainConfig, fit
 from trainer.data import DataError
-from trainer.loop import FitResult, resolve_device
+from trainer.loop import resolve_device
 from trainer.cli import command_for
 from trainer.methods import get_method
 
 from .experiment import SEARCHED_RUN, Experiment, load_experiment, make_pruner, search_space
+from .records import Writer, planned_seed, read
 from .results import trial_counts
 from .storage import StorageUnavailable, cause_chain, database_error, ride_out, study_lock
 
@@ -61,23 +61,6 @@ def code_version() -> str:
     return f"{version('debias-study')}{'+' + sha if sha else ''}"
 
 
-def _metrics(m: dict) -> dict:
-    return {k: round(v, 6) if isinstance(v, float) else v for k, v in m.items()}
-
-
-def _record(trial: optuna.Trial, method: str, result: FitResult | None, history: list[dict], t0: float) -> None:
-    """Small user attrs (the dashboard re-reads them every few seconds)."""
-    trial.set_user_attr("epochs_run", len(history))
-    trial.set_user_attr("train_seconds", round(time.time() - t0, 2))
-    for key in get_method(method).LOGGED:  # the method's diagnostics, one value per epoch (None where undefined)
-        trial.set_user_attr(key, [h.get(key) for h in history])
-    if result:
-        for key in ("best_epoch", "first_own_epoch", "selection", "device", "data_checksum"):
-            trial.set_user_attr(key, getattr(result, key))
-        trial.set_user_attr("val", _metrics(result.val))
-        trial.set_user_attr("test", _metrics(result.test))
-
-
 RECIPE_KEYS = ("model", "pretrained", "image_size", "epochs", "augment", "freeze_bn", "grad_clip", "deterministic")
 
 
@@ -96,10 +79,10 @@ class Objective:
         """This host's data checksum, once it is the one of the study's first trial that recorded one; a host whose
         data differs (a damaged file, another copy of the dataset) cannot train the study's trials: DataError."""
         checksum = self.splits().checksum
-        first = next((t for t in trial.study.get_trials(deepcopy=False)
-                      if t.number != trial.number and "data_checksum" in t.user_attrs), None)
-        if first is not None and first.user_attrs["data_checksum"] != checksum:
-            raise DataError(f"data checksum {checksum} on this host differs from {first.user_attrs['data_checksum']} "
+        first = next((r for r in map(read, trial.study.get_trials(deepcopy=False))
+                      if r.number != trial.number and r.data_checksum is not None), None)
+        if first is not None and first.data_checksum != checksum:
+            raise DataError(f"data checksum {checksum} on this host differs from {first.data_checksum} "
                             f"of the study's first trial (#{first.number}): the {self.dataset} data here is not "
                             "what the study trains on")
         return checksum
@@ -108,30 +91,26 @@ class Objective:
         params = {name: spec.suggest(trial, name) for name, spec in self.space.items()}
         recipe = self.exp.recipe(self.dataset, self.method)
         return dataclasses.replace(
-            recipe, seed=trial.user_attrs.get("seed", recipe.seed), device=self.device,
+            recipe, seed=planned_seed(trial, recipe.seed), device=self.device,
             threads=torch.get_num_threads(),  # recorded: a CPU rerun needs the same count
             **{n: params.pop(n) for n in SEARCHED_RUN if n in params},
             method_params={**recipe.method_params, **params})
 
     def __call__(self, trial: optuna.Trial, prune: bool) -> float:
         """Trains one trial; returns its selection metric at the best epoch. Seed-phase runs are never pruned."""
-        t0, history = time.time(), []
+        writer, history, logged = Writer(trial), [], get_method(self.method).LOGGED
         try:
             cfg = self.config(trial).resolved()
-            trial.set_user_attr("command", command_for(cfg))
             # the recipe the trial ran with, readable in the dashboard beside its command
-            trial.set_user_attr("recipe", {k: getattr(cfg, k) for k in RECIPE_KEYS})
-            trial.set_user_attr("seed", cfg.seed)
-            trial.set_user_attr("code_version", code_version())
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            trial.set_user_attr("data_checksum", self.same_data(trial))
+            writer.start(cfg.seed, command_for(cfg), {k: getattr(cfg, k) for k in RECIPE_KEYS}, code_version())
+            writer.checksum(self.same_data(trial))
 
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
                 with STOP.interruptible(False):  # storage writes are never cut in the middle
                     # the seconds first: an epoch seen in the storage has its compute counted, even if the worker
                     # is killed right after (a killed trial's compute counts)
-                    trial.set_user_attr("train_seconds", round(time.time() - t0, 2))
+                    writer.seconds()
                     trial.report(record["val_selection"], epoch)
                     pruned = prune and trial.should_prune()
                 if pruned:
@@ -141,21 +120,21 @@ class Objective:
             with STOP.interruptible():  # a stop signal ends training at once
                 result = fit(cfg, callback=report, splits=self.splits(), log=None)
         except optuna.TrialPruned:
-            _record(trial, self.method, None, history, t0)
+            writer.finish(logged, history)
             raise
         except (Exception, KeyboardInterrupt) as e:
             if isinstance(e, WorkerStopped):
                 STOP.handled()  # the fail reason and the re-queue below must not be cut short
             reason = ("worker stopped by signal" if isinstance(e, WorkerStopped) else
                       f"storage error: {cause_chain(e)}" if database_error(e) else f"{type(e).__name__}: {e}")
-            trial.set_user_attr("fail_reason", reason[:500])
-            _record(trial, self.method, None, history, t0)
+            writer.failed(reason)
+            writer.finish(logged, history)
             if isinstance(e, (DataError, FileNotFoundError)):
                 raise EnvironmentFault(reason) from e
             if database_error(e):
                 raise StorageFault(reason) from e
             raise
-        _record(trial, self.method, result, history, t0)
+        writer.finish(logged, history, result)
         return result.objective
 
 
@@ -366,7 +345,7 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
                 raise
             value = f"{t.value:.4f}" if t.value is not None else "-"  # the objective by name, a fraction as stored
             log(f"worker {os.getpid()}: {phase.study.study_name} trial {t.number} {t.state.name} "
-                f"{exp.selection} {value} {t.user_attrs.get('fail_reason', '')}")
+                f"{exp.selection} {value} {read(t).fail_reason or ''}")
     except WorkerStopped:
         STOP.handled()
         log(f"worker {os.getpid()}: stopped by signal (a running trial was failed and re-queued)")

@@ -169,4 +169,4 @@ def test_a_running_trial_that_never_had_a_heartbeat_is_failed_and_retried(pg_url
     trials = study.get_trials(deepcopy=False)
     assert next(t for t in trials if t.number == orphan.number).state == TrialState.FAIL
     (retry,) = [t for t in trials if t.state == TrialState.WAITING]
-    assert retry.system_attrs["failed_trial"] == orphan.number and retry.user_attrs == {"reference": True}
+    assert retry.system_attrs["failed_trial"] == orphan.number and retry.user_attrs == {"schema": 2, "reference": True}

@@ -28,10 +28,15 @@ def _groups(wga, best=0.99):
             {"group": 2, "acc": wga + 0.05, "count": 10}, {"group": 3, "acc": best, "count": 50}]
 
 
+SCHEMA = {"written": None}  # the record schema `_trial` writes: None, as versions before it was stored wrote them
+
+
 def _trial(state, value=None, *, val_avg=0.9, test=None, epochs=4, seed=0, lr=0.01, attrs=None,
            system_attrs=None, share=False):
     """A finished trial as a worker records it; `test` = (wga, avg_plain, avg_train_weighted)."""
     attrs = {"epochs_run": epochs, "train_seconds": 10.0 * epochs, "seed": seed, **(attrs or {})}
+    if SCHEMA["written"] is not None:
+        attrs["schema"] = SCHEMA["written"]
     if state == TrialState.COMPLETE:
         wga, plain, tw = test
         attrs.update(val={"wga": value, "avg_plain": val_avg, "avg_train_weighted": val_avg},
@@ -145,8 +150,11 @@ def test_golden_markdown(storage, seed_phase):
         assert "1 seed (seed 0)" in p.stdout
 
 
-def test_golden_csv(storage):
+@pytest.mark.parametrize("schema", [None, 2], ids=["records-before-the-schema", "schema-2"])
+def test_golden_csv(storage, schema, monkeypatch):
+    """The same report from the records of earlier versions (read through the migration) as from this one's."""
     s, url = storage
+    monkeypatch.setitem(SCHEMA, "written", schema)
     fill(s)
     p = report(url, "--experiment", "gold", "--format", "csv")
     assert p.returncode == 0, p.stderr
@@ -161,7 +169,7 @@ def test_seed_phase_selects_the_best_mean_among_the_top_k(storage):
     assert [r.label for r in results] == ["ERM", "DRO", "Ours"]
     assert erm.search_best.params["lr"] == 0.02  # the search's best, by the val-average tie-break
     assert erm.selected.rank == 2 and erm.best.params["lr"] == 0.01  # but rank 2 has the better mean over seeds
-    assert [t.user_attrs["seed"] for t in erm.runs()] == [0, 1, 2]
+    assert [t.seed for t in erm.runs()] == [0, 1, 2]
     assert dro.selected.rank == 1 and (dro.selected.asked, len(dro.runs()), dro.selected.failed) == (3, 2, 1)
     assert (erm.count(C), erm.count(P), erm.count(F)) == (2, 1, 1)
     assert dro.count(F) == 0 and dro.search_best.value == 0.85  # the retried failure counts once
@@ -338,7 +346,7 @@ def test_seed_phase_end_to_end_with_real_workers(pg_url):
     for r in results:
         assert [c.rank for c in r.configs] == [1, 2]
         for c in r.configs:
-            assert [t.user_attrs["seed"] for t in c.runs()] == [0, 1, 2]
+            assert [t.seed for t in c.runs()] == [0, 1, 2]
             assert all(t.params == c.searched.params and len(t.intermediate_values) == 2 for t in c.reruns)
         assert len(r.search) == 2  # seed-phase runs stay outside the search budget and its study
         seeds_study = optuna.load_study(study_name=f"{r.name}/seeds", storage=s)

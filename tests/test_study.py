@@ -106,6 +106,18 @@ def test_command_recorded_in_trial_reproduces_it(pg_url, tmp_path):
         recorded = trial.user_attrs[split]
         assert {k: round(v, 6) for k, v in r[split].items() if isinstance(v, float)} == {
             k: v for k, v in recorded.items() if isinstance(v, float)}, split
+    # the typed record read back holds the trainer's result (FitResult.to_dict) field for field
+    from study.records import SCHEMA, Group, read
+    assert trial.user_attrs["schema"] == SCHEMA
+    run = read(trial).run
+    assert run is not None and (run.seed, run.best_epoch, run.epochs_run) == (r["seed"], r["best_epoch"],
+                                                                               r["epochs_run"])
+    assert run.first_own_epoch == r["first_own_epoch"] and run.value == round(r["objective"], 6)
+    for split in ("val", "test"):
+        m, want = getattr(run, split), r[split]
+        assert (m.wga, m.avg_plain, m.avg_train_weighted, m.worst_class) == tuple(
+            round(want[k], 6) for k in ("wga", "avg_plain", "avg_train_weighted", "worst_class")), split
+        assert m.groups == tuple(Group(**g) for g in want["groups"]), split
 
 
 def _wait_for(predicate, timeout=120, every=0.1):
@@ -185,7 +197,7 @@ def test_sigterm_fails_trial_with_reason_and_requeues_it(pg_url):
     waiting = [t for t in study.trials if t.state == TrialState.WAITING]
     assert len(waiting) == 1 and waiting[0].system_attrs["failed_trial"] == doomed.number
     # the retry carries what the trial is (its seed), never what happened to the dead attempt
-    assert set(waiting[0].user_attrs) <= {"seed", "reference", "config", "rank"}, waiting[0].user_attrs
+    assert set(waiting[0].user_attrs) <= {"schema", "seed", "reference", "config", "rank"}, waiting[0].user_attrs
     p = study_main("status", "--experiment", "term", "--storage", pg_url)
     assert p.returncode == 0 and "| term/cmnist/groupdro |" in p.stdout
 
