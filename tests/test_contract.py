@@ -86,20 +86,20 @@ def test_every_method_has_a_card():
     assert len({c.card.label for c in METHODS.values()}) == len(METHODS)  # one row each in the report
 
 
-def test_the_readme_example_method_is_a_working_method(monkeypatch):
-    """The README's "Adding a method" example, as written there: registered, it trains, and its parameter's domain
-    is checked like every other."""
+def test_the_manual_example_method_is_a_working_method(monkeypatch):
+    """The manual's "Adding a method" example (docs/extending.md), as written there: registered, it trains, and its
+    parameter's domain is checked like every other."""
     import re
     import types
     from pathlib import Path
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme[readme.index("## Adding a method"):]
+    manual = (Path(__file__).parents[1] / "docs" / "extending.md").read_text()
+    section = manual[manual.index("## Adding a method"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len([line for line in code.splitlines() if line.strip()]) <= 16  # what a new method writes
     module = types.ModuleType("trainer.methods.focal")
     module.__package__ = "trainer.methods"
-    exec(compile(code, "README.md", "exec"), module.__dict__)
+    exec(compile(code, "docs/extending.md", "exec"), module.__dict__)
     monkeypatch.setitem(METHODS, "focal", module.Focal)
     r = fit(TrainConfig(dataset="synthetic", method="focal", epochs=2, method_params={"gamma": 1.0}), log=None)
     assert r.hparams["method_params"] == {"gamma": 1.0} and r.history[-1]["train_loss"] < r.history[-1]["train_nll"]

@@ -347,7 +347,8 @@ def test_every_command_a_message_names_exists():
     parser = get_args_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
     root = Path(__file__).resolve().parents[1]
-    manuals = [root / "README.md", root / "bench" / "README.md", root / "deploy" / "README.md"]
+    manuals = [root / "README.md", root / "bench" / "README.md", root / "deploy" / "README.md",
+               *(root / "docs").glob("*.md")]
     sources = " ".join(p.read_text() for p in [*(root / "study").glob("*.py"), *manuals])
     named = re.findall(r"python -m study(\.report| [a-z]+)((?: --[a-z][a-z-]*(?: [A-Za-z0-9_{}./:-]+)?)*)", sources)
     assert len(named) > 10

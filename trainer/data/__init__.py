@@ -23,7 +23,7 @@ class DatasetDefaults:
     grad_clip: float  # max gradient norm (0 = off), the same for every method
     augment: bool     # random resized crop + flip of training images (image datasets only)
     freeze_bn: bool   # BatchNorm statistics frozen while training (pretrained models only)
-    source: str = ""  # where the recipe comes from (README's dataset table)
+    source: str = ""  # where the recipe comes from (the recipe table of docs/trainer.md)
 
 
 # A model trained from scratch needs a learning rate two orders above fine-tuning a pretrained one: on a held-out
@@ -39,15 +39,15 @@ SAGAWA = "Sagawa et al. 2020 (group_DRO): SGD momentum 0.9, no augmentation, Bat
 DATASETS = {
     # name: (loader, defaults)
     # cmnist: IRM's colour digits at 2 x 7 x 7 (there the shape predicts the label less well than the colour) and an
-    # 8-16-32 CNN (README: benchmark); clips at 5 for every method, as the Fisher method's last-layer scope trained
-    # stably only with it
+    # 8-16-32 CNN (bench/README.md: methods on cmnist); clips at 5 for every method, as the Fisher method's
+    # last-layer scope trained stably only with it
     "cmnist": (load_cmnist, DatasetDefaults("cnn_narrow", 20, 0.01, 1e-4, 64, 7, False, 5.0, False, False,
-                                            "ours (README: benchmark); IRM's construction has no augmentation")),
+                                            "ours (bench/README.md); IRM's construction has no augmentation")),
     # texdigits: Waterbirds-shaped, digits on textures at 64 x 64 (trainer/data/texdigits.py); a strided stem gives
     # the small CNN an object-sized receptive field at a 28-px input's cost; lr 0.05, FAMILY_LR's scratch rate;
     # random shifts of the training batches (GroupDRO 71-73% worst-group with them, 52-55% without, 2 seeds)
     "texdigits": (load_texdigits, DatasetDefaults("cnn_stem", 20, 0.05, 1e-4, 64, 64, False, 5.0, True, False,
-                                                  "ours (README: benchmark)")),
+                                                  "ours (docs/datasets.md)")),
     "synthetic": (load_synthetic, DatasetDefaults("cnn", 3, 0.05, 1e-4, 32, 16, False, 5.0, False, False, "ours")),
     # Sagawa et al. 2020 (GroupDRO) recipe: ResNet-50, SGD momentum 0.9, batch 128, no clipping; their commands have
     # no --augment_data (SubpopBench also trains both without augmentation, but freezes BatchNorm).

@@ -6,7 +6,7 @@ of them and average-pooled to `image_size` (default 7: 2 x 7 x 7). The colour ag
 on the minority groups. IRM makes colour the better predictor of the training labels with 25% label noise; here
 the resolution does it: at 7 x 7 the shape alone reaches about 90% (GroupDRO's balanced average), below the
 colour's 95%, so no tuning of ERM escapes the shortcut. At 14 x 14 the shape is 97% learnable and a searched ERM
-(lr 0.1, batch 32) reached 80.7 +- 5.2% test worst-group, level with GroupDRO and the Fisher method (README:
+(lr 0.1, batch 32) reached 80.7 +- 5.2% test worst-group, level with GroupDRO and the Fisher method (bench/README.md:
 benchmark). Label noise is not used: measured here, 10% noise pushed GroupDRO from 76% to 59% and the Fisher
 method to 14% (its largest traces are then the mislabelled samples), a benchmark about noise, not the shortcut.
 Splits and colours depend only on `data_seed`, so runs that differ only in the training seed see identical data.

@@ -6,7 +6,8 @@ An object (the label) on a background (the shortcut), in Waterbirds' proportions
   the centre (as Waterbirds' birds are); label y = digit >= 5 (y = 0 is the majority class, as landbirds);
 - background: a random crop (random side, random flip) of one of two real texture photographs bundled with
   scikit-image, attribute a = 0 grass, a = 1 gravel (both CC0, stored grey), coloured as grass and gravel are
-  (green, grey-brown: `TINTS`) with its texture at 15% of its contrast. Why, measured while building it (README):
+  (green, grey-brown: `TINTS`) with its texture at 15% of its contrast. Why, measured while building it
+  (docs/datasets.md):
   trained from scratch (no pretrained features exist offline), at full contrast no method learned the digit at all
   (test average at chance) although the digit alone is learnable (82-87%); faded but grey, the texture no longer
   carried from one split's rows to another's, and ERM fell to predicting the majority class; coloured, the

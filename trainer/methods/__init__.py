@@ -29,7 +29,7 @@ LABELS_USED = {"none": "no", "train": "yes", "val": "val split"}  # Method.group
 
 
 def _spec(name: str, spec) -> str:
-    """One searched parameter as the README prints it: `eta_q` 0.001–1 log, `scope` {logits, last_layer, full}."""
+    """One searched parameter as the manual prints it: `eta_q` 0.001–1 log, `scope` {logits, last_layer, full}."""
     if hasattr(spec, "choices"):
         return f"`{name}` {{{', '.join(map(str, spec.choices))}}}"
     log = " log" if getattr(spec, "log", False) else ""
@@ -37,8 +37,9 @@ def _spec(name: str, spec) -> str:
 
 
 def methods_table() -> str:
-    """The README's methods table, from the registry: name, report label, family, whether it trains on group labels,
-    reference, searched parameters (beside lr, weight decay and batch size, which every method searches)."""
+    """The methods table of docs/methods.md, from the registry: name, report label, family, whether it trains on
+    group labels, reference, searched parameters (beside lr, weight decay and batch size, which every method
+    searches)."""
     rows = ["| name | label | family | trains on group labels | reference | searched |", "|:--|:--|:--|:--|:--|:--|"]
     for name, cls in METHODS.items():
         space = ", ".join(_spec(k, v) for k, v in cls.SPACE.items()) or "—"

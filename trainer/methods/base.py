@@ -68,9 +68,9 @@ class Choice:
 
 @dataclass(frozen=True)
 class Card:
-    """How a method is presented: the report's row (label, order), the README's methods table (family, cites), the
-    comparisons (the proposal against every row; every row against the control; across benchmarks, every method
-    against the references) and the caption's notes."""
+    """How a method is presented: the report's row (label, order), the methods table of docs/methods.md (family,
+    cites), the comparisons (the proposal against every row; every row against the control; across benchmarks,
+    every method against the references) and the caption's notes."""
     label: str
     family: str
     cites: str
