@@ -23,8 +23,8 @@ COPY trainer ./trainer
 COPY study ./study
 RUN pip install --no-cache-dir --no-deps . \
     && useradd --create-home --uid 1000 app \
-    && mkdir -p /cache /reports /weights \
-    && chown app:app /cache /reports
+    && mkdir -p /cache /reports /weights /models \
+    && chown app:app /cache /reports /models
 
 USER 1000:1000
 ENTRYPOINT ["python", "-m", "study"]

@@ -37,6 +37,11 @@ def _init_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", help="comma-separated method names (python -m trainer --help lists them), or 'all'")
     p.add_argument("--trials", type=int, help="trial budget per (dataset, method) study (default 20)")
     p.add_argument("--pruner", help="median, hyperband or none (default median)")
+    p.add_argument("--artifacts", help="absolute path of the folder where trials keep their models, shared by every "
+                                       "worker (default: beside an SQLite file, demo.db -> demo-artifacts/; none "
+                                       "for a server database); '' keeps none")
+    p.add_argument("--keep", help="what each trial keeps there: selected (the model its test pass used, for every "
+                                  "COMPLETE trial; the default) or none")
     from trainer.cli import add_method_flags
     from trainer.config import TrainConfig
     from trainer.settings import add_flags
@@ -117,18 +122,43 @@ def _slurm(args, storage_file):
           "running trials are re-queued)")
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--out", required=True, help="a new or empty folder: DATASET/METHOD/seedN.pt and manifest.json")
+    p.add_argument("--datasets", help="comma-separated datasets of the experiment (default: all)")
+    p.add_argument("--methods", help="comma-separated methods of the experiment (default: all)")
+
+
+def _export(args, storage_file):
+    from .artifacts import export
+    entries = export(_storage(args), args.experiment, args.out,
+                     datasets=args.datasets.split(",") if args.datasets else None,
+                     methods=args.methods.split(",") if args.methods else None)
+    print(f"{len(entries)} models and {os.path.join(args.out, 'manifest.json')} written; evaluate one: python -m "
+          f"trainer --evaluate {os.path.join(args.out, entries[0]['file']) if entries else 'FILE'}")
+
+
 def _dashboard_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--artifacts", help="the folder of the kept models, shown on each trial's page (default: the one "
+                                       "the storage's experiments name, when they name one)")
 
 
 def _dashboard(args, storage_file):
     from optuna_dashboard import run_server
+
+    from .artifacts import open_store
+    from .status import artifact_locations
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be from 1 to 65535, got {args.port}")
+    storage = _storage(args)
+    if args.artifacts is None:
+        named = artifact_locations(storage)
+        args.artifacts = named[0] if len(named) == 1 else ""  # several: the dashboard takes one store
     print(f"optuna-dashboard on http://{args.host}:{args.port}/ (storage {mask_url(storage_url(args.storage))})",
           flush=True)
-    run_server(_storage(args), host=args.host, port=args.port)
+    run_server(storage, host=args.host, port=args.port, artifact_store=open_store(args.artifacts))
 
 
 def _delete_args(p: argparse.ArgumentParser) -> None:
@@ -214,6 +244,8 @@ COMMANDS: dict[str, Command] = {
     "slurm": Command("submit the experiment's workers as a SLURM job array (one GPU each)", _slurm, _slurm_args),
     "dashboard": Command("optuna-dashboard on the storage (no authentication: keep it local)", _dashboard,
                          _dashboard_args, read_only=True),
+    "export": Command("write the selected configuration's kept models (every seed) and their manifest", _export,
+                      _export_args, read_only=True),
     "delete": Command("delete an experiment's studies (says what it removes)", _delete, _delete_args),
     # `python -m study report ...` is `python -m study.report ...`: main() hands it over before parsing
     "report": Command("the paper's table and figures (python -m study report --help)", lambda a, f: None,
@@ -250,7 +282,8 @@ def _experiment_from_args(args):
     from trainer.config import TrainConfig
 
     from .experiment import Experiment
-    keys = ("datasets", "methods", "trials", "pruner", *(f.name for f in TrainConfig.settings("experiment")))
+    keys = ("datasets", "methods", "trials", "pruner", "artifacts", "keep",
+            *(f.name for f in TrainConfig.settings("experiment")))
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     for key in ("datasets", "methods"):
         if key in given:

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from sqlalchemy.engine import make_url
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from trainer.methods import COMPARISON
 
+from .artifacts import default_location
 from .experiment import Experiment, init_experiment, load_experiment
 from .replicate import replicate
 from .render import render_html, render_markdown
@@ -86,6 +88,25 @@ def _refuse_foreign(db: Path) -> None:
                          "another --storage)")
 
 
+def _refuse_foreign_models(folder: Path) -> list[Path]:
+    """The files of an earlier demo's model folder (artifacts are named by UUID), to delete with its storage; a
+    folder holding anything else is not the demo's: refused."""
+    if not folder.exists():
+        return []
+    if folder.is_symlink() or not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not the demo's model folder: not deleted (choose another --storage)")
+    files = list(folder.iterdir())
+    for f in files:
+        try:
+            uuid.UUID(f.name)
+        except ValueError:
+            raise ValueError(f"{folder} holds {f.name}, not a model of an earlier demo: not deleted (choose another "
+                             "--storage)") from None
+        if f.is_symlink() or not f.is_file():
+            raise ValueError(f"{folder}/{f.name} is not a file: not deleted (choose another --storage)")
+    return files
+
+
 def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 20, seeds: int = 6, top_k: int = 2,
              html: str | None = "demo-report.html", methods: str | None = None, datasets: str = "cmnist") -> int:
     started = time.time()
@@ -102,7 +123,8 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
     exp = Experiment.of(name=EXPERIMENT, datasets=datasets.split(","), methods=names, trials=trials, epochs=epochs)
     db = Path(url.database)
     _refuse_foreign(db)
-    for old in (db, *db.parent.glob(f"{db.stem}.worker*.log")):
+    models = _refuse_foreign_models(Path(default_location(storage_url)))
+    for old in (db, *db.parent.glob(f"{db.stem}.worker*.log"), *models):
         old.unlink(missing_ok=True)
     storage = make_storage(storage_url)
     init_experiment(storage, exp)
@@ -130,7 +152,8 @@ def run_demo(storage_url: str, workers: int = 2, trials: int = 6, epochs: int = 
             f"python -m study status {where}   # trial counts per study",
             f"python -m study.report {where} --out demo.csv   # or .md .tex .html",
             f"python -m study.report {where} --to-dashboard   # the figures, then:",
-            f"optuna-dashboard {storage_url}   # http://127.0.0.1:8080",
+            f"python -m study dashboard --storage {storage_url}   # http://127.0.0.1:8080, with the kept models",
+            f"python -m study export {where} --out demo-models   # the selected models, every seed",
             f"python -m study list --storage {storage_url}   # the experiments in the storage")), sep="\n")
         return 0
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
 from trainer.settings import check
 
+from .artifacts import KEEP, check_store, default_location, open_store
 from .records import plan
 from .storage import named_lock
 
@@ -60,6 +61,9 @@ class Experiment:
     run: TrainConfig = field(default_factory=TrainConfig)  # its per-trial settings (dataset, method, ...) unused
     params: dict = field(default_factory=dict)  # {METHOD: {param: value}}: fixed for every trial, not searched
     space: dict = field(default_factory=dict)  # bound overrides: {METHOD: {param: [low, high]}, "train": {...}}
+    artifacts: str | None = None   # the folder the trials keep their models in ("": none kept; None: not said, init
+    #                                fills in the default: beside an SQLite file, else none, see study/artifacts.py)
+    keep: str = "selected"         # what a trial keeps there: none, or selected (the model its test pass used)
 
     def __post_init__(self):
         if self.methods == ["all"]:  # every registered method, in the registry's order
@@ -80,6 +84,12 @@ class Experiment:
             raise ValueError(f"trials must be an integer from 1 to 2**31 - 1, got {self.trials!r}")
         if self.pruner not in PRUNERS:
             raise ValueError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
+        if self.keep not in KEEP:
+            raise ValueError(f"unknown keep policy {self.keep!r} (choose from {', '.join(KEEP)})")
+        if self.artifacts is not None:
+            if not isinstance(self.artifacts, str) or "\n" in self.artifacts or "\0" in self.artifacts:
+                raise ValueError(f"artifacts must be a folder's path, got {self.artifacts!r}")
+            open_store(self.artifacts)  # a location this version opens
         for name, f in RUN_SETTINGS.items():
             setattr(self.run, name, check(f, getattr(self.run, name)))
         for key in ("params", "space"):
@@ -366,6 +376,12 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
 
     if exp.run.weights and not os.path.isabs(exp.run.weights):  # workers start in other folders, on other hosts
         exp = dataclasses.replace(exp, run=dataclasses.replace(exp.run, weights=os.path.abspath(exp.run.weights)))
+    if exp.artifacts is None:  # not said: an existing experiment's, else the default for this storage
+        stored = _stored_settings(storage, exp.name, set(optuna.get_all_study_names(storage)))
+        exp = dataclasses.replace(exp, artifacts=stored["artifacts"] if stored else
+                                  default_location(str(storage.engine.url)))
+    if exp.keep != "none":
+        check_store(exp.artifacts or "", create=True)  # before anything is written: a store no trial can write
     checked: set[str] = set()
 
     def check(full: Experiment) -> None:

@@ -37,6 +37,10 @@ def _number(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -103,6 +107,8 @@ class TrialRecord:
     rank: int | None
     data_checksum: str | None
     command: str | None
+    model: str | None           # the kept model's artifact id, and the model file's sha256 (None: none kept)
+    model_sha256: str | None
     diagnostics: dict[str, list] = field(default_factory=dict)  # the method's per-epoch values (LOGGED keys)
 
     number = property(lambda self: self.trial.number)
@@ -173,6 +179,7 @@ def read(t: FrozenTrial) -> TrialRecord:
         config=_int(attrs.get("config")), rank=_int(attrs.get("rank")),
         data_checksum=checksum if isinstance(checksum, str) else None,
         command=command if isinstance(command, str) else None,
+        model=_str(attrs.get("model_artifact")), model_sha256=_str(attrs.get("model_sha256")),
         diagnostics={k: v for k, v in attrs.items() if isinstance(v, list)})
 
 
@@ -238,6 +245,11 @@ class Writer:
     def seconds(self) -> None:
         """The compute so far: written before each epoch's report, so that a killed trial's compute counts."""
         self.trial.set_user_attr("train_seconds", round(time.time() - self.t0, 2))
+
+    def model(self, artifact: str, sha: str) -> None:
+        """The kept model: its artifact id (optuna-dashboard lists it on the trial's page) and the file's sha256."""
+        self.trial.set_user_attr("model_artifact", artifact)
+        self.trial.set_user_attr("model_sha256", sha)
 
     def failed(self, reason: str) -> None:
         self.trial.set_user_attr("fail_reason", reason[:500])

@@ -28,6 +28,21 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("study")
 
 
+def artifact_locations(storage) -> list[str]:
+    """The artifact stores the storage's experiments name, each once."""
+    from .experiment import Experiment
+    found = []
+    for s in storage.get_all_studies():
+        settings = s.user_attrs.get("experiment")
+        try:
+            where = Experiment.from_dict(settings).artifacts if isinstance(settings, dict) else None
+        except (ValueError, TypeError):
+            where = None
+        if where and where not in found:
+            found.append(where)
+    return found
+
+
 def experiments_table(storage) -> pd.DataFrame:
     """One row per experiment in the storage: its datasets, methods, budget and trials so far, and whether all its
     studies exist with its settings (an interrupted or concurrent init can leave one short: run the init again)."""

@@ -24,6 +24,7 @@ from trainer.cli import command_for
 from trainer.methods import get_method
 
 from .experiment import SEARCHED_RUN, Experiment, load_experiment, make_pruner, search_space
+from .artifacts import check_store, keep_model, open_store
 from .records import Writer, planned_seed, read
 from .results import trial_counts
 from .storage import StorageUnavailable, cause_chain, database_error, ride_out, study_lock
@@ -65,8 +66,9 @@ RECIPE_KEYS = ("model", "pretrained", "image_size", "epochs", "augment", "freeze
 
 
 class Objective:
-    def __init__(self, exp: Experiment, dataset: str, method: str, device: str, splits_cache: dict):
+    def __init__(self, exp: Experiment, dataset: str, method: str, device: str, splits_cache: dict, store=None):
         self.exp, self.dataset, self.method, self.device = exp, dataset, method, device
+        self.store = store  # where COMPLETE trials keep their tested model (None: not kept)
         self.space = search_space(exp, dataset, method)
         self.splits_cache = splits_cache
 
@@ -118,7 +120,12 @@ class Objective:
                                              f"{record['val_selection']:.4f})")
 
             with STOP.interruptible():  # a stop signal ends training at once
-                result = fit(cfg, callback=report, splits=self.splits(), log=None)
+                result = fit(cfg, callback=report, splits=self.splits(), log=None, keep_state=self.store is not None)
+            if self.store is not None:
+                with STOP.interruptible(False):  # an artifact is written whole, and its id recorded, or not at all
+                    writer.model(*keep_model(trial, self.store, result, study=trial.study.study_name,
+                                             number=trial.number, command=command_for(cfg),
+                                             code_version=code_version()))
         except optuna.TrialPruned:
             writer.finish(logged, history)
             raise
@@ -284,13 +291,17 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
     # it is not a result, and must not fail the experiment's trials one after another.
     resolve_device(device)
     splits_cache: dict = {d: exp.load_splits(d) for d in exp.datasets}
+    store = None
+    if exp.keep != "none" and exp.artifacts:  # a store this worker cannot write is refused before any trial
+        check_store(exp.artifacts)
+        store = open_store(exp.artifacts)
     seed = sampler_seed if sampler_seed is not None else (os.getpid() * 7919 + time.time_ns()) % 2**31
     phases = []
     for i, s in enumerate(studies):  # pruners are not stored: every worker builds the same one
         dataset, method = s.user_attrs["dataset"], s.user_attrs["method"]
         s.sampler = optuna.samplers.TPESampler(seed=seed + i)
         s.pruner = make_pruner(exp, dataset, method)
-        objective = Objective(exp, dataset, method, device, splits_cache)
+        objective = Objective(exp, dataset, method, device, splits_cache, store)
         phases.append(Phase(s, True, objective, exp.trials))
         if s.study_name in seeds:  # every parameter of a seed run is fixed: nothing is sampled or pruned
             seeds[s.study_name].sampler = optuna.samplers.RandomSampler(seed=seed + i)

@@ -12,6 +12,7 @@ BENCH = Path(__file__).parents[1] / "bench"
 
 # the smallest settings of each script: every code path of its default run, on the least data and time
 SMALLEST = {
+    "artifact_cost.py": ["--epochs", "1", "--repeats", "1", "--datasets", "cmnist", "--no-resnet"],
     "decoded_memory.py": ["--sizes", "8", "16", "--image-size", "16"],
     "epoch_cost.py": ["--device", "cpu", "--pil-workers", "0", "--train", "32", "--val", "16"],
     "fim_ablation.py": ["--seeds", "2", "--epochs", "2", "--jobs", "1"],
@@ -31,8 +32,8 @@ SMALLEST = {
 # two groups of about equal time, one process each; fim_full_probe patches the method class it probes: last
 GROUPS = {"training": ["fim_ablation.py", "fim_scopes.py", "methods_cmnist.py", "method_fingerprint.py", "pruning.py",
                        "fim_full_probe.py"],
-          "cost and figures": ["decoded_memory.py", "epoch_cost.py", "latent_aug_pairs.py", "step_cost.py",
-                               "texdigits_samples.py", "trial_cost.py"]}
+          "cost and figures": ["artifact_cost.py", "decoded_memory.py", "epoch_cost.py", "latent_aug_pairs.py",
+                               "step_cost.py", "texdigits_samples.py", "trial_cost.py"]}
 
 # Runs each script as its own command line would, one after another; what a script changes in the process (the
 # environment, torch's thread count) is put back before the next. One JSON line per script on the real stdout.

@@ -133,7 +133,9 @@ def test_stack_runs_as_local_processes(pg_databases, tmp_path):
     url = pg_databases()
     env, proc_env = _compose_env(url.rsplit("/", 1)[1], DEBIAS_CACHE_DIR=str(tmp_path / "cache"))
     proc_env["DEBIAS_CACHE_DIR"] = str(tmp_path / "cache")  # /cache exists only in the container
-    run = lambda name: [sys.executable, "-m", "study", *interpolate(SERVICES[name]["command"], env)]  # noqa: E731
+    models = str(tmp_path / "models")  # the models volume, here a folder
+    run = lambda name: [sys.executable, "-m", "study",  # noqa: E731
+                        *(models if c == "/models" else c for c in interpolate(SERVICES[name]["command"], env))]
     init = subprocess.run(run("init"), capture_output=True, text=True, env=proc_env, timeout=300)
     assert init.returncode == 0, init.stderr
     port = _free_port()
@@ -158,11 +160,19 @@ def test_stack_runs_as_local_processes(pg_databases, tmp_path):
         rep = subprocess.run(report_cmd, capture_output=True, text=True, env=proc_env, timeout=300)
         assert rep.returncode == 0, rep.stderr
         assert "Ours" in (tmp_path / "stack.md").read_text() and "plotly" in (tmp_path / "stack.html").read_text()
+        # every COMPLETE trial kept its model in the models volume: a model file and a manifest each
+        complete = sum(t["state"] == "Complete" for s in studies for t in _trials(port, s["study_id"]))
+        assert complete and len(list((tmp_path / "models").iterdir())) == 2 * complete
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
         for w in workers:
             w.kill()
+
+
+def _trials(port: int, study_id: int) -> list[dict]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}", timeout=5) as r:
+        return json.load(r)["trials"]
 
 
 def _lines_until(proc, pattern, timeout=120):

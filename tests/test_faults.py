@@ -2,6 +2,7 @@
 leaks a secret. Each test names the defect it guards; storages are the real PostgreSQL where one is involved."""
 import argparse
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -368,21 +369,29 @@ def test_the_demo_ends_with_next_steps_that_run(tmp_path):
     assert p.returncode == 0, p.stderr
     steps = p.stdout.split("\nnext:\n")[1].splitlines()
     commands = [line.split("#")[0].split() for line in steps]
-    assert [c[:3] for c in commands] == [["python", "-m", "study"], ["python", "-m", "study.report"],
-                                         ["python", "-m", "study.report"], ["optuna-dashboard", f"sqlite:///{db}"],
-                                         ["python", "-m", "study"]]
+    assert [c[:4] for c in commands] == [["python", "-m", "study", "status"],
+                                         ["python", "-m", "study.report", "--storage"],
+                                         ["python", "-m", "study.report", "--storage"],
+                                         ["python", "-m", "study", "dashboard"], ["python", "-m", "study", "export"],
+                                         ["python", "-m", "study", "list"]]
     for c in commands:
-        if c[0] == "optuna-dashboard":  # a server: it is installed beside this interpreter
-            assert (Path(sys.executable).parent / "optuna-dashboard").exists()
-            continue
         args = c[3:] if c[2] == "study" else ["report", *c[3:]]  # in this process: the same code path
         if "--out" in args:
             args[args.index("--out") + 1] = str(tmp_path / args[args.index("--out") + 1])
+        if c[3] == "dashboard":  # a server: its flags are the command's (the hint test), its store the demo's
+            from study.status import artifact_locations
+            assert artifact_locations(storage_for(f"sqlite:///{db}")) == [str(tmp_path / "d-artifacts")]
+            continue
         r = study_main(*args)
         assert r.returncode == 0, (c, r.stderr)
         if c[3] == "list":
             assert "| demo " in r.stdout and "erm" in r.stdout, r.stdout
     assert (tmp_path / "demo.csv").exists()
+    # the exported model gives back the trial's stored val and test metrics
+    manifest = json.loads((tmp_path / "demo-models" / "manifest.json").read_text())
+    (entry,) = manifest["models"]
+    p = trainer_main("--evaluate", str(tmp_path / "demo-models" / entry["file"]), "--device", "cpu")
+    assert p.returncode == 0 and p.stdout.count("equal to the stored metrics") == 2, (p.stdout, p.stderr)
 
 
 def test_init_refuses_a_pretrained_recipe_without_its_weights_and_names_the_fix(folder_dir, tmp_path, monkeypatch):

@@ -54,6 +54,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_flags(p, TrainConfig.settings())  # every run setting, from TrainConfig's fields
     p.add_argument("--output", help="write the result JSON here")
     p.add_argument("--progress", action="store_true", help="show a progress bar per epoch")
+    p.add_argument("--evaluate", metavar="FILE",
+                   help="evaluate a kept model (python -m study export) on its run's val and test splits instead of "
+                        "training: its settings come from the file (only --data-dir, --device, --image-loader, "
+                        "--num-workers may be given)")
     add_method_flags(p)
     return p
 
@@ -91,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import NonFiniteLossError, fit
 
     args = get_args_parser().parse_args(argv)
+    if args.evaluate:
+        return _evaluate(args)
     try:
         if args.output:
             check_output(args.output)  # before training: a result is never trained and then lost
@@ -104,6 +110,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         write_json(args.output, result.to_dict())
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """`--evaluate FILE`: the kept model's val and test metrics, and whether they equal the stored ones."""
+    from .checkpoint import evaluate_file
+    from .data import DataError
+    given = {f.name: getattr(args, f.name) for f in TrainConfig.settings() if getattr(args, f.name) is not None}
+    given |= {name: value for name, value in vars(args).items()
+              if name in method_flags() and value is not None}
+    try:
+        if args.output:
+            check_output(args.output)
+        r = evaluate_file(args.evaluate, **given)
+    except (ValueError, DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split in ("val", "test"):
+        m, same = r[split], r["same"][split]
+        verdict = ("not compared: the method refit its head on val" if same is None else
+                   "equal to the stored metrics" if same else "DIFFERENT from the stored metrics")
+        print(f"{split}: wga {m['wga']:.4f}  avg (train-weighted) {m['avg_train_weighted']:.4f}  avg (plain) "
+              f"{m['avg_plain']:.4f}  — {verdict}")
+    if args.output:
+        write_json(args.output, r)
+    return 0 if all(v is not False for v in r["same"].values()) else 1
 
 
 def command_for(cfg: TrainConfig) -> str:

@@ -7,7 +7,7 @@ import functools
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, cast
 
 import numpy as np
@@ -44,13 +44,18 @@ class FitResult:
     val: dict[str, Any]           # at the selected epoch: wga, worst_class, avg_plain, avg_train_weighted, groups
     test: dict[str, Any]          # the same keys, at the selected epoch
     history: list[dict[str, Any]]  # per epoch: epoch, own, train_*, val_*, seconds and the method's diagnostics
+    refit: bool = False           # the method changed the selected model after training (DFR's head): its val
+    #                               metrics are on val samples it was not fit on, not the whole val split
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # fit(keep_state=True): the weights
+    #                               the test pass used, on the CPU (never in to_dict)
 
     @property
     def uses_group_labels(self) -> bool:
         return self.group_labels == "train"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "uses_group_labels": self.uses_group_labels}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
+        return {**asdict(FitResult(**out)), "uses_group_labels": self.uses_group_labels}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,14 +189,14 @@ def train_one_epoch(method: Method, net: nn.Module, optimizer: torch.optim.Optim
 
 
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
-        progress: bool = False, log: Callable[[str], None] | None = print) -> FitResult:
-    """Train one model with one method; return its result."""
+        progress: bool = False, log: Callable[[str], None] | None = print, keep_state: bool = False) -> FitResult:
+    """Train one model with one method; return its result (with keep_state, the tested weights in `state`)."""
     cfg = cfg.resolved()
     with deterministic_mode(cfg.deterministic):
-        return _fit(cfg, callback, splits, progress, log)
+        return _fit(cfg, callback, splits, progress, log, keep_state)
 
 
-def _fit(cfg: TrainConfig, callback, splits, progress, log) -> FitResult:
+def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False) -> FitResult:
     t_start = time.time()
     # resolved() filled every recipe setting
     assert cfg.epochs is not None and cfg.batch_size is not None and cfg.grad_clip is not None
@@ -311,13 +316,14 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log) -> FitResult:
         best = (best[0], group_metrics(refit.correct, refit.groups, splits.n_groups, train_counts, y=refit.labels,
                                        n_attr=n_attr))
     test = evaluate_split(splits.test)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep_state else None
     return FitResult(
         method=cfg.method, dataset=cfg.dataset, seed=cfg.seed, hparams=cfg.to_dict(),
         group_labels=method_cls.group_labels, selection=cfg.selection, objective=best[1][selection.key],
         best_epoch=best[0], first_own_epoch=first_own, epochs_run=len(history),
         seconds=round(time.time() - t_start, 2), compiled=compiled,
         device=str(device) if not cuda else torch.cuda.get_device_name(device),
-        data_checksum=splits.checksum, val=best[1], test=test, history=history)
+        data_checksum=splits.checksum, val=best[1], test=test, history=history, refit=refit is not None, state=state)
 
 
 def _epoch_line(r: dict, epochs: int, improved: bool, extra: str) -> str:

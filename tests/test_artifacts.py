@@ -1,0 +1,196 @@
+"""Models kept as artifacts: every COMPLETE trial keeps the model its test pass used, whole, with a manifest;
+`export` writes the selected configuration's models; `python -m trainer --evaluate` gives back the stored metrics
+exactly; a store no trial could write, and a damaged or foreign model file, are refused in one line."""
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.artifacts import get_all_artifact_meta
+from optuna.trial import TrialState
+
+from conftest import study_main, trainer_main
+from study.experiment import Experiment, init_experiment
+from study.records import read
+from study.replicate import replicate
+from study.storage import make_storage
+from study.worker import run_worker
+from trainer.checkpoint import evaluate_file, load
+
+from test_faults import one_line_error
+
+
+def sqlite(tmp_path, name="a.db"):
+    url = f"sqlite:///{tmp_path / name}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_storage(url), url
+
+
+def run(storage, name):
+    assert run_worker(storage, name, device="cpu", sampler_seed=0, poll_seconds=0.1, log=lambda *_: None) == 0
+
+
+def store_files(folder: Path) -> list[Path]:
+    return sorted(folder.iterdir()) if folder.exists() else []
+
+
+def test_complete_trials_keep_the_tested_model_whole_and_it_evaluates_to_the_stored_metrics(tmp_path):
+    storage, url = sqlite(tmp_path)
+    init_experiment(storage, Experiment.of(name="k", datasets=["synthetic"], methods=["erm", "dfr"], trials=2,
+                                           epochs=2), check_data=False)
+    folder = tmp_path / "a-artifacts"  # the default: beside the SQLite file
+    run(storage, "k")
+    kept = 0
+    for method in ("erm", "dfr"):
+        study = optuna.load_study(study_name=f"k/synthetic/{method}", storage=storage)
+        for t in study.trials:
+            r, metas = read(t), get_all_artifact_meta(t, storage=storage)
+            if t.state != TrialState.COMPLETE:
+                assert r.model is None and metas == []
+                continue
+            assert sorted(m.filename for m in metas) == ["manifest.json", "model.pt"]
+            model = folder / r.model
+            data = model.read_bytes()
+            assert hashlib.sha256(data).hexdigest() == r.model_sha256
+            meta = next(m for m in metas if m.filename == "manifest.json")
+            manifest = json.loads((folder / meta.artifact_id).read_text())
+            assert manifest["sha256"] == r.model_sha256 and manifest["model_artifact"] == r.model
+            assert (manifest["study"], manifest["number"], manifest["seed"]) == (study.study_name, t.number, 0)
+            assert manifest["command"] == t.user_attrs["command"] and manifest["test"]["wga"] == pytest.approx(
+                t.user_attrs["test"]["wga"], abs=1e-6)
+            e = evaluate_file(model, device="cpu")
+            assert e["same"] == {"val": None if method == "dfr" else True, "test": True}, method
+            kept += 1
+    assert kept >= 2
+    assert not [f for f in store_files(folder) if f.name.startswith(".")]  # no temporary file left behind
+
+
+def test_export_writes_every_seed_of_the_selected_configuration_verified(tmp_path):
+    storage, url = sqlite(tmp_path)
+    init_experiment(storage, Experiment.of(name="x", datasets=["synthetic"], methods=["erm"], trials=2, epochs=2),
+                    check_data=False)
+    run(storage, "x")
+    replicate(storage, "x", seeds=2, top_k=1)
+    run(storage, "x")
+    out = tmp_path / "models"
+    p = study_main("export", "--storage", url, "--experiment", "x", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [(m["file"], m["seed"]) for m in manifest["models"]] == [("synthetic/erm/seed0.pt", 0),
+                                                                  ("synthetic/erm/seed1.pt", 1)]
+    for m in manifest["models"]:
+        assert hashlib.sha256((out / m["file"]).read_bytes()).hexdigest() == m["sha256"]
+        e = trainer_main("--evaluate", str(out / m["file"]), "--device", "cpu", "--output", str(tmp_path / "e.json"))
+        assert e.returncode == 0 and e.stdout.count("equal to the stored metrics") == 2, e.stdout
+        assert json.loads((tmp_path / "e.json").read_text())["test"]["wga"] == m["test"]["wga"]
+    one_line_error(study_main("export", "--storage", url, "--experiment", "x", "--out", str(out)),
+                   "exists and is not an empty folder")
+    one_line_error(study_main("export", "--storage", url, "--experiment", "x", "--out", str(tmp_path / "o2"),
+                              "--methods", "fim"), "--methods fim: not in experiment 'x'")
+    # a model file changed in the store after its trial recorded it is refused, naming the trial
+    r = read(next(t for t in optuna.load_study(study_name="x/synthetic/erm", storage=storage).trials
+                  if t.number == manifest["models"][0]["trial"]))
+    stored = tmp_path / "a-artifacts" / r.model
+    manifest0, state = load(stored)
+    state = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save({"manifest": manifest0, "state_dict": state}, stored)
+    one_line_error(study_main("export", "--storage", url, "--experiment", "x", "--out", str(tmp_path / "o3")),
+                   f"trial {r.number}: its model file's sha256")
+    assert not (tmp_path / "o3" / "manifest.json").exists()  # no manifest for a half export
+
+
+def test_keep_none_keeps_nothing_and_export_says_so(tmp_path):
+    storage, url = sqlite(tmp_path)
+    p = study_main("init", "--storage", url, "--experiment", "n", "--datasets", "synthetic", "--methods", "erm",
+                   "--trials", "1", "--epochs", "1", "--keep", "none")
+    assert p.returncode == 0, p.stderr
+    run(storage, "n")
+    (t,) = optuna.load_study(study_name="n/synthetic/erm", storage=storage).trials
+    assert t.state == TrialState.COMPLETE and read(t).model is None and get_all_artifact_meta(t, storage=storage) == []
+    one_line_error(study_main("export", "--storage", url, "--experiment", "n", "--out", str(tmp_path / "o")),
+                   "no model kept (keep policy 'none' when it ran)")
+
+
+def test_a_store_no_trial_could_write_is_refused_by_init_and_by_a_worker(tmp_path):
+    storage, url = sqlite(tmp_path)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["--experiment", "s", "--datasets", "synthetic", "--methods", "erm", "--trials", "1", "--epochs", "1"]
+    one_line_error(study_main("init", "--storage", url, *args, "--artifacts", str(blocker / "models")),
+                   f"artifact store {blocker / 'models'}: cannot create it")
+    one_line_error(study_main("init", "--storage", url, *args, "--artifacts", "models"),
+                   "artifact store 'models': give an absolute path")
+    one_line_error(study_main("init", "--storage", url, *args, "--artifacts", "s3://bucket/x"),
+                   "only a folder is supported")
+    assert optuna.get_all_study_names(storage) == []  # nothing created
+    folder = tmp_path / "models"
+    assert study_main("init", "--storage", url, *args, "--artifacts", str(folder)).returncode == 0
+    folder.rmdir()
+    folder.write_text("no longer a folder")  # the shared folder went away under the experiment
+    one_line_error(study_main("worker", "--storage", url, "--experiment", "s", "--device", "cpu"),
+                   f"artifact store {folder}: no such folder")
+    (t,) = optuna.load_study(study_name="s/synthetic/erm", storage=storage).trials
+    assert t.state == TrialState.WAITING  # no trial taken
+
+
+def test_a_full_disk_while_keeping_fails_that_trial_with_its_reason(tmp_path, pg_url):
+    """Files over 64 KiB cannot be written (RLIMIT_FSIZE, like a full disk): the model cannot be kept, the trial
+    fails saying why, and the store holds no part of it."""
+    folder = tmp_path / "models"
+    p = study_main("init", "--storage", pg_url, "--experiment", "full", "--datasets", "synthetic", "--methods",
+                   "erm", "--trials", "1", "--epochs", "1", "--artifacts", str(folder))
+    assert p.returncode == 0, p.stderr
+
+    def small_files():
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, not a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, 64 << 10))
+
+    w = subprocess.run([sys.executable, "-m", "study", "worker", "--experiment", "full", "--storage", pg_url,
+                        "--device", "cpu", "--threads", "1"], preexec_fn=small_files, capture_output=True,
+                       text=True, timeout=300)
+    assert w.returncode == 3 and "halted" in w.stderr, (w.stdout, w.stderr)  # three failed trials halt the study
+    storage = make_storage(pg_url)
+    trials = optuna.load_study(study_name="full/synthetic/erm", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    assert all("File too large" in read(t).fail_reason for t in trials), [read(t).fail_reason for t in trials]
+    assert store_files(folder) == []
+
+
+def test_a_damaged_or_foreign_model_file_is_refused_in_one_line(tmp_path):
+    storage, _ = sqlite(tmp_path)
+    init_experiment(storage, Experiment.of(name="d", datasets=["synthetic"], methods=["erm"], trials=1, epochs=1),
+                    check_data=False)
+    run(storage, "d")
+    (t,) = optuna.load_study(study_name="d/synthetic/erm", storage=storage).trials
+    good = tmp_path / "a-artifacts" / read(t).model
+    data = good.read_bytes()
+    cases = {"truncated.pt": data[: len(data) // 2], "text.pt": b"not a model\n"}
+    for name, body in cases.items():
+        (tmp_path / name).write_bytes(body)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+
+    class Boom:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    torch.save({"manifest": Boom(), "state_dict": {}}, tmp_path / "code.pt")
+    manifest, state = load(good)
+    torch.save({"manifest": {**manifest, "data_checksum": "0" * 16}, "state_dict": state}, tmp_path / "other.pt")
+    torch.save({"manifest": {**manifest, "hparams": {**manifest["hparams"], "model": "resnet18"}},
+                "state_dict": state}, tmp_path / "shape.pt")
+    for name, expect in (("truncated.pt", "not a readable model file"), ("text.pt", "not a readable model file"),
+                         ("code.pt", "not a readable model file"),
+                         ("foreign.pt", "not a model kept by debias-study"),
+                         ("other.pt", "is not the data the model was trained on"),
+                         ("shape.pt", "its weights do not fit a resnet18"), ("missing.pt", "no such file")):
+        p = one_line_error(trainer_main("--evaluate", str(tmp_path / name), "--device", "cpu"), expect)
+        assert "pwned" not in p.stdout
+    one_line_error(trainer_main("--evaluate", str(tmp_path), "--device", "cpu"), "not a regular file")
+    one_line_error(trainer_main("--evaluate", str(good), "--lr", "0.1"), "only data_dir, device")
