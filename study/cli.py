@@ -1,5 +1,5 @@
-"""`python -m study {init,worker,dashboard,report,list,status,replicate,delete,demo}`: the study service's command
-line."""
+"""`python -m study {init,worker,slurm,dashboard,export,delete,report,list,status,replicate,demo}`: the study
+service's command line."""
 from __future__ import annotations
 
 import argparse

@@ -38,13 +38,13 @@ GROUPS = {"training": ["fim_ablation.py", "fim_scopes.py", "methods_cmnist.py", 
 # Runs each script as its own command line would, one after another; what a script changes in the process (the
 # environment, torch's thread count) is put back before the next. One JSON line per script on the real stdout.
 RUNNER = r"""
-import contextlib, io, json, os, runpy, sys, traceback
+import contextlib, io, json, os, runpy, sys, time, traceback
 import torch
 bench, jobs = sys.argv[1], json.loads(sys.argv[2])
 sys.path.insert(0, bench)
 real_stdout = sys.stdout
 for script, args in jobs:
-    env, threads, out = dict(os.environ), torch.get_num_threads(), io.StringIO()
+    env, threads, out, t0 = dict(os.environ), torch.get_num_threads(), io.StringIO(), time.perf_counter()
     sys.argv = [os.path.join(bench, script), *args]
     try:
         with contextlib.redirect_stdout(out):
@@ -61,7 +61,8 @@ for script, args in jobs:
         os.environ.clear()
         os.environ.update(env)
         torch.set_num_threads(threads)
-    print(json.dumps({"script": script, "rc": rc, "stdout": out.getvalue()[-2000:]}), file=real_stdout, flush=True)
+    print(json.dumps({"script": script, "rc": rc, "stdout": out.getvalue()[-2000:],
+                      "seconds": round(time.perf_counter() - t0, 1)}), file=real_stdout, flush=True)
 """
 
 
