@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_main, trainer_main
+from conftest import start_worker, study_main, trainer_main, worker_here
 from test_study import _running_with_progress, _wait_for, init, storage_for, studies_of
 
 
@@ -126,7 +126,7 @@ def test_toml_without_a_name_is_one_line(tmp_path, pg_url):
 def test_delete_says_what_it_removes_and_protects_finished_trials(pg_url):
     init(pg_url, "--experiment", "oops", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
          "--epochs", "1")
-    assert start_worker(pg_url, "oops").wait(timeout=120) == 0
+    assert worker_here(pg_url, "oops") == 0
     one_line_error(study_main("delete", "--storage", pg_url, "--experiment", "oops"),
                    "experiment 'oops' holds 2 studies, 1 trials (1 finished, 0 running): add --yes to delete them")
     p = study_main("delete", "--storage", pg_url, "--experiment", "oops", "--yes")
@@ -190,7 +190,7 @@ def test_half_created_experiment_is_detected_and_completed(pg_url):
     assert w.wait(timeout=60) == 2 and "not completely created" in w.stdout.read()
     init(pg_url, "--experiment", "half", "--datasets", "synthetic", "--methods", "erm", "--trials", "1",
          "--epochs", "1")
-    assert start_worker(pg_url, "half").wait(timeout=120) == 0
+    assert worker_here(pg_url, "half") == 0
     assert study_main("status", "--storage", pg_url, "--experiment", "half").returncode == 0
 
 

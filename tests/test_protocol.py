@@ -7,7 +7,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_main
+from conftest import start_worker, study_main, worker_here
 from study.experiment import Experiment, make_pruner
 from test_study import init, storage_for, studies_of
 from trainer import TrainConfig, fit
@@ -18,7 +18,7 @@ def test_waiting_seed_runs_never_become_new_searched_trials(pg_url):
     """More workers than waiting seed-phase runs: the idle ones must exit, not sample past the budget."""
     init(pg_url, "--experiment", "mix", "--datasets", "synthetic", "--methods", "erm,groupdro", "--trials", "2",
          "--epochs", "2", "--pruner", "none")
-    assert start_worker(pg_url, "mix").wait(timeout=300) == 0
+    assert worker_here(pg_url, "mix") == 0
     p = study_main("replicate", "--storage", pg_url, "--experiment", "mix", "--seeds", "2", "--top-k", "1")
     assert p.returncode == 0, p.stderr  # one waiting seed run per method, two in all
     workers = [start_worker(pg_url, "mix") for _ in range(4)]
@@ -61,7 +61,7 @@ def test_label_free_selection_reads_no_group_label(method):
 def test_label_free_regime_from_init_to_report(pg_url):
     init(pg_url, "--experiment", "free", "--datasets", "synthetic", "--methods", "erm,fim", "--trials", "2",
          "--epochs", "3", "--selection", "val_worst_class")
-    assert start_worker(pg_url, "free").wait(timeout=300) == 0
+    assert worker_here(pg_url, "free") == 0
     for name, study in studies_of(pg_url, "free").items():
         assert study.metric_names == ["val_worst_class"]
         for t in study.trials:
@@ -71,7 +71,7 @@ def test_label_free_regime_from_init_to_report(pg_url):
                 assert "--selection val_worst_class" in t.user_attrs["command"]
     p = study_main("replicate", "--storage", pg_url, "--experiment", "free", "--seeds", "2", "--top-k", "1")
     assert p.returncode == 0, p.stderr
-    assert start_worker(pg_url, "free").wait(timeout=300) == 0
+    assert worker_here(pg_url, "free") == 0
     r = study_main("report", "--storage", pg_url, "--experiment", "free", "--format", "csv")
     assert r.returncode == 0, r.stderr
     rows = [line.split(",") for line in r.stdout.strip().splitlines()]

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_worker, study_main
+from conftest import start_worker, study_main, worker_here
 from study.storage import make_storage
 
 FAST_HEARTBEAT = {"STUDY_HEARTBEAT_INTERVAL": "1", "STUDY_GRACE_PERIOD": "3"}
@@ -221,7 +221,7 @@ def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
 def test_init_adds_a_method_and_a_dataset_to_an_experiment_and_names_real_conflicts(pg_url):
     base = ("--experiment", "grow", "--datasets", "synthetic", "--methods", "erm", "--trials", "1", "--epochs", "2")
     init(pg_url, *base)
-    assert start_worker(pg_url, "grow").wait(timeout=300) == 0
+    assert worker_here(pg_url, "grow") == 0
     (done,) = studies_of(pg_url, "grow")["grow/synthetic/erm"].trials
     init(pg_url, *base[:5], "fim", *base[6:])  # a new method
     studies = studies_of(pg_url, "grow")
@@ -272,7 +272,7 @@ def _free_port():
 def test_dashboard_serves_the_experiment(pg_url):
     init(pg_url, "--experiment", "dash", "--datasets", "synthetic", "--methods", "erm,fim", "--trials", "1",
          "--epochs", "2")
-    assert start_worker(pg_url, "dash").wait(timeout=300) == 0
+    assert worker_here(pg_url, "dash") == 0
     port = _free_port()
     dashboard = str(Path(sys.executable).parent / "optuna-dashboard")
     dash = subprocess.Popen([dashboard, pg_url.replace("postgresql://", "postgresql+psycopg2://"),
