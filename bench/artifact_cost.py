@@ -27,7 +27,7 @@ import study.worker as worker
 from study.artifacts import AtomicFileStore
 from study.experiment import Experiment, init_experiment
 from study.storage import make_storage
-from trainer.checkpoint import sha256, to_bytes
+from trainer.checkpoint import manifest_of, sha256, to_bytes
 
 SETTINGS = {"cmnist": dict(image_size=7, model="cnn_narrow"), "texdigits": dict(image_size=64, model="cnn_stem")}
 H200_WATERBIRDS_TRIAL_S = 29.23e-3 * 38 * 300  # ERM's training steps only (bench/README.md: step cost)
@@ -60,7 +60,7 @@ def resnet50_keep_seconds(repeats: int) -> tuple[float, int]:
         store = AtomicFileStore(tmp)
         for i in range(repeats):
             t0 = time.perf_counter()
-            data = to_bytes({"manifest": "bench", **vars(result)}, state)
+            data = to_bytes(manifest_of(result), state)
             sha256(data)
             path = Path(tmp) / "model.pt"
             path.write_bytes(data)  # keep_model writes a temporary file, then uploads it

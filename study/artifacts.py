@@ -21,7 +21,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
 from sqlalchemy.engine import make_url
 
-from trainer.checkpoint import load, manifest_of, sha256, to_bytes
+from trainer.checkpoint import manifest_of, parse, sha256, to_bytes
 from trainer.files import write_atomically
 
 KEEP = ("none", "selected")  # nothing, or the model each COMPLETE trial's test pass used (pruned trials: none)
@@ -90,15 +90,16 @@ def keep_model(trial: optuna.Trial, store: AtomicFileStore, result, **extra: Any
     assert result.state is not None, "fit(keep_state=True)"
     manifest = manifest_of(result, **extra)
     data = to_bytes(manifest, result.state)
+    digest = sha256(data)
     with tempfile.TemporaryDirectory(prefix="debias-model-") as tmp:
         model_path, manifest_path = Path(tmp) / "model.pt", Path(tmp) / "manifest.json"
         model_path.write_bytes(data)
         model_id = upload_artifact(artifact_store=store, file_path=str(model_path), study_or_trial=trial)
-        manifest_path.write_text(json.dumps({**manifest, "model_artifact": model_id, "sha256": sha256(data),
+        manifest_path.write_text(json.dumps({**manifest, "model_artifact": model_id, "sha256": digest,
                                              "bytes": len(data)}, indent=1))
         upload_artifact(artifact_store=store, file_path=str(manifest_path), study_or_trial=trial,
                         mimetype="application/json")
-    return model_id, sha256(data)
+    return model_id, digest
 
 
 def export(storage, experiment: str, out: str | Path, datasets: list[str] | None = None,
@@ -141,14 +142,14 @@ def export(storage, experiment: str, out: str | Path, datasets: list[str] | None
             part = Path(tmp) / "model.pt"
             download_artifact(artifact_store=store, file_path=str(part), artifact_id=run.record.model)
             data = part.read_bytes()
-            manifest, _ = load(part)
-            want = run.record.model_sha256
-            if want is not None and sha256(data) != want:
-                raise ValueError(f"{r.name} trial {run.number}: its model file's sha256 {sha256(data)} is not the "
+            manifest, _ = parse(data, part)
+            digest, want = sha256(data), run.record.model_sha256
+            if want is not None and digest != want:
+                raise ValueError(f"{r.name} trial {run.number}: its model file's sha256 {digest} is not the "
                                  f"recorded {want} (the artifact store was changed)")
             shutil.move(str(part), dest)
         entries.append({"file": str(dest.relative_to(out)), "study": r.name, "trial": run.number, "seed": run.seed,
-                        "dataset": r.dataset, "method": r.method, "label": r.label, "sha256": sha256(data),
+                        "dataset": r.dataset, "method": r.method, "label": r.label, "sha256": digest,
                         "best_epoch": run.best_epoch, "params": run.record.params, "val": manifest["val"],
                         "test": manifest["test"], "command": manifest.get("command")})
         log(f"{dest}: {r.name} trial {run.number} seed {run.seed}")

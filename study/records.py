@@ -168,17 +168,15 @@ def read(t: FrozenTrial) -> TrialRecord:
     while schema < SCHEMA:
         attrs = _MIGRATIONS[schema](attrs)
         schema = attrs["schema"]
-    seconds, checksum, command, reason = (attrs.get(k) for k in ("train_seconds", "data_checksum", "command",
-                                                                 "fail_reason"))
+    seconds = attrs.get("train_seconds")
     return TrialRecord(
         trial=t, seed=_int(attrs.get("seed")), epochs_run=_int(attrs.get("epochs_run")) or 0,
         train_seconds=float(seconds) if _number(seconds) and seconds >= 0 else 0.0,
         best_epoch=_int(attrs.get("best_epoch")), first_own_epoch=_int(attrs.get("first_own_epoch")) or 1,
         val=Metrics.parse(attrs.get("val")), test=Metrics.parse(attrs.get("test")),
-        fail_reason=reason if isinstance(reason, str) else None,
+        fail_reason=_str(attrs.get("fail_reason")),
         config=_int(attrs.get("config")), rank=_int(attrs.get("rank")),
-        data_checksum=checksum if isinstance(checksum, str) else None,
-        command=command if isinstance(command, str) else None,
+        data_checksum=_str(attrs.get("data_checksum")), command=_str(attrs.get("command")),
         model=_str(attrs.get("model_artifact")), model_sha256=_str(attrs.get("model_sha256")),
         diagnostics={k: v for k, v in attrs.items() if isinstance(v, list)})
 

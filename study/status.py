@@ -28,35 +28,40 @@ def status_table(storage, experiment: str) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("study")
 
 
+def _experiment_of(settings):
+    """The Experiment a study's stored settings describe; None where they are not this service's."""
+    from .experiment import Experiment
+    try:
+        return Experiment.from_dict(settings) if isinstance(settings, dict) else None
+    except (ValueError, TypeError):
+        return None
+
+
 def artifact_locations(storage) -> list[str]:
     """The artifact stores the storage's experiments name, each once."""
-    from .experiment import Experiment
-    found = []
+    found, seen = [], []
     for s in storage.get_all_studies():
         settings = s.user_attrs.get("experiment")
-        try:
-            where = Experiment.from_dict(settings).artifacts if isinstance(settings, dict) else None
-        except (ValueError, TypeError):
-            where = None
-        if where and where not in found:
-            found.append(where)
+        if settings in seen:  # every study of an experiment holds the same settings: checked once
+            continue
+        seen.append(settings)
+        exp = _experiment_of(settings)
+        if exp is not None and exp.artifacts and exp.artifacts not in found:
+            found.append(exp.artifacts)
     return found
 
 
 def experiments_table(storage) -> pd.DataFrame:
     """One row per experiment in the storage: its datasets, methods, budget and trials so far, and whether all its
     studies exist with its settings (an interrupted or concurrent init can leave one short: run the init again)."""
-    from .experiment import Experiment, own_studies
+    from .experiment import own_studies
     studies = {s.study_name: s for s in storage.get_all_studies()}
     rows = []
     for name in sorted({n.partition("/")[0] for n in studies}):
         mine = own_studies(studies, name)
         settings = [studies[n].user_attrs.get("experiment") for n in mine]
         first = next((s for s in settings if isinstance(s, dict)), None)
-        try:
-            exp = Experiment.from_dict(first) if first is not None else None
-        except (ValueError, TypeError):
-            exp = None
+        exp = _experiment_of(first)
         if exp is None:
             continue  # not an experiment of this service
         expected = {n for s, d, m in exp.studies() for n in (s, exp.seeds_study_name(d, m))}

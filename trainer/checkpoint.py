@@ -50,6 +50,11 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         raise ValueError(f"{path}: {e}") from None
     if data is None:
         raise ValueError(f"{path}: no such file")
+    return parse(data, path)
+
+
+def parse(data: bytes, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(manifest, state_dict) from a kept model's bytes; ValueError naming `path` and what is wrong."""
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:

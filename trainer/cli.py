@@ -62,8 +62,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def given_settings(args: argparse.Namespace) -> dict:
+    """The run settings given on the command line (a flag left out is None)."""
+    return {f.name: getattr(args, f.name) for f in TrainConfig.settings() if getattr(args, f.name) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in TrainConfig.settings() if getattr(args, f.name) is not None}
+    given = given_settings(args)
     method = given.get("method", TrainConfig.method)
     return TrainConfig(**given, method_params=method_params_from_args(args, [method]).get(method, {}))
 
@@ -116,9 +121,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     """`--evaluate FILE`: the kept model's val and test metrics, and whether they equal the stored ones."""
     from .checkpoint import evaluate_file
     from .data import DataError
-    given = {f.name: getattr(args, f.name) for f in TrainConfig.settings() if getattr(args, f.name) is not None}
-    given |= {name: value for name, value in vars(args).items()
-              if name in method_flags() and value is not None}
+    owners = method_flags()
+    given = given_settings(args) | {name: value for name, value in vars(args).items()
+                                    if name in owners and value is not None}
     try:
         if args.output:
             check_output(args.output)

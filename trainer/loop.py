@@ -7,7 +7,7 @@ import functools
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, cast
 
 import numpy as np
@@ -54,8 +54,9 @@ class FitResult:
         return self.group_labels == "train"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "state"}
-        return {**asdict(FitResult(**out)), "uses_group_labels": self.uses_group_labels}
+        out = asdict(replace(self, state=None))  # the weights never go into the JSON
+        del out["state"]
+        return {**out, "uses_group_labels": self.uses_group_labels}
 
 
 class NonFiniteLossError(RuntimeError):
