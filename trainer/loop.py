@@ -20,8 +20,10 @@ from .data import Splits, TensorGroupDataset, make_loader
 from .methods import Batch, Method, RunContext, TrainSplit, get_method
 from .metrics import bias_conflicting, by_group, get_selection, group_metrics, selection_key
 from .models import buffers_kept, build_model
+from .resume import ResumeState, cpu_copy, fingerprint, rng_states, set_rng_states
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
+StateCallback = Callable[[int, Callable[[], ResumeState]], None]  # (epoch, take): take() snapshots the run
 
 
 @dataclass
@@ -190,14 +192,17 @@ def train_one_epoch(method: Method, net: nn.Module, optimizer: torch.optim.Optim
 
 
 def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits | None = None,
-        progress: bool = False, log: Callable[[str], None] | None = print, keep_state: bool = False) -> FitResult:
-    """Train one model with one method; return its result (with keep_state, the tested weights in `state`)."""
+        progress: bool = False, log: Callable[[str], None] | None = print, keep_state: bool = False,
+        resume: ResumeState | None = None, on_state: StateCallback | None = None) -> FitResult:
+    """Train one model with one method; return its result (with keep_state, the tested weights in `state`).
+    `on_state(epoch, take)` is called after every epoch that training goes on from: `take()` snapshots the run
+    (trainer/resume.py); `resume` goes on from such a snapshot, after its epoch (ResumeError: not this run's)."""
     cfg = cfg.resolved()
     with deterministic_mode(cfg.deterministic):
-        return _fit(cfg, callback, splits, progress, log, keep_state)
+        return _fit(cfg, callback, splits, progress, log, keep_state, resume, on_state)
 
 
-def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False) -> FitResult:
+def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, resume=None, on_state=None) -> FitResult:
     t_start = time.time()
     # resolved() filled every recipe setting
     assert cfg.epochs is not None and cfg.batch_size is not None and cfg.grad_clip is not None
@@ -266,8 +271,31 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False) ->
                                  generator=torch.Generator(device=device).manual_seed(cfg.seed + 1))
         return training_view(net, model, loader, device, autocast, cuda, view, inputs)
 
-    history, best, best_state, stale = [], None, None, 0
-    for epoch in range(1, epochs + 1):
+    history, best, best_state, stale, start = [], None, None, 0, 1
+    if resume is not None:  # everything as it was after the state's epoch; the run goes on from the next one
+        resume.check(cfg.to_dict(), splits.checksum)
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        method.load_resume_state(resume.method)
+        set_rng_states(resume.rng, gen, augment_gen)
+        history, stale, start = copy.deepcopy(resume.history), resume.stale, resume.epoch + 1
+        if resume.best_epoch is not None:
+            best = (resume.best_epoch, resume.best_val)
+            best_state = resume.best_state if resume.best_state is not None else cpu_copy(model.state_dict())
+        weights = method.sampling_weights()
+        train_loader = epoch_loader(weights)
+        if log:
+            log(f"resumed after epoch {resume.epoch}/{epochs}")
+
+    def snapshot(epoch: int) -> ResumeState:
+        current = best is not None and best[0] == epoch  # its weights are the model's: not stored twice
+        return ResumeState(
+            fingerprint(cfg.to_dict()), splits.checksum, epoch, cpu_copy(model.state_dict()),
+            cpu_copy(optimizer.state_dict()), cpu_copy(method.resume_state()), rng_states(gen, augment_gen),
+            copy.deepcopy(history), None if best is None else best[0], copy.deepcopy(None if best is None else best[1]),
+            None if current else best_state, stale)
+
+    for epoch in range(start, epochs + 1):
         t_epoch = time.time()
         method.start_epoch(epoch - 1, net, train_batches)
         if method.new_stage(epoch - 1):  # a fresh model and optimiser; the method keeps what it learned
@@ -305,6 +333,8 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False) ->
             if log:
                 log(f"early stop: no {cfg.selection} improvement for {cfg.patience} epochs")
             break
+        if on_state:
+            on_state(epoch, functools.partial(snapshot, epoch))
 
     assert best is not None, "resolved() checks that the method's first own epoch is within the epochs"
     model.load_state_dict(best_state)

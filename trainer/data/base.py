@@ -133,5 +133,8 @@ def make_loader(ds: GroupDataset, batch_size: int, *, shuffle: bool, generator: 
         sampler = SequentialSampler(ds)
     if isinstance(ds, TensorGroupDataset):
         return _TensorBatches(ds, sampler, batch_size)
+    # the loader workers' seeds come from a generator of their own: not from the global stream, which a resumed
+    # run (trainer/resume.py) must find where the uninterrupted run had it
+    seeds = torch.Generator().manual_seed(generator.initial_seed() if generator is not None else 0)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, generator=seeds)

@@ -17,6 +17,9 @@ optimiser's zero-grad, the gradients, clipping, every optimiser's step); a metho
 - `start_epoch(...)` and `new_stage(epoch)`: per-epoch work, and stage boundaries at which the loop re-initialises
   the model and the optimiser (JTT's second stage);
 - `after_fit(...)`: after the selected checkpoint is loaded, before the test pass (DFR re-fits the last layer);
+- `resume_state()` / `load_resume_state(state)`: what a stopped run needs to go on (trainer/resume.py): by default
+  the module's state_dict (buffers, submodules such as an auxiliary model, and `get_extra_state()`, where a method
+  keeps plain attributes such as a stage) and the auxiliary optimisers' states;
 - `epoch_stats()` and `per_sample()`: diagnostics; the loop summarises per-sample ones by group (trainer.metrics),
   so that a method can log where its weight goes without reading a group label.
 """
@@ -228,6 +231,18 @@ class Method(nn.Module):
         """Gradient-norm clipping (the run's grad_clip): rescales, never changes the gradient's direction."""
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+
+    # --- a stopped run goes on ---------------------------------------------------------------------------------
+    def resume_state(self) -> dict:
+        """What the method holds after an epoch (live tensors: the loop copies them): its state_dict — buffers,
+        submodules, `get_extra_state()` — and the auxiliary optimisers' states."""
+        return {"module": self.state_dict(), "optimizers": [o.state_dict() for _, o in self._auxiliaries]}
+
+    def load_resume_state(self, state: dict) -> None:
+        """Back to `resume_state()`'s state, after `setup` (the auxiliary models and optimisers exist)."""
+        self.load_state_dict(state["module"])
+        for (_, optimizer), saved in zip(self._auxiliaries, state["optimizers"], strict=True):
+            optimizer.load_state_dict(saved)
 
     # --- around the steps -----------------------------------------------------------------------------------------
     def setup(self, ctx: RunContext) -> None:

@@ -203,6 +203,10 @@ class FisherConstrained(Method):
         w = cls.SPACE["warmup_epochs"]  # leave at least one constrained epoch
         return {**cls.SPACE, "warmup_epochs": Int(w.low, max(min(w.high, epochs - 1), w.low))}
 
+    def load_resume_state(self, state):
+        super().load_resume_state(state)
+        self._eps_value = float(self.eps)  # the host copy of the restored eps
+
     @property
     def constrained(self) -> bool:
         return not math.isnan(self._eps_value)

@@ -55,6 +55,12 @@ class FisherPenalty(Method):
             self.penalised += 1
         return self.params.alpha * penalty, {}
 
+    def get_extra_state(self):  # in the state_dict: a resumed run penalises the same steps
+        return {"step": self.step}
+
+    def set_extra_state(self, state):
+        self.step = state["step"]
+
     def start_epoch(self, epoch, model, train_batches):
         self.penalty_sum.zero_()
         self.penalised.zero_()

@@ -56,6 +56,12 @@ class JTT(Method):
             self.errors[idx] = logits.argmax(1) != y
         self.stage = 2
 
+    def get_extra_state(self):  # in the state_dict: a resumed run knows its stage
+        return {"stage": self.stage}
+
+    def set_extra_state(self, state):
+        self.stage = state["stage"]
+
     def new_stage(self, epoch):
         return epoch == self.params.stage1_epochs
 

@@ -143,6 +143,7 @@ class LatentAug(Method):
         self.synthetic: dict | None = None
         self.stage_log: dict = {}
         self._draw = torch.Generator()
+        self._resumed_draw: torch.Tensor | None = None
 
     def setup(self, ctx):
         self.device = ctx.device
@@ -172,6 +173,15 @@ class LatentAug(Method):
                           "plane_acc_attribute": stage["plane_acc_attribute"], "planes_cos": stage["planes_cos"]}
         self.synthetic = {k: stage[k].to(self.device) for k in ("x", "y")}
         self._draw.manual_seed(int(self.train_labels.sum()) + len(self.train_labels))
+        if self._resumed_draw is not None:  # a resumed run: the pairs rebuilt, the draws go on where they were
+            self._draw.set_state(self._resumed_draw)
+            self._resumed_draw, self.stage_log = None, {}
+
+    def get_extra_state(self):  # the pairs are rebuilt (from the cache) on resume; the draw stream is state
+        return {"draw": None if self.synthetic is None else self._draw.get_state()}
+
+    def set_extra_state(self, state):
+        self._resumed_draw = state["draw"]
 
     def extend(self, batch: Batch) -> Batch:
         """The real batch and ceil(B n_syn / N) synthetic images drawn from the pairs (every pair ~once an epoch)."""
