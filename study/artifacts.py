@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, BinaryIO
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
+from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
 from trainer.checkpoint import manifest_of, parse, sha256, to_bytes
@@ -43,6 +45,18 @@ class AtomicFileStore(FileSystemArtifactStore):
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         path = self._get_filepath(artifact_id)
         write_atomically(path, iter(lambda: content_body.read(1 << 20), b""))
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        """A regular file only: a symlink planted in the store is not followed, a FIFO never blocks the reader."""
+        path = self._get_filepath(artifact_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise ArtifactNotFound(f"artifact {artifact_id} not found") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(f"artifact {artifact_id}: not a regular file")
+        return os.fdopen(fd, "rb")
 
 
 def open_store(location: str) -> AtomicFileStore | None:

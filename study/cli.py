@@ -42,6 +42,11 @@ def _init_args(p: argparse.ArgumentParser) -> None:
                                        "for a server database); '' keeps none")
     p.add_argument("--keep", help="what each trial keeps there: selected (the model its test pass used, for every "
                                   "COMPLETE trial; the default) or none")
+    p.add_argument("--resume-budget", type=float, help="share of a trial's training time its resumable states may "
+                                                       "cost (default 0.03; 0 writes none): a stopped or dead trial's "
+                                                       "retry goes on from the last one")
+    p.add_argument("--resume-interval", type=float, help="and at least this many training seconds between two "
+                                                         "(default 0)")
     from trainer.cli import add_method_flags
     from trainer.config import TrainConfig
     from trainer.settings import add_flags
@@ -282,7 +287,7 @@ def _experiment_from_args(args):
     from trainer.config import TrainConfig
 
     from .experiment import Experiment
-    keys = ("datasets", "methods", "trials", "pruner", "artifacts", "keep",
+    keys = ("datasets", "methods", "trials", "pruner", "artifacts", "keep", "resume_budget", "resume_interval",
             *(f.name for f in TrainConfig.settings("experiment")))
     given = {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
     for key in ("datasets", "methods"):

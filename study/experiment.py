@@ -64,6 +64,9 @@ class Experiment:
     artifacts: str | None = None   # the folder the trials keep their models in ("": none kept; None: not said, init
     #                                fills in the default: beside an SQLite file, else none, see study/artifacts.py)
     keep: str = "selected"         # what a trial keeps there: none, or selected (the model its test pass used)
+    resume_budget: float = 0.03    # a running trial's resumable states (study/resume.py) cost at most this share of
+    #                                its training time (0: none written; they need the artifact store)
+    resume_interval: float = 0.0   # and are at least this many training seconds apart
 
     def __post_init__(self):
         if self.methods == ["all"]:  # every registered method, in the registry's order
@@ -86,6 +89,10 @@ class Experiment:
             raise ValueError(f"unknown pruner {self.pruner!r} (choose from {', '.join(PRUNERS)})")
         if self.keep not in KEEP:
             raise ValueError(f"unknown keep policy {self.keep!r} (choose from {', '.join(KEEP)})")
+        for key, high in (("resume_budget", 1.0), ("resume_interval", 1e7)):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= high):
+                raise ValueError(f"{key} must be a number from 0 to {high:g}, got {value!r}")
         if self.artifacts is not None:
             if not isinstance(self.artifacts, str) or "\n" in self.artifacts or "\0" in self.artifacts:
                 raise ValueError(f"artifacts must be a folder's path, got {self.artifacts!r}")
@@ -380,7 +387,7 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
         stored = _stored_settings(storage, exp.name, set(optuna.get_all_study_names(storage)))
         exp = dataclasses.replace(exp, artifacts=stored["artifacts"] if stored else
                                   default_location(str(storage.engine.url)))
-    if exp.keep != "none":
+    if exp.keep != "none" or exp.resume_budget > 0:
         check_store(exp.artifacts or "", create=True)  # before anything is written: a store no trial can write
     checked: set[str] = set()
 

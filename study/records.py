@@ -9,6 +9,7 @@ finish`: the FitResult's metrics and the method's per-epoch diagnostics). `read`
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -57,6 +58,26 @@ class Group:
     @property
     def name(self) -> str:
         return f"y={self.y}, a={self.a}" if self.y is not None else f"group {self.group}"
+
+
+@dataclass(frozen=True)
+class StateRef:
+    """A running trial's last resumable state in the artifact store (study/resume.py): its artifact id, the epoch
+    after which it was taken, the file's sha256 and size."""
+    artifact: str
+    epoch: int
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def parse(cls, d: Any) -> StateRef | None:
+        if not isinstance(d, dict):
+            return None
+        artifact, digest = _str(d.get("artifact")), _str(d.get("sha256"))
+        epoch, size = _int(d.get("epoch")), _int(d.get("bytes"))
+        if artifact is None or digest is None or epoch is None or size is None:
+            return None
+        return cls(artifact, epoch, digest, size)
 
 
 @dataclass(frozen=True)
@@ -110,6 +131,10 @@ class TrialRecord:
     model: str | None           # the kept model's artifact id, and the model file's sha256 (None: none kept)
     model_sha256: str | None
     diagnostics: dict[str, list] = field(default_factory=dict)  # the method's per-epoch values (LOGGED keys)
+    resume_state: StateRef | None = None    # its last resumable state (None: none, or removed when it ended)
+    resume_next: str | None = None          # the state being written when it was last seen (a kill mid-write)
+    resumed_from: dict | None = None        # {"trial": N, "epoch": k}: it went on from trial N's state after epoch k
+    resume_refused: str | None = None       # why it started from epoch 0 although a state was recorded
 
     number = property(lambda self: self.trial.number)
     state = property(lambda self: self.trial.state)
@@ -178,7 +203,10 @@ def read(t: FrozenTrial) -> TrialRecord:
         config=_int(attrs.get("config")), rank=_int(attrs.get("rank")),
         data_checksum=_str(attrs.get("data_checksum")), command=_str(attrs.get("command")),
         model=_str(attrs.get("model_artifact")), model_sha256=_str(attrs.get("model_sha256")),
-        diagnostics={k: v for k, v in attrs.items() if isinstance(v, list)})
+        diagnostics={k: v for k, v in attrs.items() if isinstance(v, list)},
+        resume_state=StateRef.parse(attrs.get("resume_state")), resume_next=_str(attrs.get("resume_next")),
+        resumed_from=attrs.get("resumed_from") if isinstance(attrs.get("resumed_from"), dict) else None,
+        resume_refused=_str(attrs.get("resume_refused")))
 
 
 def read_all(trials: Iterable[FrozenTrial]) -> list[TrialRecord]:
@@ -248,6 +276,20 @@ class Writer:
         """The kept model: its artifact id (optuna-dashboard lists it on the trial's page) and the file's sha256."""
         self.trial.set_user_attr("model_artifact", artifact)
         self.trial.set_user_attr("model_sha256", sha)
+
+    def state(self, ref: StateRef | None) -> None:
+        """The trial's last resumable state (None: removed, the trial ended)."""
+        self.trial.set_user_attr("resume_state", None if ref is None else dataclasses.asdict(ref))
+
+    def state_next(self, artifact: str) -> None:
+        """The state about to be written: named before its file exists, so that no file is ever named by nothing."""
+        self.trial.set_user_attr("resume_next", artifact)
+
+    def resumed(self, number: int, epoch: int) -> None:
+        self.trial.set_user_attr("resumed_from", {"trial": number, "epoch": epoch})
+
+    def resume_refused(self, reason: str) -> None:
+        self.trial.set_user_attr("resume_refused", reason[:500])
 
     def failed(self, reason: str) -> None:
         self.trial.set_user_attr("fail_reason", reason[:500])

@@ -26,6 +26,7 @@ from trainer.methods import get_method
 from .experiment import SEARCHED_RUN, Experiment, load_experiment, make_pruner, search_space
 from .artifacts import check_store, keep_model, open_store
 from .records import Writer, planned_seed, read
+from .resume import StateKeeper, find_state
 from .results import trial_counts
 from .storage import StorageUnavailable, cause_chain, database_error, ride_out, study_lock
 
@@ -66,9 +67,11 @@ RECIPE_KEYS = ("model", "pretrained", "image_size", "epochs", "augment", "freeze
 
 
 class Objective:
-    def __init__(self, exp: Experiment, dataset: str, method: str, device: str, splits_cache: dict, store=None):
-        self.exp, self.dataset, self.method, self.device = exp, dataset, method, device
-        self.store = store  # where COMPLETE trials keep their tested model (None: not kept)
+    def __init__(self, exp: Experiment, dataset: str, method: str, device: str, splits_cache: dict, store=None,
+                 log=print):
+        self.exp, self.dataset, self.method, self.device, self.log = exp, dataset, method, device, log
+        self.store = store  # the experiment's artifact store: kept models and resumable states (None: neither)
+        self.keep = store if exp.keep != "none" else None  # where COMPLETE trials keep their tested model
         self.space = search_space(exp, dataset, method)
         self.splits_cache = splits_cache
 
@@ -101,11 +104,26 @@ class Objective:
     def __call__(self, trial: optuna.Trial, prune: bool) -> float:
         """Trains one trial; returns its selection metric at the best epoch. Seed-phase runs are never pruned."""
         writer, history, logged = Writer(trial), [], get_method(self.method).LOGGED
+        states = StateKeeper(trial, self.store, writer, self.exp.resume_budget, self.exp.resume_interval,
+                             guard=lambda: STOP.interruptible(False))
+        retried = False  # the trial ends in a re-queue: its state stays for the retry
         try:
             cfg = self.config(trial).resolved()
             # the recipe the trial ran with, readable in the dashboard beside its command
             writer.start(cfg.seed, command_for(cfg), {k: getattr(cfg, k) for k in RECIPE_KEYS}, code_version())
-            writer.checksum(self.same_data(trial))
+            checksum = self.same_data(trial)
+            writer.checksum(checksum)
+            resume, source, refused = find_state(trial, self.store, cfg.to_dict(), checksum)
+            name = f"{trial.study.study_name} trial {trial.number}"
+            if refused:
+                writer.resume_refused(refused)
+                self.log(f"worker {os.getpid()}: {name} starts from epoch 0: {refused}")
+            if resume is not None and source is not None:
+                writer.resumed(source, resume.epoch)
+                self.log(f"worker {os.getpid()}: {name} resumes trial {source} after epoch {resume.epoch}")
+                for record in resume.history:  # the pruner sees the whole curve: the epochs run are reported again
+                    trial.report(record["val_selection"], record["epoch"])
+                history.extend(resume.history)
 
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
@@ -120,10 +138,11 @@ class Objective:
                                              f"{record['val_selection']:.4f})")
 
             with STOP.interruptible():  # a stop signal ends training at once
-                result = fit(cfg, callback=report, splits=self.splits(), log=None, keep_state=self.store is not None)
-            if self.store is not None:
+                result = fit(cfg, callback=report, splits=self.splits(), log=None, keep_state=self.keep is not None,
+                             resume=resume, on_state=states.offer)
+            if self.keep is not None:
                 with STOP.interruptible(False):  # an artifact is written whole, and its id recorded, or not at all
-                    writer.model(*keep_model(trial, self.store, result, study=trial.study.study_name,
+                    writer.model(*keep_model(trial, self.keep, result, study=trial.study.study_name,
                                              number=trial.number, command=command_for(cfg),
                                              code_version=code_version()))
         except optuna.TrialPruned:
@@ -132,6 +151,10 @@ class Objective:
         except (Exception, KeyboardInterrupt) as e:
             if isinstance(e, WorkerStopped):
                 STOP.handled()  # the fail reason and the re-queue below must not be cut short
+                retried = True
+                with contextlib.suppress(Exception):  # the last finished epoch's state, for the retry
+                    states.flush()
+            retried |= isinstance(e, (DataError, FileNotFoundError)) or database_error(e)
             reason = ("worker stopped by signal" if isinstance(e, WorkerStopped) else
                       f"storage error: {cause_chain(e)}" if database_error(e) else f"{type(e).__name__}: {e}")
             writer.failed(reason)
@@ -141,6 +164,10 @@ class Objective:
             if database_error(e):
                 raise StorageFault(reason) from e
             raise
+        finally:
+            if not retried:  # the trial ends here: its state (and its ancestors') are no longer needed
+                with STOP.interruptible(False), contextlib.suppress(Exception):
+                    states.discard()
         writer.finish(logged, history, result)
         return result.objective
 
@@ -292,7 +319,8 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
     resolve_device(device)
     splits_cache: dict = {d: exp.load_splits(d) for d in exp.datasets}
     store = None
-    if exp.keep != "none" and exp.artifacts:  # a store this worker cannot write is refused before any trial
+    if (exp.keep != "none" or exp.resume_budget > 0) and exp.artifacts:  # a store this worker cannot write is
+        #                                                                   refused before any trial
         check_store(exp.artifacts)
         store = open_store(exp.artifacts)
     seed = sampler_seed if sampler_seed is not None else (os.getpid() * 7919 + time.time_ns()) % 2**31
@@ -301,7 +329,7 @@ def run_worker(storage, experiment: str, device: str = "auto", sampler_seed: int
         dataset, method = s.user_attrs["dataset"], s.user_attrs["method"]
         s.sampler = optuna.samplers.TPESampler(seed=seed + i)
         s.pruner = make_pruner(exp, dataset, method)
-        objective = Objective(exp, dataset, method, device, splits_cache, store)
+        objective = Objective(exp, dataset, method, device, splits_cache, store, log)
         phases.append(Phase(s, True, objective, exp.trials))
         if s.study_name in seeds:  # every parameter of a seed run is fixed: nothing is sampled or pruned
             seeds[s.study_name].sampler = optuna.samplers.RandomSampler(seed=seed + i)

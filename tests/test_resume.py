@@ -3,10 +3,21 @@ from the state after epoch k ends with the uninterrupted run's metrics, best epo
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
 
+import optuna
 import pytest
 import torch
+from optuna.trial import TrialState
 
+from study.results import collect
+
+from conftest import start_worker, study_main, trainer_main
+from test_study import FAST_HEARTBEAT, _wait_for, init, storage_for, studies_of
 from trainer import TrainConfig, fit
 from trainer.resume import Pacer, ResumeError, ResumeState
 
@@ -17,7 +28,8 @@ EPOCHS = 4
 # stage (stopped in stage 2, and exactly at the stage boundary), LfF's second model, its optimiser and EMAs
 CASES = [("erm", {}, 2), ("groupdro", {}, 2), ("fim", {"scope": "full", "warmup_epochs": 1}, 2),
          ("jtt", {"stage1_epochs": 2}, 2), ("jtt", {"stage1_epochs": 1}, 3), ("lff", {}, 1),
-         ("fisher_penalty", {"every_k": 3}, 2), ("subsample", {}, 2)]
+         ("fisher_penalty", {"every_k": 3}, 2), ("subsample", {}, 2),
+         ("latent_aug", {"n_pairs": 100, "gen_epochs": 2, "width": 8}, 2)]
 
 
 def without_seconds(history):
@@ -95,3 +107,112 @@ def test_the_pacer_keeps_writes_within_their_budget():
     assert not slow.due(1)  # not 60 s since the start
     now[0] += 31
     assert slow.due(1)
+
+
+# --- through the study: a worker killed or stopped mid-trial, its retry goes on from the trial's state ---------------
+
+def _pause_each_mid_trial(url: str, studies: list[str]) -> dict:
+    """{study: (its RUNNING trial, its worker's pid)}, each worker paused (SIGSTOP) once its trial has reported two
+    epochs and is seen still running after the pause (it cannot finish between the look and the signal after)."""
+    storage, paused = storage_for(url), {}
+
+    def running(name):
+        study = optuna.load_study(study_name=name, storage=storage)
+        return next((t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                     if len(t.intermediate_values) >= 2), None)
+
+    def look():
+        for name in set(studies) - set(paused):
+            trial = running(name)
+            if trial is None:
+                continue
+            pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGSTOP)
+            if running(name) is not None:
+                paused[name] = (trial, pid)
+            else:
+                os.kill(pid, signal.SIGCONT)
+        return len(paused) == len(studies)
+    _wait_for(look, timeout=300, every=0.02)
+    return paused
+
+
+def _reference(trial) -> dict:
+    """The uninterrupted run of the trial's recorded command, in this process."""
+    import json
+    import shlex
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        p = trainer_main(*shlex.split(trial.user_attrs["command"])[3:], "--device", "cpu", "--output", str(out))
+        assert p.returncode == 0, p.stderr
+        return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("killed,stopped", [(("erm", "fim"), ("groupdro", "jtt")),
+                                            (("groupdro", "jtt"), ("erm", "fim"))], ids=["a", "b"])
+def test_a_killed_or_stopped_worker_s_trial_resumes_and_ends_as_if_never_stopped(pg_url, tmp_path, killed,
+                                                                                 stopped):
+    """SIGKILL in epoch k: the retry goes on from the last paced state (here one per epoch); SIGTERM: the worker
+    writes the last finished epoch's state before it exits (here the pacing writes none: only that one)."""
+    common = ("--datasets", "cmnist", "--trials", "1", "--epochs", "6", "--patience", "0", "--pruner", "none")
+    flags = {"fim": ("--scope", "full", "--warmup-epochs", "1"), "jtt": ("--stage1-epochs", "2")}
+    for e, methods, pacing in (("k", killed, ("--resume-budget", "1")), ("t", stopped, ("--resume-interval", "1e5"))):
+        init(pg_url, "--experiment", e, "--methods", ",".join(methods), "--artifacts", str(tmp_path / e), *pacing,
+             *common, *(f for m in methods for f in flags.get(m, ())))
+    victims = {f"{e}/{m}": start_worker(pg_url, e, env=FAST_HEARTBEAT)
+               for e, methods in (("k", killed), ("t", stopped)) for m in methods}
+    try:
+        paused = _pause_each_mid_trial(pg_url, [f"{e}/cmnist/{m}" for e, methods in (("k", killed), ("t", stopped))
+                                                for m in methods])
+        for name, (_, pid) in paused.items():
+            os.kill(pid, signal.SIGKILL if name.startswith("k/") else signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+        outs = {k: v.communicate(timeout=120)[0] for k, v in victims.items()}
+    finally:
+        for v in victims.values():
+            v.kill()
+    for name, v in victims.items():
+        assert v.returncode == (-signal.SIGKILL if name.startswith("k/") else 0), outs[name]
+        assert "Traceback" not in outs[name], outs[name]
+    for m in stopped:  # a stopped trial fails with its reason and is re-queued at once ...
+        study = studies_of(pg_url, "t")[f"t/cmnist/{m}"]
+        (trial,) = [t for t in study.trials if t.state == TrialState.FAIL]
+        assert trial.user_attrs["fail_reason"] == "worker stopped by signal"
+        assert any("stopped by signal" in out for out in outs.values())
+        (waiting,) = [t for t in study.trials if t.state == TrialState.WAITING]
+        assert waiting.system_attrs["failed_trial"] == trial.number and waiting.params == trial.params
+        # ... its retry carrying what the trial is (its seed), never what happened to the stopped attempt
+        assert set(waiting.user_attrs) <= {"schema", "seed", "reference", "config", "rank"}, waiting.user_attrs
+    p = study_main("status", "--experiment", "t", "--storage", pg_url)
+    assert p.returncode == 0 and f"| t/cmnist/{stopped[0]} |" in p.stdout
+    time.sleep(3.5)  # the killed trials' heartbeats go stale (FAST_HEARTBEAT's grace)
+    for e in ("k", "t"):
+        p = study_main("worker", "--storage", pg_url, "--experiment", e, "--device", "cpu", "--threads", "1",
+                       "--heartbeat-interval", "1", "--grace-period", "3")
+        assert p.returncode == 0, p.stdout + p.stderr
+        for m in killed if e == "k" else stopped:
+            study = studies_of(pg_url, e)[f"{e}/cmnist/{m}"]
+            dead = next(t for t in study.trials if t.state == TrialState.FAIL)
+            (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
+            state = dead.user_attrs.get("resume_state")
+            assert state and 1 <= state["epoch"] <= len(dead.intermediate_values), (m, dead.user_attrs)
+            assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from"] == {
+                "trial": dead.number, "epoch": state["epoch"]}, (m, retry.user_attrs)
+            assert f"trial {retry.number} resumes trial {dead.number} after epoch {state['epoch']}" in p.stdout
+            whole = _reference(retry)
+            assert retry.user_attrs["best_epoch"] == whole["best_epoch"], m
+            for split in ("val", "test"):
+                assert retry.user_attrs[split] == {k: round(v, 6) if isinstance(v, float) else v
+                                                   for k, v in whole[split].items()}, (m, split)
+            # the epochs the dead trial ran are reported again: the pruner sees the whole curve
+            assert retry.intermediate_values == {r["epoch"]: r["val_selection"] for r in whole["history"]}, m
+            assert retry.user_attrs["epochs_run"] == 6 and "fail_reason" not in retry.user_attrs
+            assert retry.params == dead.params and dead.user_attrs["train_seconds"] > 0  # written every epoch
+            assert retry.user_attrs.get("resume_state") is None  # the finished trial's state is removed ...
+            # the stopped or killed attempt's compute counts, once, beside its retry's
+            (r,) = [r for r in collect(storage_for(pg_url), e)[1] if r.method == m]
+            assert r.compute_s == pytest.approx(sum(t.user_attrs.get("train_seconds", 0) for t in study.trials))
+            assert r.compute_s > retry.user_attrs["train_seconds"]
+        leftover = [f.name for f in (tmp_path / e).iterdir() if f.name.startswith("state-")]
+        assert leftover == [], leftover  # ... and so are the dead trials'

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 FORMAT, VERSION = "debias-study/resume", 1
+MAX_BYTES = 16 << 30  # a ResNet-50 with its optimiser is ~200 MB; anything this large is not one of ours
 
 # Settings that change where or how fast a run executes, not what it computes: a state may resume under others.
 RUNTIME = ("device", "threads", "num_workers", "compile", "data_dir", "image_loader")
@@ -63,9 +64,9 @@ def nbytes(obj: Any) -> int:
 
 def rng_states(*generators: torch.Generator) -> dict[str, Any]:
     """Python's, NumPy's, torch's (and CUDA's) global streams and the run's own generators, as plain data."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                   gauss],
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos,
+                                                   has_gauss, gauss],
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "generators": [g.get_state() for g in generators]}

@@ -1,0 +1,148 @@
+"""Trials that resume: a running trial keeps its resumable state (trainer/resume.py) in the experiment's artifact
+store, and the retry of a trial that died or was stopped goes on from it.
+
+A state is written after an epoch when the `Pacer` says it is worth it (its writes cost at most the experiment's
+`resume_budget` of the training time, at least `resume_interval` seconds apart), and on a stop signal (`flush`:
+the last finished epoch's). Each write is a new artifact id (a fresh UUID: two workers never write the same file),
+named in the trial before its file exists (`resume_next`: a worker killed mid-write leaves no file named by nothing),
+named as the trial's `resume_state` once whole, and the state it replaces is removed after.
+A trial that ends (COMPLETE, PRUNED, a failure that is not retried) removes its state and its ancestors'. The
+retry (Optuna's `retry_history`) reads the newest ancestor state; one that is missing, damaged, of other settings
+or other data is refused, and the retry starts from epoch 0 saying why (`resume_refused`): never a crash.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import time
+import uuid
+import warnings
+from typing import Callable
+
+import optuna
+from optuna.storages import RetryFailedTrialCallback
+
+from trainer.resume import MAX_BYTES, Pacer, ResumeError, ResumeState, nbytes
+
+from .records import StateRef, Writer, read
+
+
+def ancestors(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
+    """The trials this one retries, the newest first (the dead trial, its own dead ancestor, ...)."""
+    study = trial.study
+    frozen = study._storage.get_trial(trial._trial_id)
+    with warnings.catch_warnings():  # retry_history is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        numbers = RetryFailedTrialCallback.retry_history(frozen)
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False) if t.number in set(numbers)}
+    return [by_number[n] for n in reversed(numbers) if n in by_number]
+
+
+def read_state(store, ref: StateRef) -> ResumeState:
+    """The state `ref` names, verified against its recorded size and sha256; ResumeError saying what is wrong."""
+    if ref.bytes > MAX_BYTES:
+        raise ResumeError(f"its recorded size {ref.bytes} bytes is beyond {MAX_BYTES}")
+    try:
+        with store.open_reader(ref.artifact) as f:
+            data = f.read(ref.bytes + 1)
+    except (OSError, ValueError, optuna.artifacts.exceptions.ArtifactNotFound) as e:
+        raise ResumeError(f"its file {ref.artifact!r} cannot be read ({getattr(e, 'strerror', None) or e})") \
+            from None
+    if len(data) != ref.bytes:
+        raise ResumeError(f"its file holds {len(data)} bytes, not the recorded {ref.bytes} (truncated or replaced)")
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise ResumeError("its file's sha256 is not the recorded one (damaged or replaced)")
+    return ResumeState.from_bytes(data)
+
+
+def find_state(trial: optuna.Trial, store, hparams: dict, data_checksum: str
+               ) -> tuple[ResumeState | None, int | None, str | None]:
+    """(state, the trial it comes from, None) to go on from; (None, None, why not) when the newest ancestor's
+    recorded state cannot be used; (None, None, None) when no ancestor recorded one."""
+    for t in ancestors(trial):
+        ref = read(t).resume_state
+        if ref is None:
+            continue
+        if store is None:
+            return None, None, f"trial {t.number} recorded a state, but this worker has no artifact store"
+        try:
+            state = read_state(store, ref)
+            state.check(hparams, data_checksum)
+        except ResumeError as e:
+            return None, None, f"trial {t.number}'s state after epoch {ref.epoch}: {e}"
+        return state, t.number, None
+    return None, None, None
+
+
+class StateKeeper:
+    """One running trial's resumable states in the store: `offer` is fit's `on_state`."""
+
+    def __init__(self, trial: optuna.Trial, store, writer: Writer, budget: float, interval: float,
+                 guard: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        self.trial, self.store, self.writer, self.guard = trial, store, writer, guard
+        self.pacer = Pacer(budget, interval)
+        self.latest: ResumeState | None = None  # the last finished epoch's snapshot (written on a stop)
+        self.ref: StateRef | None = None        # the last written one
+        self.next: str | None = None            # the one being written
+        self.on = store is not None and budget > 0
+
+    def offer(self, epoch: int, take: Callable[[], ResumeState]) -> None:
+        if not self.on:
+            return
+        self.latest = take()
+        if self.pacer.due(nbytes(self.latest)):
+            self.write()
+
+    def write(self) -> None:
+        """The latest snapshot into the store, whole, then named in the trial; the state it replaces removed.
+        OSError (a full disk) propagates: it fails the trial, and the temporary file is gone."""
+        state = self.latest
+        assert state is not None
+        with self.guard():  # a file and its name in the trial: never cut between them
+            t0 = time.monotonic()
+            data = state.to_bytes()
+            artifact = f"state-{uuid.uuid4()}"
+            self.writer.state_next(artifact)
+            self.next = artifact
+            self.store.write(artifact, io.BytesIO(data))
+            ref = StateRef(artifact, state.epoch, hashlib.sha256(data).hexdigest(), len(data))
+            try:
+                self.writer.state(ref)
+            except BaseException:
+                self._remove(artifact)  # not named anywhere: never left behind
+                raise
+            old, self.ref = self.ref, ref
+            if old is not None:
+                self._remove(old.artifact)
+            else:  # this trial's first state: its ancestors' are no longer needed
+                self._remove_ancestors()
+            self.pacer.wrote(time.monotonic() - t0, len(data))
+
+    def flush(self) -> None:
+        """On a stop: the last finished epoch's state, unless it is written already."""
+        if self.on and self.latest is not None and (self.ref is None or self.ref.epoch != self.latest.epoch):
+            self.write()
+
+    def discard(self) -> None:
+        """The trial ended and will not be retried: its state and its ancestors' are removed."""
+        if self.store is None:
+            return
+        if self.ref is not None:
+            self._remove(self.ref.artifact)
+            self.writer.state(None)
+            self.ref = None
+        if self.next is not None:  # a write that failed (a full disk): its temporary file is gone, its name too
+            self._remove(self.next)
+        self._remove_ancestors()
+
+    def _remove_ancestors(self) -> None:
+        for t in ancestors(self.trial):
+            record = read(t)
+            for artifact in (record.resume_state and record.resume_state.artifact, record.resume_next):
+                if artifact:
+                    self._remove(artifact)
+
+    def _remove(self, artifact: str) -> None:
+        with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):
+            self.store.remove(artifact)
