@@ -215,3 +215,73 @@ def test_a_killed_or_stopped_worker_s_trial_resumes_and_ends_as_if_never_stopped
             assert r.compute_s > retry.user_attrs["train_seconds"]
         leftover = [f.name for f in (tmp_path / e).iterdir() if f.name.startswith("state-")]
         assert leftover == [], leftover  # ... and so are the dead trials'
+
+
+def _dead_trial_with_state(url: str, experiment: str, store_dir: Path, data: bytes, recorded: bytes | None = None,
+                           artifact: str = "state-planted"):
+    """A trial of `experiment` that died with a recorded state (`recorded`'s size and sha256, the file holding
+    `data`), re-queued as the heartbeat callback re-queues a dead trial."""
+    import hashlib
+    store_dir.mkdir(parents=True, exist_ok=True)
+    if data:
+        (store_dir / artifact).write_bytes(data)
+    recorded = data if recorded is None else recorded
+    storage = storage_for(url)
+    study = optuna.load_study(study_name=f"{experiment}/cmnist/erm", storage=storage)
+    trial = study.ask()  # the enqueued reference trial
+    trial.set_user_attr("resume_state", {"artifact": artifact, "epoch": 1, "sha256": hashlib.sha256(
+        recorded).hexdigest(), "bytes": len(recorded)})
+    frozen = study.tell(trial, state=TrialState.FAIL)
+    storage.get_heartbeat_stale_trial_callback()(study, frozen)
+
+
+def test_a_missing_damaged_or_foreign_state_restarts_the_trial_from_epoch_0_saying_why(pg_url, tmp_path, splits):
+    states: dict[int, bytes] = {}
+    other = TrainConfig(dataset="cmnist", method="erm", epochs=2, patience=0, lr=0.0123, threads=1)
+    fit(other, splits=splits, log=None, on_state=lambda e, take: states.setdefault(e, take().to_bytes()))
+    good = states[1]
+    cases = {"missing": (b"", good, "cannot be read"),
+             "truncated": (good[: len(good) // 2], good, "not the recorded"),
+             "damaged": (good[:-100] + bytes(100), None, "damaged or truncated"),
+             "foreign": (good, None, "another run")}  # a whole state, but of other settings (lr)
+    for name, (data, recorded, why) in cases.items():
+        store = tmp_path / name
+        init(pg_url, "--experiment", name, "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
+             "--epochs", "2", "--pruner", "none", "--artifacts", str(store))
+        _dead_trial_with_state(pg_url, name, store, data, recorded)
+        p = study_main("worker", "--storage", pg_url, "--experiment", name, "--device", "cpu", "--threads", "1")
+        assert p.returncode == 0, p.stdout + p.stderr
+        study = studies_of(pg_url, name)[f"{name}/cmnist/erm"]
+        retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") is not None)
+        assert retry.state == TrialState.COMPLETE and "resumed_from" not in retry.user_attrs, name
+        assert why in retry.user_attrs["resume_refused"], (name, retry.user_attrs["resume_refused"])
+        assert retry.user_attrs["resume_refused"].startswith("trial 0's state after epoch 1: "), name
+        assert f"trial {retry.number} starts from epoch 0: trial 0's state" in p.stdout, name
+        assert sorted(retry.intermediate_values) == [1, 2]  # its own epochs, from the first
+
+
+def test_a_state_the_file_system_refuses_fails_the_trial_and_loses_nothing_else(pg_url, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE: the kernel refuses the write, EFBIG, as a full disk refuses with ENOSPC)
+    below a state's size: the trial fails naming the error, no temporary file stays, the store is usable after."""
+    import resource
+    store = tmp_path / "models"
+    init(pg_url, "--experiment", "full", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
+         "--epochs", "2", "--pruner", "none", "--artifacts", str(store), "--resume-budget", "1")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, hard))  # a cmnist state is ~120 kB
+    try:
+        p = study_main("worker", "--storage", pg_url, "--experiment", "full", "--device", "cpu", "--threads", "1")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    # every try fails with the reason, until the study halts after three in a row (a failure that is not the
+    # trial's fault would be re-queued instead)
+    assert p.returncode == 3 and "3 consecutive failed trials, the last: OSError: [Errno 27] File too large" in \
+        p.stderr, p.stdout + p.stderr
+    trials = studies_of(pg_url, "full")["full/cmnist/erm"].trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 3
+    for t in trials:
+        assert t.user_attrs["fail_reason"] == "OSError: [Errno 27] File too large", t.user_attrs
+        assert t.user_attrs.get("resume_state") is None and len(t.intermediate_values) == 1  # failed at epoch 1
+    assert sorted(store.iterdir()) == []  # neither a state nor a temporary file stays
