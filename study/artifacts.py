@@ -8,6 +8,7 @@ sees half a file. optuna-dashboard lists both on the trial's page (`python -m st
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import urlsplit
 
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_artifact
@@ -59,23 +61,79 @@ class AtomicFileStore(FileSystemArtifactStore):
         return os.fdopen(fd, "rb")
 
 
-def open_store(location: str) -> AtomicFileStore | None:
-    """The artifact store at `location` (a folder; "" = models are not kept). ValueError: not one this version
-    opens."""
+class S3Store:
+    """An S3-compatible bucket, `s3://BUCKET/PREFIX`: Optuna's `Boto3ArtifactStore` with every key under PREFIX
+    and the client's errors as OSError naming the store (as a folder's are). The endpoint and credentials are
+    boto3's own settings (AWS_ENDPOINT_URL for a server of your own, AWS_ACCESS_KEY_ID, ...). An object appears
+    whole or not at all (a multipart upload too)."""
+
+    def __init__(self, location: str):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise ValueError(f"artifact store {location}: an s3:// store needs boto3 (pip install "
+                             "'debias-study[s3]')") from None
+        from optuna.artifacts import Boto3ArtifactStore
+        check_location(location)
+        parts = urlsplit(location)
+        self.location, self.prefix = location, parts.path.strip("/") + "/" if parts.path.strip("/") else ""
+        client = boto3.client("s3", config=Config(connect_timeout=10, read_timeout=120,
+                                                  retries={"max_attempts": 4, "mode": "standard"}))
+        self.store = Boto3ArtifactStore(parts.netloc, client)
+
+    @contextlib.contextmanager
+    def _errors(self):
+        from botocore.exceptions import BotoCoreError, ClientError
+        try:
+            yield
+        except (BotoCoreError, ClientError) as e:
+            raise OSError(f"artifact store {self.location}: {e}") from None
+
+    def open_reader(self, artifact_id: str) -> BinaryIO:
+        with self._errors():
+            return self.store.open_reader(self.prefix + artifact_id)
+
+    def write(self, artifact_id: str, content_body: BinaryIO) -> None:
+        with self._errors():
+            self.store.write(self.prefix + artifact_id, content_body)
+
+    def remove(self, artifact_id: str) -> None:
+        with self._errors():
+            self.store.remove(self.prefix + artifact_id)
+
+
+def is_url(location: str) -> bool:
+    return "://" in location
+
+
+def check_location(location: str) -> None:
+    """ValueError unless `location` names a store this version opens: an absolute folder or s3://BUCKET/PREFIX
+    (what it holds is not looked at: `check_store`)."""
+    if is_url(location):
+        parts = urlsplit(location)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"artifact store {location!r}: a folder or s3://BUCKET/PREFIX")
+    elif not os.path.isabs(location):
+        raise ValueError(f"artifact store {location!r}: give an absolute path (workers start in other folders)")
+
+
+def open_store(location: str) -> AtomicFileStore | S3Store | None:
+    """The artifact store at `location` (a folder, or s3://BUCKET/PREFIX; "" = none). ValueError: not one this
+    version opens."""
     if not location:
         return None
-    if "://" in location:
-        raise ValueError(f"artifact store {location!r}: only a folder is supported by this version (S3-compatible "
-                         "stores are not yet)")
-    if not os.path.isabs(location):
-        raise ValueError(f"artifact store {location!r}: give an absolute path (workers start in other folders)")
-    return AtomicFileStore(location)
+    check_location(location)
+    return S3Store(location) if is_url(location) else AtomicFileStore(location)
 
 
 def check_store(location: str, create: bool = False) -> None:
     """The store can be written and read back: a probe artifact written, read and removed. ValueError in one line
     naming the store otherwise (init and every worker check it before any trial is trained)."""
     if not location:
+        return
+    if is_url(location):
+        _probe(location)
         return
     if create:
         try:
@@ -84,6 +142,10 @@ def check_store(location: str, create: bool = False) -> None:
             raise ValueError(f"artifact store {location}: cannot create it ({e.strerror or e})") from None
     if not Path(location).is_dir():
         raise ValueError(f"artifact store {location}: no such folder")
+    _probe(location)
+
+
+def _probe(location: str) -> None:
     store = open_store(location)
     assert store is not None
     probe, body = f".probe-{uuid.uuid4()}", b"debias-study"
@@ -92,8 +154,9 @@ def check_store(location: str, create: bool = False) -> None:
         with store.open_reader(probe) as f:
             ok = f.read() == body
         store.remove(probe)
-    except OSError as e:
-        raise ValueError(f"artifact store {location}: not writable ({e.strerror or e})") from None
+    except (OSError, ArtifactNotFound) as e:
+        why = getattr(e, "strerror", None) or str(e).removeprefix(f"artifact store {location}: ")
+        raise ValueError(f"artifact store {location}: not writable ({why})") from None
     if not ok:
         raise ValueError(f"artifact store {location}: a written file read back different")
 

@@ -19,7 +19,7 @@ from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
 from trainer.settings import check
 
-from .artifacts import KEEP, check_store, default_location, open_store
+from .artifacts import KEEP, check_location, check_store, default_location
 from .records import plan
 from .storage import named_lock
 
@@ -95,8 +95,9 @@ class Experiment:
                 raise ValueError(f"{key} must be a number from 0 to {high:g}, got {value!r}")
         if self.artifacts is not None:
             if not isinstance(self.artifacts, str) or "\n" in self.artifacts or "\0" in self.artifacts:
-                raise ValueError(f"artifacts must be a folder's path, got {self.artifacts!r}")
-            open_store(self.artifacts)  # a location this version opens
+                raise ValueError(f"artifacts must be a folder's path or s3://BUCKET/PREFIX, got {self.artifacts!r}")
+            if self.artifacts:
+                check_location(self.artifacts)  # a location this version opens
         for name, f in RUN_SETTINGS.items():
             setattr(self.run, name, check(f, getattr(self.run, name)))
         for key in ("params", "space"):

@@ -258,30 +258,3 @@ def test_a_missing_damaged_or_foreign_state_restarts_the_trial_from_epoch_0_sayi
         assert retry.user_attrs["resume_refused"].startswith("trial 0's state after epoch 1: "), name
         assert f"trial {retry.number} starts from epoch 0: trial 0's state" in p.stdout, name
         assert sorted(retry.intermediate_values) == [1, 2]  # its own epochs, from the first
-
-
-def test_a_state_the_file_system_refuses_fails_the_trial_and_loses_nothing_else(pg_url, tmp_path):
-    """A file-size limit (RLIMIT_FSIZE: the kernel refuses the write, EFBIG, as a full disk refuses with ENOSPC)
-    below a state's size: the trial fails naming the error, no temporary file stays, the store is usable after."""
-    import resource
-    store = tmp_path / "models"
-    init(pg_url, "--experiment", "full", "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
-         "--epochs", "2", "--pruner", "none", "--artifacts", str(store), "--resume-budget", "1")
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, hard))  # a cmnist state is ~120 kB
-    try:
-        p = study_main("worker", "--storage", pg_url, "--experiment", "full", "--device", "cpu", "--threads", "1")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, old)
-    # every try fails with the reason, until the study halts after three in a row (a failure that is not the
-    # trial's fault would be re-queued instead)
-    assert p.returncode == 3 and "3 consecutive failed trials, the last: OSError: [Errno 27] File too large" in \
-        p.stderr, p.stdout + p.stderr
-    trials = studies_of(pg_url, "full")["full/cmnist/erm"].trials
-    assert [t.state for t in trials] == [TrialState.FAIL] * 3
-    for t in trials:
-        assert t.user_attrs["fail_reason"] == "OSError: [Errno 27] File too large", t.user_attrs
-        assert t.user_attrs.get("resume_state") is None and len(t.intermediate_values) == 1  # failed at epoch 1
-    assert sorted(store.iterdir()) == []  # neither a state nor a temporary file stays
