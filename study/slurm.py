@@ -57,8 +57,9 @@ class SlurmJob:
 
     def script(self) -> str:
         """The batch script. `exec` makes the worker the batch step's process, so SLURM's SIGTERM (scancel,
-        preemption, --signal before the time limit) reaches it directly: it fails its running trial with the reason,
-        re-queues it with the same parameters, and exits."""
+        preemption, --signal before the time limit) reaches it directly: it writes its running trial's resumable
+        state to the experiment's artifact store (a path on the shared file system), fails the trial with the
+        reason, re-queues it with the same parameters (its retry goes on from that state), and exits."""
         device = "cuda" if self.gpus else "cpu"
         lines = ["#!/bin/bash",
                  f"# debias-study workers of experiment {self.experiment}: written by `python -m study slurm`",
