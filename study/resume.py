@@ -3,7 +3,8 @@ store, and the retry of a trial that died or was stopped goes on from it.
 
 A state is written after an epoch when the `Pacer` says it is worth it (its writes cost at most the experiment's
 `resume_budget` of the training time, at least `resume_interval` seconds apart), and on a stop signal (`flush`:
-the last finished epoch's). Each write is a new artifact id (a fresh UUID: two workers never write the same file),
+the last snapshot, taken after every epoch while the same budget allows — every epoch, unless the copies
+themselves are costly). Each write is a new artifact id (a fresh UUID: two workers never write the same file),
 named in the trial before its file exists (`resume_next`: a worker killed mid-write leaves no file named by nothing),
 named as the trial's `resume_state` once whole, and the state it replaces is removed after.
 A trial that ends (COMPLETE, PRUNED, a failure that is not retried) removes its state and its ancestors'. The
@@ -88,9 +89,11 @@ class StateKeeper:
         self.on = store is not None and budget > 0
 
     def offer(self, epoch: int, take: Callable[[], ResumeState]) -> None:
-        if not self.on:
+        if not (self.on and self.pacer.snapshot_due()):
             return
+        t0 = time.monotonic()
         self.latest = take()
+        self.pacer.snapshotted(time.monotonic() - t0)
         if self.pacer.due(nbytes(self.latest)):
             self.write()
 

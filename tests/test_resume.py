@@ -101,6 +101,13 @@ def test_the_pacer_keeps_writes_within_their_budget():
     now[0] = 2.1
     assert pacer.due(1000)  # 60 ms against 62 ms allowed
     assert not Pacer(budget=0.0, clock=lambda: 100.0).due(1)  # budget 0: never
+    # snapshots come out of the same budget: one that took 40 ms waits until the budget has room again
+    assert pacer.snapshot_due()
+    pacer.snapshotted(0.04)
+    now[0] = 3.0
+    assert not pacer.snapshot_due()  # 100 ms spent + 40 ms > 3% of 2.9 s
+    now[0] = 5.0
+    assert pacer.snapshot_due()
     slow = Pacer(budget=0.03, interval=60, clock=lambda: now[0])
     now[0] += 30
     assert not slow.due(1)  # not 60 s since the start

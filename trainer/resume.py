@@ -140,23 +140,32 @@ class ResumeState:
 
 
 class Pacer:
-    """When to write a state: after an epoch, if the writes so far plus this one cost at most `budget` of the
-    training time so far, and at least `interval` training seconds passed since the last write. A write's cost is
-    estimated from the last one's speed (before any: `PRIOR_SECONDS_PER_BYTE`, a slow shared disk)."""
+    """When to snapshot a run and when to write a snapshot, within one budget: the snapshots (copies to host memory,
+    kept for a stop signal's write) and the writes so far, plus the next one, cost at most `budget` of the time
+    since the pacer started; a write also waits `interval` seconds after the last. The next snapshot is estimated by
+    the last one's time, the next write from the last one's speed (before any: `PRIOR_SECONDS_PER_BYTE`, a slow
+    shared disk). Cheap states are thus written every epoch; a ResNet-50's on a fast GPU every many epochs."""
     PRIOR_SECONDS_PER_BYTE = 1 / 100e6
 
     def __init__(self, budget: float = 0.03, interval: float = 0.0, clock=time.monotonic):
         self.budget, self.interval, self.clock = budget, interval, clock
         self.start = self.last = clock()
-        self.spent = 0.0  # seconds spent writing
+        self.spent = 0.0  # seconds spent snapshotting and writing
+        self.snapshot_seconds = 0.0
         self.per_byte = self.PRIOR_SECONDS_PER_BYTE
 
+    def _within(self, cost: float) -> bool:
+        return self.budget > 0 and self.spent + cost <= self.budget * (self.clock() - self.start - self.spent)
+
+    def snapshot_due(self) -> bool:
+        return self._within(self.snapshot_seconds)
+
+    def snapshotted(self, seconds: float) -> None:
+        self.spent += seconds
+        self.snapshot_seconds = seconds
+
     def due(self, nbytes: int) -> bool:
-        now = self.clock()
-        trained = now - self.start - self.spent
-        since = now - self.last
-        return self.budget > 0 and since >= self.interval and \
-            self.spent + nbytes * self.per_byte <= self.budget * trained
+        return self.clock() - self.last >= self.interval and self._within(nbytes * self.per_byte)
 
     def wrote(self, seconds: float, nbytes: int) -> None:
         self.spent += seconds
