@@ -42,6 +42,11 @@ def _str(v: Any) -> str | None:
     return v if isinstance(v, str) else None
 
 
+def _files(v: Any) -> tuple[str, ...]:
+    names = v.get("artifacts") if isinstance(v, dict) else None
+    return tuple(n for n in names if isinstance(n, str)) if isinstance(names, list) else ()
+
+
 def _int(v: Any) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
 
@@ -132,7 +137,7 @@ class TrialRecord:
     model_sha256: str | None
     diagnostics: dict[str, list] = field(default_factory=dict)  # the method's per-epoch values (LOGGED keys)
     resume_state: StateRef | None = None    # its last resumable state (None: none, or removed when it ended)
-    resume_next: str | None = None          # the state being written when it was last seen (a kill mid-write)
+    resume_files: tuple[str, ...] = ()      # every state file it may have left (a worker killed mid-write)
     resumed_from: dict | None = None        # {"trial": N, "epoch": k}: it went on from trial N's state after epoch k
     resume_refused: str | None = None       # why it started from epoch 0 although a state was recorded
 
@@ -204,7 +209,7 @@ def read(t: FrozenTrial) -> TrialRecord:
         data_checksum=_str(attrs.get("data_checksum")), command=_str(attrs.get("command")),
         model=_str(attrs.get("model_artifact")), model_sha256=_str(attrs.get("model_sha256")),
         diagnostics={k: v for k, v in attrs.items() if isinstance(v, list)},
-        resume_state=StateRef.parse(attrs.get("resume_state")), resume_next=_str(attrs.get("resume_next")),
+        resume_state=StateRef.parse(attrs.get("resume_state")), resume_files=_files(attrs.get("resume_files")),
         resumed_from=attrs.get("resumed_from") if isinstance(attrs.get("resumed_from"), dict) else None,
         resume_refused=_str(attrs.get("resume_refused")))
 
@@ -281,9 +286,10 @@ class Writer:
         """The trial's last resumable state (None: removed, the trial ended)."""
         self.trial.set_user_attr("resume_state", None if ref is None else dataclasses.asdict(ref))
 
-    def state_next(self, artifact: str) -> None:
-        """The state about to be written: named before its file exists, so that no file is ever named by nothing."""
-        self.trial.set_user_attr("resume_next", artifact)
+    def state_files(self, artifacts: list[str]) -> None:
+        """The state files the trial may hold: named before a file is written, dropped only once it is removed, so
+        that a worker killed anywhere leaves no file that no trial names."""
+        self.trial.set_user_attr("resume_files", {"artifacts": artifacts})
 
     def resumed(self, number: int, epoch: int) -> None:
         self.trial.set_user_attr("resumed_from", {"trial": number, "epoch": epoch})

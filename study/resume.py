@@ -5,8 +5,9 @@ A state is written after an epoch when the `Pacer` says it is worth it (its writ
 `resume_budget` of the training time, at least `resume_interval` seconds apart), and on a stop signal (`flush`:
 the last snapshot, taken after every epoch while the same budget allows — every epoch, unless the copies
 themselves are costly). Each write is a new artifact id (a fresh UUID: two workers never write the same file),
-named in the trial before its file exists (`resume_next`: a worker killed mid-write leaves no file named by nothing),
-named as the trial's `resume_state` once whole, and the state it replaces is removed after.
+listed in the trial's `resume_files` before its file exists, named as its `resume_state` once whole; the state it
+replaces is removed after, and leaves the list at the next write: a worker killed anywhere leaves no file that no
+trial names.
 A trial that ends (COMPLETE, PRUNED, a failure that is not retried) removes its state and its ancestors'. The
 retry (Optuna's `retry_history`) reads the newest ancestor state; one that is missing, damaged, of other settings
 or other data is refused, and the retry starts from epoch 0 saying why (`resume_refused`): never a crash.
@@ -85,7 +86,7 @@ class StateKeeper:
         self.pacer = Pacer(budget, interval)
         self.latest: ResumeState | None = None  # the last finished epoch's snapshot (written on a stop)
         self.ref: StateRef | None = None        # the last written one
-        self.next: str | None = None            # the one being written
+        self.files: list[str] = []              # every file it may hold (listed in the trial first)
         self.on = store is not None and budget > 0
 
     def offer(self, epoch: int, take: Callable[[], ResumeState]) -> None:
@@ -106,8 +107,8 @@ class StateKeeper:
             t0 = time.monotonic()
             data = state.to_bytes()
             artifact = f"state-{uuid.uuid4()}"
-            self.writer.state_next(artifact)
-            self.next = artifact
+            self.files = [*(f for f in self.files if self.ref and f == self.ref.artifact), artifact]
+            self.writer.state_files(self.files)
             self.store.write(artifact, io.BytesIO(data))
             ref = StateRef(artifact, state.epoch, hashlib.sha256(data).hexdigest(), len(data))
             try:
@@ -135,16 +136,15 @@ class StateKeeper:
             self._remove(self.ref.artifact)
             self.writer.state(None)
             self.ref = None
-        if self.next is not None:  # a write that failed (a full disk): its temporary file is gone, its name too
-            self._remove(self.next)
+        for artifact in self.files:  # a write that failed (a full disk): its file is gone, a name may not be
+            self._remove(artifact)
         self._remove_ancestors()
 
     def _remove_ancestors(self) -> None:
         for t in ancestors(self.trial):
             record = read(t)
-            for artifact in (record.resume_state and record.resume_state.artifact, record.resume_next):
-                if artifact:
-                    self._remove(artifact)
+            for artifact in {*record.resume_files, *(record.resume_state and [record.resume_state.artifact] or [])}:
+                self._remove(artifact)
 
     def _remove(self, artifact: str) -> None:
         with contextlib.suppress(OSError, optuna.artifacts.exceptions.ArtifactNotFound):

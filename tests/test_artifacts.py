@@ -164,7 +164,7 @@ def test_a_full_disk_while_keeping_fails_that_trial_with_its_reason(tmp_path, pg
         read(t).fail_reason for t in trials]
     assert [t.user_attrs.get("resume_state") for t in trials] == [None] * 3
     # where it failed: a state is offered after the epoch, the model kept after the test pass
-    assert [bool(t.user_attrs.get("resume_next")) for t in trials] == [budget == "1"] * 3
+    assert [bool(t.user_attrs.get("resume_files")) for t in trials] == [budget == "1"] * 3
     assert store_files(folder) == []
 
 
@@ -243,7 +243,7 @@ def test_an_s3_compatible_store_round_trips_models_and_resumable_states(tmp_path
         r = read(t)
         body = s3.get_object(Bucket="models", Key=f"team/exp/{r.model}")["Body"].read()
         assert hashlib.sha256(body).hexdigest() == r.model_sha256
-        assert t.user_attrs["resume_state"] is None and t.user_attrs["resume_next"].startswith("state-")
+        assert t.user_attrs["resume_state"] is None and t.user_attrs["resume_files"]["artifacts"]
     assert all(k.startswith("team/exp/") for k in keys()) and not [k for k in keys() if "/state-" in k], keys()
     assert len(keys()) == 4  # two models and their manifests: nothing else stays
     out = tmp_path / "out"

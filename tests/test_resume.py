@@ -92,22 +92,24 @@ def test_a_foreign_or_damaged_state_is_refused_with_its_reason(splits):
 def test_the_pacer_keeps_writes_within_their_budget():
     now = [0.0]
     pacer = Pacer(budget=0.03, clock=lambda: now[0])
-    assert not pacer.due(1e9)  # before any training: a write would cost more than 3% of nothing
-    now[0] = 0.5
-    assert pacer.due(1000)  # 10 microseconds at the prior speed against 15 ms allowed
-    pacer.wrote(0.03, 1000)  # it took 30 ms: slower than assumed
+    assert not pacer.due(1000)  # before any training: a write would cost more than 3% of nothing
     now[0] = 1.0
-    assert not pacer.due(1000)  # 60 ms spent and due would be 1.5 s * 3% = 45 ms: not yet
-    now[0] = 2.1
-    assert pacer.due(1000)  # 60 ms against 62 ms allowed
+    assert not pacer.due(1000)  # the first write is assumed to take 50 ms (a database round trip): 30 ms allowed
+    now[0] = 2.0
+    assert pacer.due(1000)  # 60 ms allowed
+    pacer.wrote(0.3, 1000)  # it took 300 ms: the next is estimated at 300 ms
+    now[0] = 20.0
+    assert not pacer.due(1000)  # 600 ms > 3% of 19.7 s
+    now[0] = 20.4
+    assert pacer.due(1000)  # 600 ms <= 3% of 20.1 s
+    # snapshots come out of the same budget: one that took 300 ms waits until the budget has room for another
+    assert pacer.snapshot_due()
+    pacer.snapshotted(0.3)
+    now[0] = 30.0
+    assert not pacer.snapshot_due()  # 900 ms > 3% of 29.4 s
+    now[0] = 31.0
+    assert pacer.snapshot_due()  # 900 ms <= 3% of 30.4 s
     assert not Pacer(budget=0.0, clock=lambda: 100.0).due(1)  # budget 0: never
-    # snapshots come out of the same budget: one that took 40 ms waits until the budget has room again
-    assert pacer.snapshot_due()
-    pacer.snapshotted(0.04)
-    now[0] = 3.0
-    assert not pacer.snapshot_due()  # 100 ms spent + 40 ms > 3% of 2.9 s
-    now[0] = 5.0
-    assert pacer.snapshot_due()
     slow = Pacer(budget=0.03, interval=60, clock=lambda: now[0])
     now[0] += 30
     assert not slow.due(1)  # not 60 s since the start

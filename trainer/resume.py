@@ -143,16 +143,17 @@ class Pacer:
     """When to snapshot a run and when to write a snapshot, within one budget: the snapshots (copies to host memory,
     kept for a stop signal's write) and the writes so far, plus the next one, cost at most `budget` of the time
     since the pacer started; a write also waits `interval` seconds after the last. The next snapshot is estimated by
-    the last one's time, the next write from the last one's speed (before any: `PRIOR_SECONDS_PER_BYTE`, a slow
-    shared disk). Cheap states are thus written every epoch; a ResNet-50's on a fast GPU every many epochs."""
-    PRIOR_SECONDS_PER_BYTE = 1 / 100e6
+    the last one's time, the next write from the last one's speed (before any: `PRIOR_SECONDS` and
+    `PRIOR_SECONDS_PER_BYTE`, a slow shared disk and a database round trip). Cheap states are thus written every
+    epoch or so, once a trial has run a few seconds; a ResNet-50's on a fast GPU every many epochs."""
+    PRIOR_SECONDS, PRIOR_SECONDS_PER_BYTE = 0.05, 1 / 100e6
 
     def __init__(self, budget: float = 0.03, interval: float = 0.0, clock=time.monotonic):
         self.budget, self.interval, self.clock = budget, interval, clock
         self.start = self.last = clock()
         self.spent = 0.0  # seconds spent snapshotting and writing
         self.snapshot_seconds = 0.0
-        self.per_byte = self.PRIOR_SECONDS_PER_BYTE
+        self.fixed, self.per_byte = self.PRIOR_SECONDS, self.PRIOR_SECONDS_PER_BYTE
 
     def _within(self, cost: float) -> bool:
         return self.budget > 0 and self.spent + cost <= self.budget * (self.clock() - self.start - self.spent)
@@ -165,9 +166,9 @@ class Pacer:
         self.snapshot_seconds = seconds
 
     def due(self, nbytes: int) -> bool:
-        return self.clock() - self.last >= self.interval and self._within(nbytes * self.per_byte)
+        return self.clock() - self.last >= self.interval and self._within(self.fixed + nbytes * self.per_byte)
 
     def wrote(self, seconds: float, nbytes: int) -> None:
         self.spent += seconds
         self.last = self.clock()
-        self.per_byte = seconds / max(nbytes, 1)
+        self.fixed, self.per_byte = 0.0, seconds / max(nbytes, 1)
