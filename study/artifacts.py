@@ -25,10 +25,12 @@ from optuna.artifacts import FileSystemArtifactStore, download_artifact, upload_
 from optuna.artifacts.exceptions import ArtifactNotFound
 from sqlalchemy.engine import make_url
 
-from trainer.checkpoint import manifest_of, parse, sha256, to_bytes
+from trainer.checkpoint import epoch_manifest, manifest_of, parse, sha256, to_bytes
 from trainer.files import write_atomically
 
-KEEP = ("none", "selected")  # nothing, or the model each COMPLETE trial's test pass used (pruned trials: none)
+# nothing; the model each COMPLETE trial's test pass used (pruned trials: none); that and every epoch's weights of
+# every trial (pruned ones too), as epoch-NNN.pt
+KEEP = ("none", "selected", "all-epochs")
 
 
 def default_location(storage_url: str) -> str:
@@ -177,6 +179,17 @@ def keep_model(trial: optuna.Trial, store: AtomicFileStore, result, **extra: Any
         upload_artifact(artifact_store=store, file_path=str(manifest_path), study_or_trial=trial,
                         mimetype="application/json")
     return model_id, digest
+
+
+def keep_epoch(trial: optuna.Trial, store, state: dict, hparams: dict, data_checksum: str, record: dict,
+               **extra: Any) -> str:
+    """Uploads one epoch's weights (`--keep all-epochs`) as `epoch-NNN.pt`, an artifact of `trial` in the kept model
+    format (`python -m trainer --evaluate` compares its val metrics); returns its artifact id."""
+    data = to_bytes(epoch_manifest(hparams, data_checksum, record, **extra), state)
+    with tempfile.TemporaryDirectory(prefix="debias-epoch-") as tmp:
+        path = Path(tmp) / f"epoch-{record['epoch']:03d}.pt"
+        path.write_bytes(data)
+        return upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
 
 
 def export(storage, experiment: str, out: str | Path, datasets: list[str] | None = None,

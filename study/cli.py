@@ -41,7 +41,8 @@ def _init_args(p: argparse.ArgumentParser) -> None:
                                        "worker (default: beside an SQLite file, demo.db -> demo-artifacts/; none "
                                        "for a server database); '' keeps none")
     p.add_argument("--keep", help="what each trial keeps there: selected (the model its test pass used, for every "
-                                  "COMPLETE trial; the default) or none")
+                                  "COMPLETE trial; the default), all-epochs (that and every epoch's weights of every "
+                                  "trial, pruned ones too: a ResNet-50 keeps 94 MB an epoch) or none")
     p.add_argument("--resume-budget", type=float, help="share of a trial's training time its resumable states may "
                                                        "cost (default 0.03; 0 writes none): a stopped or dead trial's "
                                                        "retry goes on from the last one")

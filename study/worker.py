@@ -24,7 +24,7 @@ from trainer.cli import command_for
 from trainer.methods import get_method
 
 from .experiment import SEARCHED_RUN, Experiment, load_experiment, make_pruner, search_space
-from .artifacts import check_store, keep_model, open_store
+from .artifacts import check_store, keep_epoch, keep_model, open_store
 from .records import Writer, planned_seed, read
 from .resume import StateKeeper, find_state
 from .results import trial_counts
@@ -125,6 +125,14 @@ class Objective:
                     trial.report(record["val_selection"], record["epoch"])
                 history.extend(resume.history)
 
+            def on_state(epoch: int, take) -> None:
+                if self.exp.keep == "all-epochs":  # every epoch's weights, whole or not at all
+                    with STOP.interruptible(False):
+                        keep_epoch(trial, self.keep, take().model, cfg.to_dict(), checksum, history[-1],
+                                   study=trial.study.study_name, number=trial.number, command=command_for(cfg),
+                                   code_version=code_version())
+                states.offer(epoch, take)
+
             def report(epoch: int, record: dict) -> None:
                 history.append(record)
                 with STOP.interruptible(False):  # storage writes are never cut in the middle
@@ -139,7 +147,7 @@ class Objective:
 
             with STOP.interruptible():  # a stop signal ends training at once
                 result = fit(cfg, callback=report, splits=self.splits(), log=None, keep_state=self.keep is not None,
-                             resume=resume, on_state=states.offer)
+                             resume=resume, on_state=on_state)
             if self.keep is not None:
                 with STOP.interruptible(False):  # an artifact is written whole, and its id recorded, or not at all
                     writer.model(*keep_model(trial, self.keep, result, study=trial.study.study_name,

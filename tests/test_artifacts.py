@@ -272,3 +272,25 @@ def test_an_s3_compatible_store_round_trips_models_and_resumable_states(tmp_path
     one_line_error(study_main("init", *args, "--artifacts", location),
                    f"artifact store {location}: not writable (Could not connect to the endpoint URL")
     assert optuna.get_all_study_names(storage) == ["s3/synthetic/erm", "s3/synthetic/erm/seeds"]
+
+
+def test_keep_all_epochs_keeps_every_epoch_of_every_trial_and_each_evaluates_to_its_val_metrics(tmp_path):
+    storage, url = sqlite(tmp_path)
+    p = study_main("init", "--storage", url, "--experiment", "ae", "--datasets", "synthetic", "--methods", "erm",
+                   "--trials", "1", "--epochs", "3", "--keep", "all-epochs")
+    assert p.returncode == 0, p.stderr
+    run(storage, "ae")
+    (t,) = optuna.load_study(study_name="ae/synthetic/erm", storage=storage).trials
+    metas = get_all_artifact_meta(t, storage=storage)
+    epochs = sorted(m.filename for m in metas if m.filename.startswith("epoch-"))
+    assert t.state == TrialState.COMPLETE and read(t).model is not None  # the selected model is kept too
+    assert epochs == [f"epoch-{e:03d}.pt" for e in range(1, t.user_attrs["epochs_run"] + 1)]
+    folder = tmp_path / "a-artifacts"
+    for m in metas:
+        if m.filename.startswith("epoch-"):
+            epoch = int(m.filename[6:9])
+            manifest, _ = load(folder / m.artifact_id)
+            assert manifest["epoch"] == epoch and manifest["val"]["wga"] == t.intermediate_values[epoch]
+            e = trainer_main("--evaluate", str(folder / m.artifact_id), "--device", "cpu")
+            assert e.returncode == 0 and "equal to the stored metrics" in e.stdout and \
+                "not compared: not measured at this epoch" in e.stdout, e.stdout

@@ -133,7 +133,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     for split in ("val", "test"):
         m, same = r[split], r["same"][split]
-        verdict = ("not compared: the method refit its head on val" if same is None else
+        verdict = ("not compared: the method refit its head on val" if same is None and split == "val" else
+                   "not compared: not measured at this epoch" if same is None else
                    "equal to the stored metrics" if same else "DIFFERENT from the stored metrics")
         print(f"{split}: wga {m['wga']:.4f}  avg (train-weighted) {m['avg_train_weighted']:.4f}  avg (plain) "
               f"{m['avg_plain']:.4f}  — {verdict}")

@@ -195,8 +195,9 @@ def fit(cfg: TrainConfig, callback: EpochCallback | None = None, splits: Splits 
         progress: bool = False, log: Callable[[str], None] | None = print, keep_state: bool = False,
         resume: ResumeState | None = None, on_state: StateCallback | None = None) -> FitResult:
     """Train one model with one method; return its result (with keep_state, the tested weights in `state`).
-    `on_state(epoch, take)` is called after every epoch that training goes on from: `take()` snapshots the run
-    (trainer/resume.py); `resume` goes on from such a snapshot, after its epoch (ResumeError: not this run's)."""
+    `on_state(epoch, take)` is called after every epoch: `take()` snapshots the run (trainer/resume.py; taken once
+    however often it is called); `resume` goes on from such a snapshot, after its epoch (ResumeError: not this
+    run's)."""
     cfg = cfg.resolved()
     with deterministic_mode(cfg.deterministic):
         return _fit(cfg, callback, splits, progress, log, keep_state, resume, on_state)
@@ -284,6 +285,8 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
             best_state = resume.best_state if resume.best_state is not None else cpu_copy(model.state_dict())
         weights = method.sampling_weights()
         train_loader = epoch_loader(weights)
+        if cfg.patience and stale >= cfg.patience:  # the state's epoch stopped the run early: straight to the test
+            start = epochs + 1
         if log:
             log(f"resumed after epoch {resume.epoch}/{epochs}")
 
@@ -329,12 +332,12 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
             log(_epoch_line(record, epochs, improved, method_cls.describe(record)))
         if callback:
             callback(epoch, record)
+        if on_state:
+            on_state(epoch, functools.cache(functools.partial(snapshot, epoch)))
         if cfg.patience and stale >= cfg.patience:
             if log:
                 log(f"early stop: no {cfg.selection} improvement for {cfg.patience} epochs")
             break
-        if on_state:
-            on_state(epoch, functools.partial(snapshot, epoch))
 
     assert best is not None, "resolved() checks that the method's first own epoch is within the epochs"
     model.load_state_dict(best_state)
