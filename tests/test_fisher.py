@@ -221,3 +221,19 @@ def test_bias_relative_active_set_ranks_by_the_biased_models_share_of_the_trace(
     torch.testing.assert_close(m.memory[idx], torch.tensor([0.1 / 1.1, 0.8, 0.5, 0.2 / 0.3]))
     with pytest.raises(ValueError, match=r"unknown scope 'last_layer' \(choose from logits, full\)"):
         FisherRelative(FIMRelativeParams(scope="last_layer"), TrainSplit(torch.arange(8) % 2, 2, 4))
+
+
+@pytest.mark.parametrize("scope", ["full", "last_layer"])
+def test_a_vanishing_multiplier_cap_reduces_ours_to_erm_bit_for_bit(scope):
+    """With lambda_max 1e-30 every multiplier is capped at a value whose penalty gradient is lost in rounding: the
+    constrained method must then be ERM, epoch for epoch (its calibration passes draw from streams of their own)."""
+    from trainer import TrainConfig, fit
+    common = dict(dataset="cmnist", epochs=3, patience=0, threads=1)
+    erm = fit(TrainConfig(method="erm", **common), log=None)
+    ours = fit(TrainConfig(method="fim", method_params={"scope": scope, "lambda_max": 1e-30, "warmup_epochs": 1},
+                           **common), log=None)
+    keys = ("train_nll", "val_wga", "val_avg_plain", "val_worst_class")
+    assert [[r[k] for k in keys] for r in ours.history] == [[r[k] for k in keys] for r in erm.history]
+    assert ours.test == erm.test
+    last = ours.history[-1]  # the constraint was on: active samples, multipliers at their (vanishing) cap
+    assert last["constrained"] and last["active_per_step"] > 0 and 0 < last["lambda_max"] < 1.01e-30
