@@ -5,8 +5,8 @@ and the time to keep a ResNet-50's model and its resumable state.
 
 Per bundled benchmark: one-trial studies run by the worker loop on SQLite (the demo's path), the policies
 alternating: nothing kept (`--keep none --resume-budget 0`), the selected model (`--resume-budget 0`), the default
-(the model and resumable states paced within 3% of the training time) and a state after every epoch
-(`--resume-budget 1`). The table gives each policy's median trial time (the worker loop's wall time, its process
+(the model and resumable states paced within 3% of the training time), a state after every epoch
+(`--resume-budget 1`) and every epoch's model kept (`--keep all-epochs`, counted as keeping the model). The table gives each policy's median trial time (the worker loop's wall time, its process
 start and data excluded), its ratio to keeping nothing, and the time spent inside keeping the model (serialising
 it, its sha256, the two artifact writes) and inside the states (the snapshots and their writes) as a share of the
 trial's training time. Then a ResNet-50 (2 classes, Waterbirds' model): its model and its resumable state (weights,
@@ -40,7 +40,7 @@ SETTINGS = {"cmnist": dict(image_size=7, model="cnn_narrow"), "texdigits": dict(
 H200_WATERBIRDS_EPOCH_S = 29.23e-3 * 38  # ERM's training steps only (bench/README.md: step cost)
 H200_WATERBIRDS_TRIAL_S = H200_WATERBIRDS_EPOCH_S * 300
 POLICIES = {"nothing": ("none", 0.0), "model": ("selected", 0.0), "default": ("selected", 0.03),
-            "state every epoch": ("selected", 1.0)}
+            "state every epoch": ("selected", 1.0), "all epochs": ("all-epochs", 0.03)}
 
 
 def one_trial(dataset: str, policy: str, epochs: int) -> tuple[float, float]:
@@ -127,7 +127,9 @@ def main():
             finally:
                 spent[kind][-1] += time.perf_counter() - t0
         return run
+    real_epoch = worker.keep_epoch
     worker.keep_model = timed("model", real_keep)
+    worker.keep_epoch = timed("model", real_epoch)
     resume.StateKeeper.offer = timed("states", real_offer)  # type: ignore[method-assign]
     resume.StateKeeper.flush = timed("states", real_flush)  # type: ignore[method-assign]
     rows = []
@@ -149,7 +151,7 @@ def main():
                              "keeping the model, share": statistics.median(x[2] for x in r) / train,
                              "states, share": statistics.median(x[3] for x in r) / train})
     finally:
-        worker.keep_model = real_keep
+        worker.keep_model, worker.keep_epoch = real_keep, real_epoch
         resume.StateKeeper.offer, resume.StateKeeper.flush = real_offer, real_flush  # type: ignore[method-assign]
     print(f"\nERM, {args.epochs} epochs, 1 thread, median of {args.repeats} trials per policy (shares: of the "
           "trial's training time)\n")

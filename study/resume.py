@@ -19,11 +19,9 @@ import hashlib
 import io
 import time
 import uuid
-import warnings
 from typing import Callable
 
 import optuna
-from optuna.storages import RetryFailedTrialCallback
 
 from trainer.resume import MAX_BYTES, Pacer, ResumeError, ResumeState, nbytes
 
@@ -31,14 +29,15 @@ from .records import StateRef, Writer, read
 
 
 def ancestors(trial: optuna.Trial) -> list[optuna.trial.FrozenTrial]:
-    """The trials this one retries, the newest first (the dead trial, its own dead ancestor, ...)."""
-    study = trial.study
-    frozen = study._storage.get_trial(trial._trial_id)
-    with warnings.catch_warnings():  # retry_history is marked experimental
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        numbers = RetryFailedTrialCallback.retry_history(frozen)
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False) if t.number in set(numbers)}
-    return [by_number[n] for n in reversed(numbers) if n in by_number]
+    """The trials this one retries, the newest first (the dead trial, its own dead ancestor, ...): Optuna's
+    `retry_history`, read from the trial's system attributes (one query; a first attempt has none)."""
+    storage, study_id = trial.study._storage, trial.study._study_id
+    numbers = storage.get_trial_system_attrs(trial._trial_id).get("retry_history", [])
+    out = []
+    for n in reversed(numbers if isinstance(numbers, list) else []):
+        with contextlib.suppress(KeyError):  # a trial removed by hand
+            out.append(storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, n)))
+    return out
 
 
 def read_state(store, ref: StateRef) -> ResumeState:
@@ -58,25 +57,6 @@ def read_state(store, ref: StateRef) -> ResumeState:
     return ResumeState.from_bytes(data)
 
 
-def find_state(trial: optuna.Trial, store, hparams: dict, data_checksum: str
-               ) -> tuple[ResumeState | None, int | None, str | None]:
-    """(state, the trial it comes from, None) to go on from; (None, None, why not) when the newest ancestor's
-    recorded state cannot be used; (None, None, None) when no ancestor recorded one."""
-    for t in ancestors(trial):
-        ref = read(t).resume_state
-        if ref is None:
-            continue
-        if store is None:
-            return None, None, f"trial {t.number} recorded a state, but this worker has no artifact store"
-        try:
-            state = read_state(store, ref)
-            state.check(hparams, data_checksum)
-        except ResumeError as e:
-            return None, None, f"trial {t.number}'s state after epoch {ref.epoch}: {e}"
-        return state, t.number, None
-    return None, None, None
-
-
 class StateKeeper:
     """One running trial's resumable states in the store: `offer` is fit's `on_state`."""
 
@@ -88,6 +68,31 @@ class StateKeeper:
         self.ref: StateRef | None = None        # the last written one
         self.files: list[str] = []              # every file it may hold (listed in the trial first)
         self.on = store is not None and budget > 0
+        self._ancestors: list[optuna.trial.FrozenTrial] | None = None
+
+    @property
+    def ancestors(self) -> list[optuna.trial.FrozenTrial]:
+        """Read once (at the start: `find`), used again when the trial ends."""
+        if self._ancestors is None:
+            self._ancestors = ancestors(self.trial)
+        return self._ancestors
+
+    def find(self, hparams: dict, data_checksum: str) -> tuple[ResumeState | None, int | None, str | None]:
+        """(state, the trial it comes from, None) to go on from; (None, None, why not) when the newest ancestor's
+        recorded state cannot be used; (None, None, None) when no ancestor recorded one."""
+        for t in self.ancestors:
+            ref = read(t).resume_state
+            if ref is None:
+                continue
+            if self.store is None:
+                return None, None, f"trial {t.number} recorded a state, but this worker has no artifact store"
+            try:
+                state = read_state(self.store, ref)
+                state.check(hparams, data_checksum)
+            except ResumeError as e:
+                return None, None, f"trial {t.number}'s state after epoch {ref.epoch}: {e}"
+            return state, t.number, None
+        return None, None, None
 
     def offer(self, epoch: int, take: Callable[[], ResumeState]) -> None:
         if not (self.on and self.pacer.snapshot_due()):
@@ -141,7 +146,7 @@ class StateKeeper:
         self._remove_ancestors()
 
     def _remove_ancestors(self) -> None:
-        for t in ancestors(self.trial):
+        for t in self.ancestors:
             record = read(t)
             for artifact in {*record.resume_files, *(record.resume_state and [record.resume_state.artifact] or [])}:
                 self._remove(artifact)

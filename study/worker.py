@@ -26,7 +26,7 @@ from trainer.methods import get_method
 from .experiment import SEARCHED_RUN, Experiment, load_experiment, make_pruner, search_space
 from .artifacts import check_store, keep_epoch, keep_model, open_store
 from .records import Writer, planned_seed, read
-from .resume import StateKeeper, find_state
+from .resume import StateKeeper
 from .results import trial_counts
 from .storage import StorageUnavailable, cause_chain, database_error, ride_out, study_lock
 
@@ -113,7 +113,7 @@ class Objective:
             writer.start(cfg.seed, command_for(cfg), {k: getattr(cfg, k) for k in RECIPE_KEYS}, code_version())
             checksum = self.same_data(trial)
             writer.checksum(checksum)
-            resume, source, refused = find_state(trial, self.store, cfg.to_dict(), checksum)
+            resume, source, refused = states.find(cfg.to_dict(), checksum)
             name = f"{trial.study.study_name} trial {trial.number}"
             if refused:
                 writer.resume_refused(refused)
