@@ -1,4 +1,4 @@
-"""What keeping models and resumable states costs: the same trial under four policies, side by side in one run,
+"""What keeping models and resumable states costs: the same trial under five policies, side by side in one run,
 and the time to keep a ResNet-50's model and its resumable state.
 
     python bench/artifact_cost.py [--epochs 20] [--repeats 3] [--datasets cmnist,texdigits] [--no-resnet]
@@ -6,13 +6,14 @@ and the time to keep a ResNet-50's model and its resumable state.
 Per bundled benchmark: one-trial studies run by the worker loop on SQLite (the demo's path), the policies
 alternating: nothing kept (`--keep none --resume-budget 0`), the selected model (`--resume-budget 0`), the default
 (the model and resumable states paced within 3% of the training time), a state after every epoch
-(`--resume-budget 1`) and every epoch's model kept (`--keep all-epochs`, counted as keeping the model). The table gives each policy's median trial time (the worker loop's wall time, its process
-start and data excluded), its ratio to keeping nothing, and the time spent inside keeping the model (serialising
-it, its sha256, the two artifact writes) and inside the states (the snapshots and their writes) as a share of the
-trial's training time. Then a ResNet-50 (2 classes, Waterbirds' model): its model and its resumable state (weights,
-SGD momentum, the best weights so far) written as a trial writes them, beside a Waterbirds epoch and trial on an
-H200 from bench/README.md's step cost (ERM 29.23 ms/step x 38 steps per epoch x 300 epochs; evaluation not counted,
-so the shares are upper bounds), and how often the default pacing writes that state there.
+(`--resume-budget 1`) and every epoch's model kept (`--keep all-epochs`, counted as keeping the model). The table
+gives each policy's median trial time (the worker loop's wall time, its process start and data excluded), its
+ratio to keeping nothing, and the time spent inside keeping models (serialising, sha256, the artifact writes) and
+inside the states (the snapshots and their writes) as a share of the trial's training time. Then a ResNet-50
+(2 classes, Waterbirds' model): its model and its resumable state (weights, SGD momentum, the best weights so far)
+written as a trial writes them, beside a Waterbirds epoch and trial on an H200 from bench/README.md's step cost
+(ERM 29.23 ms/step x 38 steps per epoch x 300 epochs; evaluation not counted, so the shares are upper bounds), and
+how often the default pacing writes that state there.
 """
 from __future__ import annotations
 
