@@ -88,20 +88,30 @@ def _refuse_foreign(db: Path) -> None:
                          "another --storage)")
 
 
+def _artifact_name(name: str) -> bool:
+    """A file the trials write: a model (a UUID), a resumable state (state-UUID), or the temporary file of a write
+    that a stop cut short (.NAME.RANDOM.tmp)."""
+    if name.startswith(".") and name.endswith(".tmp"):
+        name = name[1:].split(".", 1)[0]
+    try:
+        uuid.UUID(name.removeprefix("state-"))
+    except ValueError:
+        return False
+    return True
+
+
 def _refuse_foreign_models(folder: Path) -> list[Path]:
-    """The files of an earlier demo's model folder (artifacts are named by UUID), to delete with its storage; a
-    folder holding anything else is not the demo's: refused."""
+    """The files of an earlier demo's model folder (`_artifact_name`), to delete with its storage; a folder holding
+    anything else is not the demo's: refused."""
     if not folder.exists():
         return []
     if folder.is_symlink() or not folder.is_dir():
         raise ValueError(f"{folder} exists and is not the demo's model folder: not deleted (choose another --storage)")
     files = list(folder.iterdir())
     for f in files:
-        try:
-            uuid.UUID(f.name)
-        except ValueError:
+        if not _artifact_name(f.name):
             raise ValueError(f"{folder} holds {f.name}, not a model of an earlier demo: not deleted (choose another "
-                             "--storage)") from None
+                             "--storage)")
         if f.is_symlink() or not f.is_file():
             raise ValueError(f"{folder}/{f.name} is not a file: not deleted (choose another --storage)")
     return files

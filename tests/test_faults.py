@@ -719,3 +719,20 @@ def test_a_damaged_decoded_image_cache_is_decoded_again(folder_dir, tmp_path, mo
     again = load_splits("folder", data_dir=str(folder_dir), image_size=16).train.x
     assert torch.equal(again, good)
     assert "content does not match its checksum (damaged): rebuilt" in capsys.readouterr().err
+
+
+def test_the_demo_deletes_only_what_its_trials_wrote_in_its_model_folder(tmp_path):
+    """An earlier demo's models, resumable states and a write cut short are its own; anything else is not."""
+    from study.demo import _refuse_foreign_models
+    folder = tmp_path / "demo-artifacts"
+    folder.mkdir()
+    u = "0b7a97b7-5632-44f2-a897-f146b8629a04"
+    ours = [u, f"state-{u}", f".state-{u}.k2j4_x.tmp", f".{u}.abc123.tmp"]
+    for name in ours:
+        (folder / name).write_bytes(b"x")
+    assert sorted(f.name for f in _refuse_foreign_models(folder)) == sorted(ours)
+    for name in ("notes.txt", f"state-{u}.bak", f"model-{u}", ".tmp"):
+        (folder / name).write_bytes(b"x")
+        with pytest.raises(ValueError, match=f"holds {name}, not a model of an earlier demo"):
+            _refuse_foreign_models(folder)
+        (folder / name).unlink()
