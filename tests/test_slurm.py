@@ -80,7 +80,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 def test_job_array_of_two_workers_meets_the_budget_and_scancel_loses_nothing(slurm, pg_url, tmp_path, monkeypatch):
     trials = 3
     init(pg_url, "--experiment", "slurm", "--datasets", "cmnist", "--methods", "erm", "--trials", str(trials),
-         "--epochs", "20", "--patience", "0", "--pruner", "none")
+         "--epochs", "20", "--patience", "0", "--pruner", "none", "--artifacts", str(tmp_path / "models"))
     secret = tmp_path / "storage-url"
     secret.write_text(pg_url + "\n")
     secret.chmod(0o644)
@@ -102,7 +102,7 @@ def test_job_array_of_two_workers_meets_the_budget_and_scancel_loses_nothing(slu
     deadline = time.time() + 240
     while time.time() < deadline:  # both array tasks mid-trial: some epochs reported, none finished
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if len(running) == 2 and all(t.intermediate_values for t in running):
+        if len(running) == 2 and all(len(t.intermediate_values) >= 2 for t in running):
             break
         time.sleep(0.5)
     else:
@@ -120,6 +120,10 @@ def test_job_array_of_two_workers_meets_the_budget_and_scancel_loses_nothing(slu
     assert len(failed) == 1 and failed[0].user_attrs["fail_reason"] == "worker stopped by signal"
     retry = [t for t in trials_now if t.system_attrs.get("failed_trial") == failed[0].number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == failed[0].params
+    # ... going on from the state the cancelled task wrote before it exited, in the shared artifact folder
+    state = failed[0].user_attrs["resume_state"]
+    assert state and retry[0].user_attrs["resumed_from"] == {"trial": failed[0].number, "epoch": state["epoch"]}
+    assert sorted(retry[0].intermediate_values) == list(range(1, 21))
     assert states.count(TrialState.COMPLETE) == trials and TrialState.RUNNING not in states
     assert TrialState.WAITING not in states
     log1 = next(logs.glob(f"*-{job}_1.out")).read_text()
