@@ -291,6 +291,7 @@ def test_keep_all_epochs_keeps_every_epoch_of_every_trial_and_each_evaluates_to_
             epoch = int(m.filename[6:9])
             manifest, _ = load(folder / m.artifact_id)
             assert manifest["epoch"] == epoch and manifest["val"]["wga"] == t.intermediate_values[epoch]
-            e = trainer_main("--evaluate", str(folder / m.artifact_id), "--device", "cpu")
-            assert e.returncode == 0 and "equal to the stored metrics" in e.stdout and \
-                "not compared: not measured at this epoch" in e.stdout, e.stdout
+            if epoch == 1:  # an epoch before the selected one, evaluated again
+                e = trainer_main("--evaluate", str(folder / m.artifact_id), "--device", "cpu")
+                assert e.returncode == 0 and "equal to the stored metrics" in e.stdout and \
+                    "not compared: not measured at this epoch" in e.stdout, e.stdout
