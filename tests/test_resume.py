@@ -168,11 +168,12 @@ def test_a_killed_or_stopped_worker_s_trial_resumes_and_ends_as_if_never_stopped
     Ours' full scope are killed, GroupDRO and JTT stopped (every method's state resumes exactly: the in-process test
     above; what the signal changes is only which state the retry finds)."""
     killed, stopped = ("erm", "fim"), ("groupdro", "jtt")
-    common = ("--datasets", "cmnist", "--trials", "1", "--epochs", "5", "--patience", "0", "--pruner", "none")
+    common = ("--datasets", "cmnist", "--epochs", "5", "--patience", "0", "--pruner", "none")
     flags = {"fim": ("--scope", "full", "--warmup-epochs", "1"), "jtt": ("--stage1-epochs", "2")}
+    budgets = {"k": 1, "t": 2}  # t: the stopped trial is the first of two (its lineage counts once)
     for e, methods, pacing in (("k", killed, ("--resume-budget", "1")), ("t", stopped, ("--resume-interval", "1e5"))):
         init(pg_url, "--experiment", e, "--methods", ",".join(methods), "--artifacts", str(tmp_path / e), *pacing,
-             *common, *(f for m in methods for f in flags.get(m, ())))
+             "--trials", str(budgets[e]), *common, *(f for m in methods for f in flags.get(m, ())))
     victims = {f"{e}/{m}": start_worker(pg_url, e, env=FAST_HEARTBEAT)
                for e, methods in (("k", killed), ("t", stopped)) for m in methods}
     try:
@@ -207,6 +208,8 @@ def test_a_killed_or_stopped_worker_s_trial_resumes_and_ends_as_if_never_stopped
         for m in killed if e == "k" else stopped:
             study = studies_of(pg_url, e)[f"{e}/cmnist/{m}"]
             dead = next(t for t in study.trials if t.state == TrialState.FAIL)
+            assert [t.state for t in study.trials].count(TrialState.COMPLETE) == budgets[e], study.trials
+            assert TrialState.RUNNING not in [t.state for t in study.trials]
             (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == dead.number]
             state = dead.user_attrs.get("resume_state")
             assert state and 1 <= state["epoch"] <= len(dead.intermediate_values), (m, dead.user_attrs)

@@ -1,7 +1,6 @@
 """The study service against the real PostgreSQL: workers, budgets, crashes, retries, the dashboard."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -140,47 +139,6 @@ def _running_with_progress(url, name):
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.intermediate_values]
         return running[0] if running else None
     return check
-
-
-@pytest.mark.parametrize("trials", [2], ids=["first-of-two"])  # the last trial: tests/test_resume.py
-def test_sigkilled_worker_trial_is_retried_with_same_params(pg_url, trials):
-    init(pg_url, "--experiment", "kill", "--datasets", "cmnist", "--methods", "erm", "--trials", str(trials),
-         "--epochs", "12", "--patience", "0", "--pruner", "none")  # long enough to be killed mid-run (0.1 s epochs)
-    victim = start_worker(pg_url, "kill", env=FAST_HEARTBEAT)
-    running = _running_with_progress(pg_url, "kill/cmnist/erm")
-
-    def paused_mid_trial():  # paused, then looked at again: the trial cannot finish between the look and the kill
-        if running() is None:
-            return None
-        victim.send_signal(signal.SIGSTOP)
-        trial = running()
-        if trial is None:
-            victim.send_signal(signal.SIGCONT)
-        return trial
-    doomed = _wait_for(paused_mid_trial)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    survivor = start_worker(pg_url, "kill", env=FAST_HEARTBEAT)
-    out = survivor.communicate(timeout=600)[0]
-    assert survivor.returncode == 0, out
-    study = studies_of(pg_url, "kill")["kill/cmnist/erm"]
-    by_number = {t.number: t for t in study.trials}
-    dead = by_number[doomed.number]
-    seen = [(t.number, t.state.name, len(t.intermediate_values), t.system_attrs.get("failed_trial"))
-            for t in study.trials]
-    assert dead.state == TrialState.FAIL and dead.user_attrs["train_seconds"] > 0, (doomed.number, seen)  # per epoch
-    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == doomed.number]
-    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE, (doomed.number, seen, out)
-    assert retries[0].params == doomed.params
-    assert "fail_reason" not in retries[0].user_attrs
-    assert retries[0].user_attrs["epochs_run"] == len(retries[0].intermediate_values)  # its own run, not the dead one's
-    from study.results import collect
-    (r,) = collect(storage_for(pg_url), "kill")[1]
-    # the killed attempt's compute counts (the reference trial stays WAITING forever only if nobody runs it)
-    assert r.compute_s == pytest.approx(sum(t.user_attrs.get("train_seconds", 0) for t in study.trials))
-    assert r.compute_s > retries[0].user_attrs["train_seconds"]
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert len(complete) == trials and all(t.state != TrialState.RUNNING for t in study.trials)
 
 
 def test_init_twice_is_harmless_and_conflicts_are_refused(pg_url):
