@@ -76,7 +76,7 @@ def resnet50_state_seconds(repeats: int) -> tuple[float, float, int]:
         for i in range(repeats):
             t0 = time.perf_counter()
             state = ResumeState("0" * 16, "0" * 16, 1, cpu_copy(model.state_dict()), cpu_copy(optimizer.state_dict()),
-                                {"module": {}, "optimizers": []}, rng_states(), [{}], 1, {}, best, 0)
+                                {"module": {}, "optimizers": []}, rng_states(torch.device("cpu")), [{}], 1, {}, best, 0)
             t1 = time.perf_counter()
             data = state.to_bytes()
             sha256(data)

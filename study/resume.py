@@ -77,7 +77,8 @@ class StateKeeper:
             self._ancestors = ancestors(self.trial)
         return self._ancestors
 
-    def find(self, hparams: dict, data_checksum: str) -> tuple[ResumeState | None, int | None, str | None]:
+    def find(self, hparams: dict, data_checksum: str, device: str
+             ) -> tuple[ResumeState | None, int | None, str | None]:
         """(state, the trial it comes from, None) to go on from; (None, None, why not) when the newest ancestor's
         recorded state cannot be used; (None, None, None) when no ancestor recorded one."""
         for t in self.ancestors:
@@ -88,7 +89,7 @@ class StateKeeper:
                 return None, None, f"trial {t.number} recorded a state, but this worker has no artifact store"
             try:
                 state = read_state(self.store, ref)
-                state.check(hparams, data_checksum)
+                state.check(hparams, data_checksum, device)
             except ResumeError as e:
                 return None, None, f"trial {t.number}'s state after epoch {ref.epoch}: {e}"
             return state, t.number, None

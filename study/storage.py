@@ -201,6 +201,15 @@ class ResilientStorage(BaseStorage, BaseHeartbeat):
     def get_best_trial(self, study_id: int) -> FrozenTrial:
         return _untoken(self._ride("get_best_trial", lambda _: self.backend.get_best_trial(study_id)))
 
+    def delete_study(self, study_id: int) -> None:
+        def delete(attempt: int) -> None:
+            try:
+                self.backend.delete_study(study_id)
+            except KeyError:
+                if not attempt:
+                    raise  # else the cut-off attempt had committed
+        self._ride("delete_study", delete)
+
     def get_trial_system_attrs(self, trial_id: int) -> dict[str, Any]:
         attrs = self._ride("get_trial_system_attrs", lambda _: self.backend.get_trial_system_attrs(trial_id))
         return {k: v for k, v in attrs.items() if k != CREATE_TOKEN}
@@ -433,8 +442,9 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         # alembic_version): the creation is serialised per file.
         lock = _file_lock(parsed.database) if dialect == "sqlite" else contextlib.nullcontext()
         with lock:
-            backend = RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace,
-                                 heartbeat_stale_trial_callback=retry, skip_table_creation=read_only)
+            backend = LockingRDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                        grace_period=grace, heartbeat_stale_trial_callback=retry,
+                                        skip_table_creation=read_only)
         return ResilientStorage(backend, url, timeout)
     try:
         return ride_out(open_storage, url, timeout, " (connecting)")
@@ -442,6 +452,26 @@ def make_storage(url: str | None = None, heartbeat_interval: int | None = None, 
         # the database's own words (Optuna's schema check wraps them in "exceeding max length", say)
         cause = next((c for c in _chain(e) if isinstance(c, SQLAlchemyError)), e)
         raise StorageError(f"cannot open storage {mask_url(url)}: {first_line(cause)}") from None
+
+
+class LockingRDBStorage(RDBStorage):
+    """Optuna's RDB storage, but a study's delete locks it first. Optuna's delete ignores an integrity error at
+    commit, and a running worker's write to one of the study's trials landing between the cascade's reads and its
+    deletes makes one: the study then silently stays (on PostgreSQL, whenever a write races the delete). Here the
+    study's row and its trials' rows are locked before the cascade, so such a write waits for the delete and then
+    fails on the missing trial (the worker says its experiment was deleted); any other integrity error is raised."""
+
+    def delete_study(self, study_id: int) -> None:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session) as session:
+            study = session.query(models.StudyModel).filter(models.StudyModel.study_id == study_id) \
+                .with_for_update().one_or_none()
+            if study is None:
+                raise KeyError(f"No study with study_id {study_id} exists.")
+            session.query(models.TrialModel).filter(models.TrialModel.study_id == study_id).with_for_update().all()
+            session.delete(study)
 
 
 class CleanRetry(RetryHeartbeatStaleTrialCallback):

@@ -113,7 +113,7 @@ class Objective:
             writer.start(cfg.seed, command_for(cfg), {k: getattr(cfg, k) for k in RECIPE_KEYS}, code_version())
             checksum = self.same_data(trial)
             writer.checksum(checksum)
-            resume, source, refused = states.find(cfg.to_dict(), checksum)
+            resume, source, refused = states.find(cfg.to_dict(), checksum, resolve_device(cfg.device).type)
             name = f"{trial.study.study_name} trial {trial.number}"
             if refused:
                 writer.resume_refused(refused)

@@ -92,6 +92,9 @@ def test_a_foreign_or_damaged_state_is_refused_with_its_reason(splits):
         state.check(cfg.resolved().to_dict(), "0" * 16)
     # the runtime settings are not the run's identity: another thread count resumes
     state.check({**cfg.resolved().to_dict(), "threads": 7, "device": "cuda"}, state.data_checksum)
+    # but a CPU run's random streams cannot go on in a GPU run (a CUDA generator's state is another kind)
+    with pytest.raises(ResumeError, match="random streams are of a cpu run; this run is on cuda"):
+        state.check(cfg.resolved().to_dict(), state.data_checksum, "cuda")
 
 
 def test_the_pacer_keeps_writes_within_their_budget():

@@ -274,11 +274,11 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
 
     history, best, best_state, stale, start = [], None, None, 0, 1
     if resume is not None:  # everything as it was after the state's epoch; the run goes on from the next one
-        resume.check(cfg.to_dict(), splits.checksum)
+        resume.check(cfg.to_dict(), splits.checksum, device.type)
         model.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)
         method.load_resume_state(resume.method)
-        set_rng_states(resume.rng, gen, augment_gen)
+        set_rng_states(resume.rng, device, gen, augment_gen)
         history, stale, start = copy.deepcopy(resume.history), resume.stale, resume.epoch + 1
         if resume.best_epoch is not None:
             best = (resume.best_epoch, resume.best_val)
@@ -294,7 +294,7 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
         current = best is not None and best[0] == epoch  # its weights are the model's: not stored twice
         return ResumeState(
             fingerprint(cfg.to_dict()), splits.checksum, epoch, cpu_copy(model.state_dict()),
-            cpu_copy(optimizer.state_dict()), cpu_copy(method.resume_state()), rng_states(gen, augment_gen),
+            cpu_copy(optimizer.state_dict()), cpu_copy(method.resume_state()), rng_states(device, gen, augment_gen),
             copy.deepcopy(history), None if best is None else best[0], copy.deepcopy(None if best is None else best[1]),
             None if current else best_state, stale)
 

@@ -62,24 +62,26 @@ def nbytes(obj: Any) -> int:
     return 0
 
 
-def rng_states(*generators: torch.Generator) -> dict[str, Any]:
-    """Python's, NumPy's, torch's (and CUDA's) global streams and the run's own generators, as plain data."""
+def rng_states(device: torch.device, *generators: torch.Generator) -> dict[str, Any]:
+    """Python's, NumPy's, torch's and the run's device's global streams and the run's own generators (those on the
+    device are the device's kind: a CUDA generator's state is not a CPU one's), as plain data."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos,
+    return {"device": device.type,
+            "python": random.getstate(), "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos,
                                                    has_gauss, gauss],
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "generators": [g.get_state() for g in generators]}
 
 
-def set_rng_states(states: dict[str, Any], *generators: torch.Generator) -> None:
+def set_rng_states(states: dict[str, Any], device: torch.device, *generators: torch.Generator) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states["cuda"] is not None:
+        torch.cuda.set_rng_state(states["cuda"], device)
     for g, s in zip(generators, states["generators"], strict=True):
         g.set_state(s)
 
@@ -127,8 +129,12 @@ class ResumeState:
                               f"{len(state.history)} epochs")
         return state
 
-    def check(self, hparams: dict[str, Any], data_checksum: str) -> None:
-        """ResumeError unless this state belongs to a run of these settings on this data."""
+    def check(self, hparams: dict[str, Any], data_checksum: str, device: str | None = None) -> None:
+        """ResumeError unless this state belongs to a run of these settings on this data (and, given the run's
+        device kind, whose random streams are of that kind)."""
+        if device is not None and self.rng.get("device") != device:
+            raise ResumeError(f"the state's random streams are of a {self.rng.get('device')} run; this run is on "
+                              f"{device}")
         if self.fingerprint != fingerprint(hparams):
             raise ResumeError(f"the state is of another run (settings {self.fingerprint}, this run's "
                               f"{fingerprint(hparams)})")
