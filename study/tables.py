@@ -159,6 +159,15 @@ def display(exp, table: pd.DataFrame, results: list[StudyResult]) -> pd.DataFram
     return out
 
 
+def selected_setting(exp, r: StudyResult, name: str):
+    """A method parameter of the row's selected configuration: searched, fixed by the experiment, or the default."""
+    assert r.best is not None
+    if name in r.best.params:
+        return r.best.params[name]
+    fixed = exp.params.get(r.method, {})
+    return fixed[name] if name in fixed else next(f.default for f in r.cls.param_fields() if f.name == name)
+
+
 def caption(exp, results: list[StudyResult], avg: str) -> str:
     seeded = [r for r in results if r.configs]
     if seeded:
@@ -176,6 +185,9 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
                 f"{PATIENCE_RULE} = " + ", ".join(f"{exp.patience_for(d)}" for d in exp.datasets))
     notes = "".join(f" {note}" for note in dict.fromkeys(
         n for r in results for n in (r.cls.card.name_note, r.cls.card.val_note) if n))
+    notes += "".join(f" {r.dataset}/{r.label}: the selected configuration's {name} is {selected_setting(exp, r, name)}"
+                     f"{' ' + r.cls.card.named_note if r.cls.card.named_note else ''}."
+                     for r in results for name in r.cls.card.named if r.best is not None)
     notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
                      "rate and epochs); differences against it overstate the other methods."
                      for r in results if (why := untrained(r)))

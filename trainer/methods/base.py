@@ -83,6 +83,9 @@ class Card:
     reference: bool = False  # across benchmarks, every method is judged against these (ERM, GroupDRO)
     name_note: str = ""      # how the literature names the method, when its label is short
     val_note: str = ""       # what the row's val number means, when not the selected epoch's
+    named: tuple[str, ...] = ()  # parameters the caption names for the selected configuration (a search over them
+    #                              can select a quantity that is not the method's own), and what they mean
+    named_note: str = ""
 
 
 @dataclass(frozen=True)

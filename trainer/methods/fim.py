@@ -165,7 +165,9 @@ class FisherConstrained(Method):
         "warmup_epochs": Int(1, 3),              # default 1
     }
     LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
-    card = Card("Ours", "Fisher constraint (the paper)", "the paper", order=2, proposed=True)
+    card = Card("Ours", "Fisher constraint (the paper)", "the paper", order=2, proposed=True, named=("scope",),
+                named_note="(the paper's quantity is the full scope, the trace over every parameter; logits and "
+                           "last_layer are cheaper proxies of it)")
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
     COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps")
     # buffers (registered in __init__), declared for the type checker
