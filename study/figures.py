@@ -159,6 +159,29 @@ def lambda_share(results) -> go.Figure | None:
     return fig.update_xaxes(title_text="epoch", row=2, col=1)
 
 
+def collapse(results) -> go.Figure | None:
+    """Fitting or flattening, per epoch of the best trial of each method that logs it (Ours): the mean norm of the
+    penultimate features on val in eval mode, and the share of val samples in the most predicted class. A model
+    that collapsed has features near 0 and predicts one class (share 100%)."""
+    fig, any_data = make_subplots(specs=[[{"secondary_y": True}]]), False
+    for r in results:
+        series = r.best.diagnostics if r.best else {}
+        for key, label, secondary in (("val_feature_norm", "feature norm", False),
+                                      ("val_top_class_share", "most predicted class (%)", True)):
+            points = [(e, v) for e, v in enumerate(series.get(key) or [], start=1) if v is not None]
+            if points:
+                any_data = True
+                x, y = zip(*points)
+                fig.add_scatter(x=x, y=[100 * v for v in y] if secondary else y, mode="lines+markers",
+                                line=dict(dash="dot" if secondary else "solid"),
+                                name=f"{_name(r, results)} {label}", secondary_y=secondary)
+    if not any_data:
+        return None
+    fig.update_yaxes(title_text="mean ||h|| on val", secondary_y=False)
+    fig.update_yaxes(title_text="share of val predictions (%)", secondary_y=True, range=[0, 101])
+    return fig.update_xaxes(title_text="epoch", tickformat="d")
+
+
 def figures(results, avg: str = "train_weighted", objective: str = "val_wga") -> dict[str, go.Figure]:
     """{id: figure}; the id names the figure in optuna-dashboard (a rerun replaces it). `objective`: the
     selection metric's name, as the studies and the dashboard call it."""
@@ -172,6 +195,8 @@ def figures(results, avg: str = "train_weighted", objective: str = "val_wga") ->
         "lambda-share": ("Lambda share: where Ours' constraint mass goes — per training group, enrichment on "
                          "bias-conflicting samples, saturation",
                          lambda_share(results)),
+        "collapse": ("Fitting or flattening: Ours' penultimate-feature norm and most predicted class per epoch "
+                     "(a collapsed model: features near 0, one class)", collapse(results)),
     }
     return {k: fig.update_layout(title=title, template="plotly_white", height=640 if k == "lambda-share" else 420)
             for k, (title, fig) in out.items() if fig is not None}

@@ -500,3 +500,23 @@ def test_odd_trial_records_are_left_out_never_a_crash(storage, tmp_path):
         assert p.returncode == 0 and "Traceback" not in p.stderr, (cmd, p.stderr)
     html = report(url, "--experiment", "gold", "--out", str(tmp_path / "r.html"))
     assert html.returncode == 0, html.stderr
+
+
+def test_the_collapse_figure_shows_ours_features_and_its_most_predicted_class_per_epoch(storage, tmp_path):
+    """A model that collapsed: its val features vanish and it predicts one class from epoch 2 (the trial's history as
+    a worker records it for Ours: the loop's val_feature_norm and val_top_class_share)."""
+    s, url = storage
+    fill(s, name="flat", seed_phase=False)
+    collapsed = _trial(C, 0.99, test=(0.0, 0.5, 0.5), attrs={"val_feature_norm": [3.2, 0.0, 0.0, 0.0],
+                                                               "val_top_class_share": [0.55, 1.0, 1.0, 1.0]})
+    optuna.load_study(study_name="flat/synthetic/fim", storage=s).add_trial(collapsed)  # Ours' best trial
+    out = tmp_path / "r.html"
+    p = report(url, "--experiment", "flat", "--format", "html", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    page = out.read_text()
+    assert "Fitting or flattening" in page and "Ours feature norm" in page and "Ours most predicted class (%)" in page
+    from study.figures import collapse
+    from study.results import collect
+    fig = collapse(collect(s, "flat")[1])
+    series = {t.name: [round(v, 9) for v in t.y] for t in fig.data}
+    assert series == {"Ours feature norm": [3.2, 0.0, 0.0, 0.0], "Ours most predicted class (%)": [55.0] + [100.0] * 3}

@@ -159,14 +159,21 @@ def training_view(net, model, loader, device, autocast, channels_last, transform
 def evaluate(model, ds, n_attr, train_counts, device, batch_size, autocast, channels_last=False, num_workers=0):
     ds = _place(ds, device)
     loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, pin_memory=device.type == "cuda")
-    correct, groups, labels = [], [], []
+    correct, groups, labels, predicted, norms = [], [], [], [], []
     transform = functools.partial(ds.batch_transform, train=False)
-    for logits, _, y, a, _ in predict(model, loader, device, autocast, channels_last, transform):
-        correct.append(logits.argmax(1) == y)
+    for logits, h, y, a, _ in predict(model, loader, device, autocast, channels_last, transform):
+        predicted.append(logits.argmax(1))
+        correct.append(predicted[-1] == y)
         groups.append(y * n_attr + a)
         labels.append(y)
-    return group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts, y=torch.cat(labels),
-                         n_attr=n_attr)
+        norms.append(h.flatten(1).norm(dim=1))
+    out = group_metrics(torch.cat(correct), torch.cat(groups), ds.n_groups, train_counts, y=torch.cat(labels),
+                        n_attr=n_attr)
+    # what tells fitting from flattening: a collapsed model's penultimate features vanish in eval mode and it
+    # predicts one class (the share of its most predicted class goes to 1)
+    out["feature_norm"] = float(torch.cat(norms).mean())
+    out["top_class_share"] = float(torch.bincount(torch.cat(predicted)).max() / len(ds))
+    return out
 
 
 def train_one_epoch(method: Method, net: nn.Module, optimizer: torch.optim.Optimizer, loader, device, n_attr: int,
@@ -316,7 +323,8 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
         val = evaluate_split(splits.val)
         record = {"epoch": epoch, **train_logs,
                   "val_wga": val["wga"], "val_worst_class": val["worst_class"], "val_avg_plain": val["avg_plain"],
-                  "val_avg_train_weighted": val["avg_train_weighted"], "own": epoch >= first_own,
+                  "val_avg_train_weighted": val["avg_train_weighted"], "val_feature_norm": val["feature_norm"],
+                  "val_top_class_share": val["top_class_share"], "own": epoch >= first_own,
                   "val_selection": val[selection.key], **method.epoch_stats(),
                   **by_group(method.per_sample(), train_groups, conflicting, splits.n_groups),
                   "seconds": round(time.time() - t_epoch, 3)}

@@ -164,7 +164,8 @@ class FisherConstrained(Method):
         "dual_lr": Float(0.05, 5.0, log=True),   # default 1
         "warmup_epochs": Int(1, 3),              # default 1
     }
-    LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac")
+    LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac",
+              "val_feature_norm", "val_top_class_share")  # the last two: the loop's, collapse shows in them
     card = Card("Ours", "Fisher constraint (the paper)", "the paper", order=2, proposed=True, named=("scope",),
                 named_note="(the paper's quantity is the full scope, the trace over every parameter; logits and "
                            "last_layer are cheaper proxies of it)")
