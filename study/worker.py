@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from trainer import TrainConfig, fit
 from trainer.data import DataError
 from trainer.loop import resolve_device
+from trainer.resume import ResumeError
 from trainer.cli import command_for
 from trainer.methods import get_method
 
@@ -118,12 +119,17 @@ class Objective:
             if refused:
                 writer.resume_refused(refused)
                 self.log(f"worker {os.getpid()}: {name} starts from epoch 0: {refused}")
-            if resume is not None and source is not None:
-                writer.resumed(source, resume.epoch)
-                self.log(f"worker {os.getpid()}: {name} resumes trial {source} after epoch {resume.epoch}")
-                for record in resume.history:  # the pruner sees the whole curve: the epochs run are reported again
+            pending = [resume]  # announced once fit has restored it (a state of another code version may not load)
+
+            def announce() -> None:
+                state = pending.pop() if pending else None
+                if state is None or source is None:
+                    return
+                writer.resumed(source, state.epoch)
+                self.log(f"worker {os.getpid()}: {name} resumes trial {source} after epoch {state.epoch}")
+                for record in state.history:  # the pruner sees the whole curve: the epochs run are reported again
                     trial.report(record["val_selection"], record["epoch"])
-                history.extend(resume.history)
+                history.extend(state.history)
 
             def on_state(epoch: int, take) -> None:
                 if self.exp.keep == "all-epochs":  # every epoch's weights, whole or not at all
@@ -134,6 +140,8 @@ class Objective:
                 states.offer(epoch, take)
 
             def report(epoch: int, record: dict) -> None:
+                with STOP.interruptible(False):
+                    announce()
                 history.append(record)
                 with STOP.interruptible(False):  # storage writes are never cut in the middle
                     # the seconds first: an epoch seen in the storage has its compute counted, even if the worker
@@ -145,9 +153,23 @@ class Objective:
                     raise optuna.TrialPruned(f"pruned at epoch {epoch} ({self.exp.selection} "
                                              f"{record['val_selection']:.4f})")
 
+            def train(state):
+                return fit(cfg, callback=report, splits=self.splits(), log=None, keep_state=self.keep is not None,
+                           resume=state, on_state=on_state)
             with STOP.interruptible():  # a stop signal ends training at once
-                result = fit(cfg, callback=report, splits=self.splits(), log=None, keep_state=self.keep is not None,
-                             resume=resume, on_state=on_state)
+                try:
+                    result = train(resume)
+                except ResumeError as e:  # the state does not load into this code: from epoch 0, saying why
+                    if resume is None:
+                        raise
+                    refused = f"trial {source}'s state after epoch {resume.epoch}: {e}"
+                    with STOP.interruptible(False):
+                        writer.resume_refused(refused)
+                    self.log(f"worker {os.getpid()}: {name} starts from epoch 0: {refused}")
+                    pending.clear()
+                    result = train(None)
+            with STOP.interruptible(False):
+                announce()  # a state of the last epoch: no epoch was reported
             if self.keep is not None:
                 with STOP.interruptible(False):  # an artifact is written whole, and its id recorded, or not at all
                     writer.model(*keep_model(trial, self.keep, result, study=trial.study.study_name,

@@ -272,13 +272,26 @@ def test_a_missing_damaged_or_foreign_state_restarts_the_trial_from_epoch_0_sayi
         ref = StateRef("state-x", 1, hashlib.sha256(recorded).hexdigest(), len(recorded))
         with pytest.raises(ResumeError, match=why):
             read_state(store, ref)
-    # and through a worker: the retry of a trial whose state is gone, or of other settings, starts from epoch 0
+    # and through a worker: the retry of a trial whose state is gone, of other settings, or of this very run but
+    # written by another version of the code (a weight this version's model does not have), starts from epoch 0
+    import dataclasses
+
+    from study.experiment import load_experiment
+    init(pg_url, "--experiment", "skew", "--datasets", "cmnist", "--methods", "erm", "--trials", "1", "--epochs",
+         "2", "--pruner", "none", "--artifacts", str(tmp_path / "skew"))
+    exp, _ = load_experiment(storage_for(pg_url), "skew")
+    skewed: dict = {}
+    fit(dataclasses.replace(exp.recipe("cmnist", "erm"), seed=0, device="cpu", threads=1), splits=splits, log=None,
+        on_state=lambda e, take: skewed.setdefault(e, take()))
+    skewed[1].model["head.extra"] = torch.zeros(1)
     cases = {"missing": (b"", good, "cannot be read"),
-             "foreign": (good, None, "another run")}  # a whole state, but of other settings (lr)
+             "foreign": (good, None, "another run"),  # a whole state, but of other settings (lr)
+             "skew": (skewed[1].to_bytes(), None, "the state does not fit this run (Error(s) in loading")}
     for name, (data, recorded, why) in cases.items():
         store = tmp_path / name
-        init(pg_url, "--experiment", name, "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
-             "--epochs", "2", "--pruner", "none", "--artifacts", str(store))
+        if name != "skew":
+            init(pg_url, "--experiment", name, "--datasets", "cmnist", "--methods", "erm", "--trials", "1",
+                 "--epochs", "2", "--pruner", "none", "--artifacts", str(store))
         _dead_trial_with_state(pg_url, name, store, data, recorded)
         p = study_main("worker", "--storage", pg_url, "--experiment", name, "--device", "cpu", "--threads", "1")
         assert p.returncode == 0, p.stdout + p.stderr

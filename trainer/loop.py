@@ -20,7 +20,7 @@ from .data import Splits, TensorGroupDataset, make_loader
 from .methods import Batch, Method, RunContext, TrainSplit, get_method
 from .metrics import bias_conflicting, by_group, get_selection, group_metrics, selection_key
 from .models import buffers_kept, build_model
-from .resume import ResumeState, cpu_copy, fingerprint, rng_states, set_rng_states
+from .resume import ResumeError, ResumeState, cpu_copy, fingerprint, rng_states, set_rng_states
 
 EpochCallback = Callable[[int, dict], None]  # (epoch, history record); may raise to stop the run
 StateCallback = Callable[[int, Callable[[], ResumeState]], None]  # (epoch, take): take() snapshots the run
@@ -282,10 +282,13 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
     history, best, best_state, stale, start = [], None, None, 0, 1
     if resume is not None:  # everything as it was after the state's epoch; the run goes on from the next one
         resume.check(cfg.to_dict(), splits.checksum, device.type)
-        model.load_state_dict(resume.model)
-        optimizer.load_state_dict(resume.optimizer)
-        method.load_resume_state(resume.method)
-        set_rng_states(resume.rng, device, gen, augment_gen)
+        try:  # a state written by another version of a method (a buffer added since) does not load
+            model.load_state_dict(resume.model)
+            optimizer.load_state_dict(resume.optimizer)
+            method.load_resume_state(resume.method)
+            set_rng_states(resume.rng, device, gen, augment_gen)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise ResumeError(f"the state does not fit this run ({str(e).strip().splitlines()[0]})") from None
         history, stale, start = copy.deepcopy(resume.history), resume.stale, resume.epoch + 1
         if resume.best_epoch is not None:
             best = (resume.best_epoch, resume.best_val)
