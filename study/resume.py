@@ -15,7 +15,6 @@ or other data is refused, and the retry starts from epoch 0 saying why (`resume_
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import time
 import uuid
@@ -23,6 +22,7 @@ from typing import Callable
 
 import optuna
 
+from trainer.checkpoint import sha256
 from trainer.resume import MAX_BYTES, Pacer, ResumeError, ResumeState, nbytes
 
 from .records import StateRef, Writer, read
@@ -52,7 +52,7 @@ def read_state(store, ref: StateRef) -> ResumeState:
             from None
     if len(data) != ref.bytes:
         raise ResumeError(f"its file holds {len(data)} bytes, not the recorded {ref.bytes} (truncated or replaced)")
-    if hashlib.sha256(data).hexdigest() != ref.sha256:
+    if sha256(data) != ref.sha256:
         raise ResumeError("its file's sha256 is not the recorded one (damaged or replaced)")
     return ResumeState.from_bytes(data)
 
@@ -116,7 +116,7 @@ class StateKeeper:
             self.files = [*(f for f in self.files if self.ref and f == self.ref.artifact), artifact]
             self.writer.state_files(self.files)
             self.store.write(artifact, io.BytesIO(data))
-            ref = StateRef(artifact, state.epoch, hashlib.sha256(data).hexdigest(), len(data))
+            ref = StateRef(artifact, state.epoch, sha256(data), len(data))
             try:
                 self.writer.state(ref)
             except BaseException:
@@ -149,7 +149,8 @@ class StateKeeper:
     def _remove_ancestors(self) -> None:
         for t in self.ancestors:
             record = read(t)
-            for artifact in {*record.resume_files, *(record.resume_state and [record.resume_state.artifact] or [])}:
+            named = {record.resume_state.artifact} if record.resume_state else set()
+            for artifact in named | set(record.resume_files):
                 self._remove(artifact)
 
     def _remove(self, artifact: str) -> None:

@@ -116,9 +116,13 @@ class Objective:
             writer.checksum(checksum)
             resume, source, refused = states.find(cfg.to_dict(), checksum, resolve_device(cfg.device).type)
             name = f"{trial.study.study_name} trial {trial.number}"
+
+            def refuse(why: str) -> None:
+                with STOP.interruptible(False):
+                    writer.resume_refused(why)
+                self.log(f"worker {os.getpid()}: {name} starts from epoch 0: {why}")
             if refused:
-                writer.resume_refused(refused)
-                self.log(f"worker {os.getpid()}: {name} starts from epoch 0: {refused}")
+                refuse(refused)
             pending = [resume]  # announced once fit has restored it (a state of another code version may not load)
 
             def announce() -> None:
@@ -140,10 +144,9 @@ class Objective:
                 states.offer(epoch, take)
 
             def report(epoch: int, record: dict) -> None:
-                with STOP.interruptible(False):
-                    announce()
-                history.append(record)
                 with STOP.interruptible(False):  # storage writes are never cut in the middle
+                    announce()
+                    history.append(record)
                     # the seconds first: an epoch seen in the storage has its compute counted, even if the worker
                     # is killed right after (a killed trial's compute counts)
                     writer.seconds()
@@ -162,10 +165,7 @@ class Objective:
                 except ResumeError as e:  # the state does not load into this code: from epoch 0, saying why
                     if resume is None:
                         raise
-                    refused = f"trial {source}'s state after epoch {resume.epoch}: {e}"
-                    with STOP.interruptible(False):
-                        writer.resume_refused(refused)
-                    self.log(f"worker {os.getpid()}: {name} starts from epoch 0: {refused}")
+                    refuse(f"trial {source}'s state after epoch {resume.epoch}: {e}")
                     pending.clear()
                     result = train(None)
             with STOP.interruptible(False):

@@ -104,13 +104,19 @@ def test_export_writes_every_seed_of_the_selected_configuration_verified(tmp_pat
     assert not (tmp_path / "o3" / "manifest.json").exists()  # no manifest for a half export
 
 
-def test_keep_none_keeps_nothing_and_export_says_so(tmp_path):
+def one_trial(tmp_path, name: str, *flags: str):
+    """(storage, url, the trial) of a one-trial synthetic ERM experiment `name` run by a worker, init given `flags`."""
     storage, url = sqlite(tmp_path)
-    p = study_main("init", "--storage", url, "--experiment", "n", "--datasets", "synthetic", "--methods", "erm",
-                   "--trials", "1", "--epochs", "1", "--keep", "none")
+    p = study_main("init", "--storage", url, "--experiment", name, "--datasets", "synthetic", "--methods", "erm",
+                   "--trials", "1", *flags)
     assert p.returncode == 0, p.stderr
-    run(storage, "n")
-    (t,) = optuna.load_study(study_name="n/synthetic/erm", storage=storage).trials
+    run(storage, name)
+    (t,) = optuna.load_study(study_name=f"{name}/synthetic/erm", storage=storage).trials
+    return storage, url, t
+
+
+def test_keep_none_keeps_nothing_and_export_says_so(tmp_path):
+    storage, url, t = one_trial(tmp_path, "n", "--epochs", "1", "--keep", "none")
     assert t.state == TrialState.COMPLETE and read(t).model is None and get_all_artifact_meta(t, storage=storage) == []
     one_line_error(study_main("export", "--storage", url, "--experiment", "n", "--out", str(tmp_path / "o")),
                    "no model kept (keep policy 'none' when it ran)")
@@ -275,12 +281,7 @@ def test_an_s3_compatible_store_round_trips_models_and_resumable_states(tmp_path
 
 
 def test_keep_all_epochs_keeps_every_epoch_of_every_trial_and_each_evaluates_to_its_val_metrics(tmp_path):
-    storage, url = sqlite(tmp_path)
-    p = study_main("init", "--storage", url, "--experiment", "ae", "--datasets", "synthetic", "--methods", "erm",
-                   "--trials", "1", "--epochs", "3", "--keep", "all-epochs")
-    assert p.returncode == 0, p.stderr
-    run(storage, "ae")
-    (t,) = optuna.load_study(study_name="ae/synthetic/erm", storage=storage).trials
+    storage, _, t = one_trial(tmp_path, "ae", "--epochs", "3", "--keep", "all-epochs")
     metas = get_all_artifact_meta(t, storage=storage)
     epochs = sorted(m.filename for m in metas if m.filename.startswith("epoch-"))
     assert t.state == TrialState.COMPLETE and read(t).model is not None  # the selected model is kept too

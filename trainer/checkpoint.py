@@ -65,13 +65,21 @@ def load(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return parse(data, path)
 
 
+def weights_only(data: bytes) -> Any:
+    """`torch.load` of bytes with weights_only=True (a file holding code is refused, never run); ValueError with the
+    first line of why a damaged or truncated file cannot be read (model files and resume states alike)."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        raise ValueError((str(e).splitlines() or [type(e).__name__])[0]) from None
+
+
 def parse(data: bytes, path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(manifest, state_dict) from a kept model's bytes; ValueError naming `path` and what is wrong."""
     try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"{path}: not a readable model file (damaged or truncated: {str(e).splitlines()[0]})") \
-            from None
+        obj = weights_only(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable model file (damaged or truncated: {e})") from None
     manifest = obj.get("manifest") if isinstance(obj, dict) else None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not a model kept by debias-study (no {FORMAT} manifest)")

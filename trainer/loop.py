@@ -300,10 +300,12 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
         if log:
             log(f"resumed after epoch {resume.epoch}/{epochs}")
 
+    run_fingerprint = fingerprint(cfg.to_dict())
+
     def snapshot(epoch: int) -> ResumeState:
         current = best is not None and best[0] == epoch  # its weights are the model's: not stored twice
         return ResumeState(
-            fingerprint(cfg.to_dict()), splits.checksum, epoch, cpu_copy(model.state_dict()),
+            run_fingerprint, splits.checksum, epoch, cpu_copy(model.state_dict()),
             cpu_copy(optimizer.state_dict()), cpu_copy(method.resume_state()), rng_states(device, gen, augment_gen),
             copy.deepcopy(history), None if best is None else best[0], copy.deepcopy(None if best is None else best[1]),
             None if current else best_state, stale)
@@ -336,7 +338,7 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
                                            selection_key(best[1], cfg.selection))
         if improved:
             best, stale = (epoch, val), 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = cpu_copy(model.state_dict())
         elif epoch >= first_own:
             stale += 1
         if log:
@@ -361,7 +363,7 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
         best = (best[0], group_metrics(refit.correct, refit.groups, splits.n_groups, train_counts, y=refit.labels,
                                        n_attr=n_attr))
     test = evaluate_split(splits.test)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if keep_state else None
+    state = cpu_copy(model.state_dict()) if keep_state else None
     return FitResult(
         method=cfg.method, dataset=cfg.dataset, seed=cfg.seed, hparams=cfg.to_dict(),
         group_labels=method_cls.group_labels, selection=cfg.selection, objective=best[1][selection.key],

@@ -13,15 +13,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import pickle
 import random
 import time
-import zipfile
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
+
+from .checkpoint import weights_only
 
 FORMAT, VERSION = "debias-study/resume", 1
 MAX_BYTES = 16 << 30  # a ResNet-50 with its optimiser is ~200 MB; anything this large is not one of ours
@@ -112,9 +112,9 @@ class ResumeState:
     def from_bytes(cls, data: bytes) -> "ResumeState":
         """ResumeError naming what is wrong: damaged or truncated, not a state, another version."""
         try:
-            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError) as e:
-            raise ResumeError(f"not a readable state (damaged or truncated: {str(e).splitlines()[0]})") from None
+            obj = weights_only(data)
+        except ValueError as e:
+            raise ResumeError(f"not a readable state (damaged or truncated: {e})") from None
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ResumeError(f"not a resume state (no {FORMAT} format tag)")
         if obj.get("version") != VERSION:
