@@ -13,7 +13,7 @@ import optuna
 import torch
 
 from trainer.config import TrainConfig, default_patience
-from trainer.data import DATASETS, get_dataset, recipe
+from trainer.data import DATASETS, SCRATCH_MODELS, get_dataset, recipe
 from trainer.methods import METHODS, TrainSplit, get_method
 from trainer.methods.base import Choice, Float, Int
 from trainer.metrics import get_selection
@@ -155,7 +155,10 @@ class Experiment:
         """The pretrained weights the dataset's recipe starts from are on this machine (init checks them as it
         checks the data: not every trial failing on a worker later)."""
         cfg = self.recipe(dataset).resolved()
-        if (cfg.pretrained or cfg.weights) and cfg.model is not None:
+        if cfg.pretrained and not cfg.weights and cfg.model in SCRATCH_MODELS:
+            from trainer.backbones import CHANNELS, pretrained_backbone  # built here once (a minute at most), cached
+            pretrained_backbone(dataset, cfg.model, CHANNELS[dataset], cfg.image_size or 0)
+        elif (cfg.pretrained or cfg.weights) and cfg.model is not None:
             from trainer.models import build_model, pretrained_weights_path
             try:
                 pretrained_weights_path(cfg.model, cfg.weights)

@@ -161,13 +161,15 @@ def lambda_share(results) -> go.Figure | None:
 
 def collapse(results) -> go.Figure | None:
     """Fitting or flattening, per epoch of the best trial of each method that logs it (Ours): the mean norm of the
-    penultimate features on val in eval mode, and the share of val samples in the most predicted class. A model
-    that collapsed has features near 0 and predicts one class (share 100%)."""
+    penultimate features on val in eval mode, the share of val samples in the most predicted class, and the
+    training accuracy of the samples the constraint acts on. A model that collapsed has features near 0 and predicts
+    one class (share 100%); one that fits its constrained samples classifies them right."""
     fig, any_data = make_subplots(specs=[[{"secondary_y": True}]]), False
     for r in results:
         series = r.best.diagnostics if r.best else {}
         for key, label, secondary in (("val_feature_norm", "feature norm", False),
-                                      ("val_top_class_share", "most predicted class (%)", True)):
+                                      ("val_top_class_share", "most predicted class (%)", True),
+                                      ("active_accuracy", "constrained samples' train accuracy (%)", True)):
             points = [(e, v) for e, v in enumerate(series.get(key) or [], start=1) if v is not None]
             if points:
                 any_data = True
@@ -178,7 +180,7 @@ def collapse(results) -> go.Figure | None:
     if not any_data:
         return None
     fig.update_yaxes(title_text="mean ||h|| on val", secondary_y=False)
-    fig.update_yaxes(title_text="share of val predictions (%)", secondary_y=True, range=[0, 101])
+    fig.update_yaxes(title_text="share / accuracy (%)", secondary_y=True, range=[0, 101])
     return fig.update_xaxes(title_text="epoch", tickformat="d")
 
 
@@ -195,8 +197,8 @@ def figures(results, avg: str = "train_weighted", objective: str = "val_wga") ->
         "lambda-share": ("Lambda share: where Ours' constraint mass goes — per training group, enrichment on "
                          "bias-conflicting samples, saturation",
                          lambda_share(results)),
-        "collapse": ("Fitting or flattening: Ours' penultimate-feature norm and most predicted class per epoch "
-                     "(a collapsed model: features near 0, one class)", collapse(results)),
+        "collapse": ("Fitting or flattening: Ours' penultimate-feature norm, most predicted class and its constrained "
+                     "samples' accuracy per epoch (a collapsed model: features near 0, one class)", collapse(results)),
     }
     return {k: fig.update_layout(title=title, template="plotly_white", height=640 if k == "lambda-share" else 420)
             for k, (title, fig) in out.items() if fig is not None}

@@ -93,6 +93,8 @@ class Metrics:
     avg_train_weighted: float | None
     worst_class: float | None
     groups: tuple[Group, ...] = ()
+    feature_norm: float | None = None     # mean penultimate-feature norm (eval mode); None: not recorded
+    top_class_share: float | None = None  # share of the most predicted class
 
     def avg(self, key: str) -> float:
         """The average by its metric key (avg_plain or avg_train_weighted)."""
@@ -111,9 +113,10 @@ class Metrics:
                                  _int(g.get("a"))) for g in groups)
         except (TypeError, KeyError, ValueError):
             parsed = ()
-        tw, wc = d.get("avg_train_weighted"), d.get("worst_class")
-        return cls(float(d["wga"]), float(d["avg_plain"]), float(tw) if _number(tw) else None,
-                   float(wc) if _number(wc) else None, parsed)
+        def optional(key: str) -> float | None:
+            return float(d[key]) if _number(d.get(key)) else None
+        return cls(float(d["wga"]), float(d["avg_plain"]), optional("avg_train_weighted"), optional("worst_class"),
+                   parsed, optional("feature_norm"), optional("top_class_share"))
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,30 @@ def untrained(r: StudyResult) -> str | None:
     return None
 
 
+COLLAPSED_NORM = 1e-3  # a penultimate-feature norm below this in eval mode: collapsed (a trained model's is O(1))
+
+
+def collapsed(r: StudyResult) -> str | None:
+    """Why a row's selected models are no working classifiers in some seeds, or None: the features collapsed (their
+    mean norm on the test split below COLLAPSED_NORM: the full-scope Fisher constraint's failure), or the model
+    predicts one class on the test split. Read from the test metrics (records of earlier versions: not flagged)."""
+    runs = r.runs()
+    flat = sum(t.test.feature_norm is not None and t.test.feature_norm < COLLAPSED_NORM for t in runs)
+    one = sum(t.test.top_class_share is not None and t.test.top_class_share >= 1.0 for t in runs)
+    if flat:
+        return (f"its features collapsed (mean norm < {COLLAPSED_NORM:g} on the test split) in {flat} of "
+                f"{len(runs)} seeds")
+    if one:
+        return f"it predicts one class on the test split in {one} of {len(runs)} seeds"
+    return None
+
+
+def no_baseline(r: StudyResult) -> str | None:
+    """The reason for a row's mark (†): untrained in every seed, or collapsed in some."""
+    why = untrained(r)
+    return f"{why} in every seed" if why else collapsed(r)
+
+
 # Which group labels a method trains on (Method.group_labels), as the table says it.
 TRAIN_LABELS = {"none": "no", "train": "yes", "val": "val split"}
 
@@ -146,7 +170,7 @@ def _seeds(r: StudyResult, finished: int) -> str:
 def display(exp, table: pd.DataFrame, results: list[StudyResult]) -> pd.DataFrame:
     """The numbers as the paper prints them: '97.3' or '97.3 ± 0.4'; counts as complete/pruned/failed."""
     out = pd.DataFrame({"dataset": table["dataset"],
-                        "method": [m + (" †" if untrained(r) else "") for m, r in zip(table["method"], results)]})
+                        "method": [m + (" †" if no_baseline(r) else "") for m, r in zip(table["method"], results)]})
     out["Avg"] = [_pm(m, s) for m, s in zip(table["Avg"], table["Avg std"])]
     for col, name in (("Worst", "Worst"), ("val", exp.selection)):
         out[name] = ["" if np.isnan(m) else _pm(m, s) for m, s in zip(table[col], table[f"{col} std"])]
@@ -188,9 +212,9 @@ def caption(exp, results: list[StudyResult], avg: str) -> str:
     notes += "".join(f" {r.dataset}/{r.label}: the selected configuration's {name} is {selected_setting(exp, r, name)}"
                      f"{' ' + r.cls.card.named_note if r.cls.card.named_note else ''}."
                      for r in results for name in r.cls.card.named if r.best is not None)
-    notes += "".join(f" † {r.dataset}/{r.label}: {why} in every seed — not a trained baseline (check its learning "
-                     "rate and epochs); differences against it overstate the other methods."
-                     for r in results if (why := untrained(r)))
+    notes += "".join(f" † {r.dataset}/{r.label}: {why} — not a trained baseline (check its learning rate and "
+                     "epochs); differences against it overstate the other methods."
+                     for r in results if (why := no_baseline(r)))
     return (f"Experiment {exp.name!r} on {', '.join(exp.datasets)}: test accuracy (%). {protocol} "
             f"Avg = {AVG[avg][1]}; Worst = worst-group accuracy. Selection: {exp.selection_text()}; ties: higher "
             f"val average, then fewer epochs; early-stopping patience {patience} epochs. Trials: a retried trial "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from .data import DATASETS, IMAGE_DATASETS, SCRATCH_MODELS, load_splits, recipe
+from .data import BACKBONE_DATASETS, DATASETS, IMAGE_DATASETS, SCRATCH_MODELS, load_splits, recipe
 from .methods import METHODS, get_method
 from .metrics import SELECTIONS
 from .models import MODELS
@@ -38,8 +38,10 @@ class TrainConfig:
     method: str = param("erm", "debiasing method", choices=METHODS, scope=TRIAL)
     data_dir: str | None = param(None, "root of an on-disk dataset in its official layout")
     model: str | None = param(None, "architecture (default: the dataset's)", choices=tuple(MODELS))
-    pretrained: bool | None = param(None, "start ResNets from ImageNet weights (default: the dataset's)")
-    weights: str | None = param(None, "pretrained weights file (else torchvision's local cache)")
+    pretrained: bool | None = param(None, "start from pretrained weights: ResNets from ImageNet's, the small CNNs on "
+                                    "cmnist and texdigits from a backbone pretrained offline (default: the dataset's)")
+    weights: str | None = param(None, "pretrained weights file (else torchvision's local cache; the small CNNs': "
+                                "the offline backbone)")
     image_size: int | None = param(None, "crop size of image datasets (default: the dataset's)", low=1)
     epochs: int | None = param(None, "maximum epochs (default: the dataset's)", low=1)
     batch_size: int | None = param(None, "batch size (default: the dataset's; searched by a study)", low=1)
@@ -92,8 +94,9 @@ class TrainConfig:
         filled = {f.name: getattr(defaults, f.name) for f in fields(defaults)
                   if hasattr(given, f.name) and getattr(given, f.name) is None}
         cfg = replace(given, **filled)
-        if cfg.model in SCRATCH_MODELS and cfg.pretrained:
-            raise ValueError(f"model {cfg.model!r} has no pretrained weights (use --no-pretrained or a ResNet)")
+        if cfg.model in SCRATCH_MODELS and cfg.pretrained and cfg.dataset not in BACKBONE_DATASETS and not cfg.weights:
+            raise ValueError(f"model {cfg.model!r} has pretrained weights only for {', '.join(BACKBONE_DATASETS)} "
+                             f"(use --no-pretrained, a ResNet, or --weights FILE)")
         if cfg.augment and cfg.dataset not in IMAGE_DATASETS:
             raise ValueError(f"dataset {cfg.dataset!r} has no augmentation (image datasets: "
                              f"{', '.join(IMAGE_DATASETS)})")

@@ -229,7 +229,7 @@ def _fit(cfg: TrainConfig, callback, splits, progress, log, keep_state=False, re
 
     def new_model():
         m = build_model(cfg.model, splits.n_classes, cfg.pretrained, cfg.weights, splits.in_channels,
-                        cfg.freeze_bn).to(device)
+                        cfg.freeze_bn, source=(cfg.dataset, cfg.image_size)).to(device)
         return m.to(memory_format=torch.channels_last) if cuda else m
 
     def new_optimizer(parameters):

@@ -98,7 +98,12 @@ def pretrained_weights_path(arch: str, weights_path: str | None) -> Path:
 
 def _pretrained_state(arch: str, weights_path: str | None) -> dict:
     """Weights from --weights, else torchvision's local cache; never a silent random init."""
-    path = pretrained_weights_path(arch, weights_path)
+    return read_weights(pretrained_weights_path(arch, weights_path))
+
+
+def read_weights(path: Path) -> dict:
+    """A backbone's named tensors from a weights file: a state dict (or {"state_dict": ...}) of a torchvision ResNet
+    or of this project's Classifier; the head's ("fc.", "head.") dropped, "module." and "backbone." prefixes too."""
     size = path.stat().st_size
     if size > MAX_WEIGHTS_BYTES:  # ResNet-50's ImageNet file is 98 MB; a huge (or sparse) file is not weights
         raise ValueError(f"--weights {path}: {size / 2**30:.1f} GiB, larger than any weights file of these models "
@@ -112,27 +117,43 @@ def _pretrained_state(arch: str, weights_path: str | None) -> dict:
     if not (isinstance(state, dict) and state and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                       for k, v in state.items())):
         raise ValueError(f"--weights {path}: holds a {type(state).__name__}, not a state dict of named tensors")
-    return {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("fc.", "head."))}
+
+
+def _load_backbone(backbone: nn.Module, state: dict, name: str, allowed_missing: tuple[str, ...] = ()) -> None:
+    """`state` into `backbone`, or ValueError naming what does not match (never a partly random backbone)."""
+    try:
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"weights for {name} do not match the architecture "
+                         f"({str(e).splitlines()[1].strip()})") from None
+    if unexpected or [k for k in missing if not any(k.startswith(p) for p in allowed_missing)]:
+        raise ValueError(f"weights for {name} do not match the architecture "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def build_model(name: str, n_classes: int, pretrained: bool = False, weights_path: str | None = None,
-                in_channels: int = 3, freeze_bn: bool = False) -> Classifier:
+                in_channels: int = 3, freeze_bn: bool = False,
+                source: tuple[str, int | None] | None = None) -> Classifier:
+    """`source`: (dataset, image size) whose offline backbone a pretrained small CNN starts from
+    (trainer/backbones.py); a `weights_path` takes its place."""
     if name in CNN_WIDTHS:
         backbone, dim = small_cnn(in_channels, CNN_WIDTHS[name], stem=name in STRIDED_STEM)
+        if weights_path:
+            _load_backbone(backbone, read_weights(pretrained_weights_path(name, weights_path)), name)
+        elif pretrained:
+            from .backbones import pretrained_backbone
+            if source is None or source[1] is None:
+                raise ValueError(f"a pretrained {name} needs the dataset and image size its backbone is drawn for")
+            _load_backbone(backbone, pretrained_backbone(source[0], name, in_channels, source[1]), name)
     elif name in ("resnet18", "resnet50"):
         if in_channels != 3:
             raise ValueError(f"{name} takes 3-channel images, the data has {in_channels} channels")
         import torchvision
         backbone = getattr(torchvision.models, name)(weights=None)
         if pretrained or weights_path:
-            try:
-                missing, unexpected = backbone.load_state_dict(_pretrained_state(name, weights_path), strict=False)
-            except RuntimeError as e:  # shape mismatches
-                raise ValueError(f"weights for {name} do not match the architecture "
-                                 f"({str(e).splitlines()[1].strip()})") from None
-            if unexpected or [k for k in missing if not k.startswith("fc.")]:
-                raise ValueError(f"weights for {name} do not match the architecture "
-                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+            _load_backbone(backbone, _pretrained_state(name, weights_path), name, ("fc.",))
         dim = backbone.fc.in_features
         backbone.fc, backbone.avgpool = nn.Identity(), GlobalAvgPool(flatten=False)
     else:

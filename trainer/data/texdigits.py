@@ -85,21 +85,23 @@ def crop_box(band: tuple[float, float], shape: tuple[int, int], size: int, gen: 
     return top, left, side
 
 
-def _render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
-            gen: torch.Generator, a: int = 0) -> torch.Tensor:
-    """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows with the coloured digit on it."""
+def render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
+           gen: torch.Generator, tint: tuple[float, float, float] | torch.Tensor = TINTS[0],
+           contrast: float = TEXTURE_CONTRAST) -> torch.Tensor:
+    """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows, tinted, with the coloured digit (any
+    grey image in [0, 1], its alpha mask) on it."""
     top, left, side = crop_box(band, (texture.shape[0], texture.shape[1]), size, gen)
     crop = texture[top:top + side, left:left + side]
     if torch.rand((), generator=gen) < 0.5:
         crop = crop.flip(1)
     bg = F.interpolate(crop[None, None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    bg = 0.5 + TEXTURE_CONTRAST * (bg - 0.5)
+    bg = 0.5 + contrast * (bg - 0.5)
     d = int(round(uniform(*OBJECT_SCALE, gen) * size))
     alpha = F.interpolate(digit[None, None], size=(d, d), mode="bilinear", align_corners=False)[0].clamp(0, 1)
     centre, shift = (size - d) // 2, int(JITTER * size)
     y0, x0 = (max(0, min(size - d, centre + int(torch.randint(-shift, shift + 1, (), generator=gen))))
               for _ in range(2))
-    img = (2 * bg * torch.tensor(TINTS[a])[:, None, None]).clamp(0, 1)  # bg's mean is about 0.5
+    img = (2 * bg * torch.as_tensor(tint)[:, None, None]).clamp(0, 1)  # bg's mean is about 0.5
     patch = img[:, y0:y0 + d, x0:x0 + d]
     img[:, y0:y0 + d, x0:x0 + d] = patch * (1 - alpha) + colour[:, None, None] * alpha
     return img
@@ -122,7 +124,7 @@ def generate(data_seed: int = 0, train_agreement: float = 0.95, image_size: int 
             as_ += [a] * n
         chosen = torch.cat(idx)
         colours = _colours(len(chosen), gen)
-        x = torch.stack([_render(digits[i], textures[a], band, c, image_size, gen, a)
+        x = torch.stack([render(digits[i], textures[a], band, c, image_size, gen, TINTS[a])
                          for i, a, c in zip(chosen.tolist(), as_, colours)])
         out[split] = ((x * 255).round().to(torch.uint8), torch.tensor(ys), torch.tensor(as_), chosen)
     return out
@@ -135,19 +137,21 @@ class TexDigitsDataset(TensorGroupDataset):
     """A texdigits split; with augmentation (the recipe's), training batches are shifted at random."""
 
     def batch_transform(self, x: torch.Tensor, train: bool, generator: torch.Generator | None = None):
-        if not train:
-            return x
-        n, c, h, w = x.shape
-        pad = max(1, int(SHIFT * h))
-        padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        device = generator.device if generator is not None else x.device
-        dy, dx = (torch.randint(2 * pad + 1, (n, 1), generator=generator, device=device).to(x.device)
-                  for _ in range(2))
-        rows, cols = dy + torch.arange(h, device=x.device), dx + torch.arange(w, device=x.device)
-        # one gather for the batch: no per-image loop, no read back to the host
-        return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[
-            None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+        return shift_batch(x, SHIFT, generator) if train else x
 
+
+def shift_batch(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each image shifted at random by up to `fraction` of its side (at least 1 px), the border reflected."""
+    n, c, h, w = x.shape
+    pad = max(1, int(fraction * h))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+    device = generator.device if generator is not None else x.device
+    dy, dx = (torch.randint(2 * pad + 1, (n, 1), generator=generator, device=device).to(x.device)
+              for _ in range(2))
+    rows, cols = dy + torch.arange(h, device=x.device), dx + torch.arange(w, device=x.device)
+    # one gather for the batch: no per-image loop, no read back to the host
+    return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[
+        None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
 
 def _check(data, agreement: float, size: int) -> None:
     """Every split with its images, labels, attributes and digit indices, in the counts the settings make."""

@@ -164,13 +164,13 @@ class FisherConstrained(Method):
         "dual_lr": Float(0.05, 5.0, log=True),   # default 1
         "warmup_epochs": Int(1, 3),              # default 1
     }
-    LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac",
+    LOGGED = ("lambda_share", "lambda_enrichment", "at_cap_frac", "at_zero_frac", "violated_frac", "active_accuracy",
               "val_feature_norm", "val_top_class_share")  # the last two: the loop's, collapse shows in them
     card = Card("Ours", "Fisher constraint (the paper)", "the paper", order=2, proposed=True, named=("scope",),
                 named_note="(the paper's quantity is the full scope, the trace over every parameter; logits and "
                            "last_layer are cheaper proxies of it)")
     FEATURE_EMA = 0.1  # weight of the newest batch in the running mean of ||h||^2 + 1
-    COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps")
+    COUNTERS = ("n_active", "n_violated", "n_at_cap", "n_at_zero", "n_overflow", "n_steps", "n_active_correct")
     # buffers (registered in __init__), declared for the type checker
     lam: torch.Tensor
     memory: torch.Tensor
@@ -183,6 +183,7 @@ class FisherConstrained(Method):
     n_at_zero: torch.Tensor
     n_overflow: torch.Tensor
     n_steps: torch.Tensor
+    n_active_correct: torch.Tensor
 
     def __init__(self, params: FIMParams, train, **kw):
         super().__init__(params, train, **kw)
@@ -304,6 +305,7 @@ class FisherConstrained(Method):
         # Dual step first: a multiplier moves only when its sample is drawn (once per epoch), so a primal step with
         # the old value would always lag an epoch behind.
         lam = self.dual_step(t_k.detach(), batch.idx[top], active)
+        self.count_correct(logits, batch.y, top, active)
         penalty = self.constraint(lam, t_k, len(batch.y))
         return penalty, {"penalty": penalty, "trace_active": t_k.detach().mean()}
 
@@ -320,10 +322,16 @@ class FisherConstrained(Method):
         nll.backward()  # the step's own gradient (train-mode BatchNorm)
         top, active = self.select(trace, idx)
         lam = self.dual_step(trace[top], idx[top], active)
+        self.count_correct(logits, y, top, active)
         t_k = self.full_trace(model, x[top], y[top], stats, create_graph=True)  # double backprop on K only
         penalty = self.constraint(lam, t_k, len(y))
         penalty.backward()
         return {"loss": (nll + penalty).detach(), "nll": nll, "penalty": penalty, "trace_active": trace[top].mean()}
+
+    @torch.no_grad()
+    def count_correct(self, logits, y, top, active) -> None:
+        """The constrained samples the step's model classifies right: does the constraint fit them or flatten?"""
+        self.n_active_correct += ((logits.detach()[top].argmax(1) == y[top]) & active).sum()
 
     def epoch_stats(self):
         if not self.constrained:
@@ -335,6 +343,7 @@ class FisherConstrained(Method):
             "violated_frac": float(self.n_violated / n),
             "at_cap_frac": float(self.n_at_cap / n),
             "at_zero_frac": float(self.n_at_zero / n),
+            "active_accuracy": float(self.n_active_correct / n),  # train-mode accuracy of the constrained samples
             "active_per_step": float(self.n_active / self.n_steps.clamp(min=1)),
             "overflow_frac": float(self.n_overflow / (self.n_active + self.n_overflow).clamp(min=1)),
             "lambda_mean": float(self.lam.mean()),
@@ -350,5 +359,5 @@ class FisherConstrained(Method):
             return ""
         enr = r.get("lambda_enrichment")
         return (f"violated {r['violated_frac']:.2f} lam mean {r['lambda_mean']:.3f} max {r['lambda_max']:.2f} "
-                f"at cap {r['at_cap_frac']:.2f} at 0 {r['at_zero_frac']:.2f}"
+                f"at cap {r['at_cap_frac']:.2f} at 0 {r['at_zero_frac']:.2f} acc {r['active_accuracy']:.2f}"
                 f"{'' if enr is None else f' enrichment {enr:.1f}x'}")
