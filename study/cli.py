@@ -61,6 +61,8 @@ def _init_args(p: argparse.ArgumentParser) -> None:
 def _init(args, storage_file):
     from .experiment import init_experiment
     exp = _experiment_from_args(args)
+    for line in exp.warnings():  # before the data loads: a run that would fail is said first
+        print(f"warning: {line}", file=sys.stderr, flush=True)
     names = init_experiment(_storage(args), exp)
     print(f"experiment {exp.name!r}: {len(names)} studies ready ({', '.join(names)})")
 

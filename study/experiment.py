@@ -170,6 +170,20 @@ class Experiment:
             except ValueError as e:
                 raise ValueError(f"dataset {dataset}: {e}") from None
 
+    def warnings(self) -> list[str]:
+        """Each (dataset, method)'s recipe warning (Method.recipe_warning) over the values its search may draw."""
+        out = []
+        for d in self.datasets:
+            for m in self.methods:
+                cfg, space = self.recipe(d, m).resolved(), search_space(self, d, m)
+                values = {k: tuple(space[k].choices) if isinstance(space.get(k), Choice) else (v,)
+                          for k, v in cfg.method_params.items()}
+                lr = space["lr"].high if isinstance(space.get("lr"), Float) else cfg.lr
+                assert lr is not None and cfg.grad_clip is not None
+                if line := get_method(m).recipe_warning(values, lr, cfg.grad_clip):
+                    out.append(f"{d}/{m}: {line}")
+        return out
+
     def study_name(self, dataset: str, method: str) -> str:
         return f"{self.name}/{dataset}/{method}"
 

@@ -236,3 +236,16 @@ def test_a_vanishing_multiplier_cap_reduces_ours_to_erm_bit_for_bit(scope="full"
     assert ours.test == erm.test
     last = ours.history[-1]  # the constraint was on: active samples, multipliers at their (vanishing) cap
     assert last["constrained"] and last["active_per_step"] > 0 and 0 < last["lambda_max"] < 1.01e-30
+    assert 0 < last["active_accuracy"] <= 1  # ERM fits some of its largest-trace samples
+
+
+def test_the_constrained_samples_accuracy_counts_active_samples_only():
+    """The constrained samples' train accuracy per epoch: of the batch's candidates, only the active ones count."""
+    m = FisherConstrained(FIMParams(), TrainSplit(torch.arange(8) % 2, 2, 4))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    y = torch.tensor([0, 0, 1, 1])  # right, wrong, wrong, right
+    m.count_correct(logits, y, torch.tensor([0, 1, 3]), torch.tensor([True, True, False]))
+    m.n_active += 2
+    m.eps.fill_(1.0)
+    m._eps_value = 1.0
+    assert int(m.n_active_correct) == 1 and m.epoch_stats()["active_accuracy"] == 0.5

@@ -508,7 +508,8 @@ def test_the_collapse_figure_shows_ours_features_and_its_most_predicted_class_pe
     s, url = storage
     fill(s, name="flat", seed_phase=False)
     collapsed = _trial(C, 0.99, test=(0.0, 0.5, 0.5), attrs={"val_feature_norm": [3.2, 0.0, 0.0, 0.0],
-                                                               "val_top_class_share": [0.55, 1.0, 1.0, 1.0]})
+                                                               "val_top_class_share": [0.55, 1.0, 1.0, 1.0],
+                                                               "active_accuracy": [None, 0.25, 0.5, 0.5]})
     optuna.load_study(study_name="flat/synthetic/fim", storage=s).add_trial(collapsed)  # Ours' best trial
     out = tmp_path / "r.html"
     p = report(url, "--experiment", "flat", "--format", "html", "--out", str(out))
@@ -519,4 +520,30 @@ def test_the_collapse_figure_shows_ours_features_and_its_most_predicted_class_pe
     from study.results import collect
     fig = collapse(collect(s, "flat")[1])
     series = {t.name: [round(v, 9) for v in t.y] for t in fig.data}
-    assert series == {"Ours feature norm": [3.2, 0.0, 0.0, 0.0], "Ours most predicted class (%)": [55.0] + [100.0] * 3}
+    assert series == {"Ours feature norm": [3.2, 0.0, 0.0, 0.0], "Ours most predicted class (%)": [55.0] + [100.0] * 3,
+                      "Ours constrained samples' train accuracy (%)": [25.0, 50.0, 50.0]}  # none in the warm-up
+
+
+@pytest.mark.parametrize("norm, share, why", [
+    (0.0, 1.0, "its features collapsed (mean norm < 0.001 on the test split) in 1 of 1 seeds"),
+    (2.5, 1.0, "it predicts one class on the test split in 1 of 1 seeds"),
+    (2.5, 0.6, None)])
+def test_a_selected_model_that_collapsed_in_a_seed_is_marked_with_the_reason(storage, norm, share, why):
+    """The table marks (†) a row whose selected models' features vanished, or that predict one class, in any seed
+    (the test metrics a worker records: feature_norm, top_class_share; here Ours' selected trial, better on val than
+    its other one); a working model is not marked."""
+    s, url = storage
+    init_experiment(s, Experiment.of(name="c", datasets=["synthetic"], methods=["erm", "fim"], trials=2, epochs=4),
+                    check_data=False)
+    study = {m: optuna.load_study(study_name=f"c/synthetic/{m}", storage=s) for m in ("erm", "fim")}
+    study["erm"].add_trial(_trial(C, 0.6, test=(0.6, 0.8, 0.9)))
+    study["erm"].add_trial(_trial(C, 0.5, test=(0.5, 0.8, 0.9), seed=1))
+    for value, (n, sh) in ((0.6, (3.0, 0.5)), (0.7, (norm, share))):
+        t = _trial(C, value, test=(0.7, 0.8, 0.8))
+        t.user_attrs["test"].update(feature_norm=n, top_class_share=sh)
+        study["fim"].add_trial(t)
+    p = report(url, "--experiment", "c")
+    assert p.returncode == 0, p.stderr
+    rows = [r[1] for r in markdown_rows(p.stdout) if len(r) == 10]
+    assert rows == ["ERM", "Ours †" if why else "Ours"]
+    assert (f"† synthetic/Ours: {why} — not a trained baseline" in p.stdout) if why else "†" not in p.stdout

@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.output:
             check_output(args.output)  # before training: a result is never trained and then lost
-        result = fit(config_from_args(args), progress=args.progress)
+        cfg = config_from_args(args).resolved()
+        if warning := cfg.warning():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
+        result = fit(cfg, progress=args.progress)
     except (ValueError, DataError, NonFiniteLossError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -122,6 +122,12 @@ class TrainConfig:
                              f"first stage), but epochs is {cfg.epochs}")
         return cfg
 
+    def warning(self) -> str | None:
+        """What this (resolved) run should say before it starts (its method's recipe_warning), or None."""
+        assert self.lr is not None and self.grad_clip is not None
+        return get_method(self.method).recipe_warning({k: (v,) for k, v in self.method_params.items()}, self.lr,
+                                                      self.grad_clip)
+
     def load_splits(self):
         """The dataset as this (resolved) run reads it."""
         return load_splits(self.dataset, data_dir=self.data_dir, image_size=self.image_size, data_seed=self.data_seed,

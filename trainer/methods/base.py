@@ -298,6 +298,13 @@ class Method(nn.Module):
         return 1
 
     @classmethod
+    def recipe_warning(cls, params: dict[str, tuple], lr: float, grad_clip: float) -> str | None:
+        """One line that a run (or a search) should read before it starts, or None: `params` maps each method
+        parameter to the values it may take (fixed: one; searched: a Choice's), `lr` is the largest rate it may
+        use, `grad_clip` its max gradient norm (0 = none)."""
+        return None
+
+    @classmethod
     def space_for(cls, epochs: int) -> dict:
         """The search space for runs of `epochs` epochs (a method narrows ranges that need more epochs)."""
         return dict(cls.SPACE)

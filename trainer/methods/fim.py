@@ -328,6 +328,18 @@ class FisherConstrained(Method):
         penalty.backward()
         return {"loss": (nll + penalty).detach(), "nll": nll, "penalty": penalty, "trace_active": trace[top].mean()}
 
+    # Without gradient clipping the full scope's first constrained steps (its trace gradient is ~100x the loss's)
+    # turned the loss non-finite in epoch 2 at lr 0.05 on 64-px images (a folder of texdigits' images, `cnn`, 2 of 2
+    # seeds); at lr 0.005, or clipped at norm 5, it stayed finite (bench/README.md, "numerical safety")
+    FULL_SAFE_LR = 0.005
+
+    @classmethod
+    def recipe_warning(cls, params, lr, grad_clip):
+        if "full" in params.get("scope", ()) and not grad_clip and lr > cls.FULL_SAFE_LR:
+            return (f"fim --scope full without gradient clipping at lr up to {lr:g}: its loss turned non-finite at lr "
+                    f"0.05 on 64-px images; use --lr {cls.FULL_SAFE_LR:g} or lower, or --grad-clip 5")
+        return None
+
     @torch.no_grad()
     def count_correct(self, logits, y, top, active) -> None:
         """The constrained samples the step's model classifies right: does the constraint fit them or flatten?"""
