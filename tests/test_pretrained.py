@@ -1,7 +1,5 @@
 """The pretrained regime offline: the small CNNs' backbones pretrained on a disjoint source (trainer/backbones.py),
 their recipe, their cache and the weights files of a CNN."""
-import hashlib
-
 import pytest
 import torch
 
@@ -20,16 +18,14 @@ def quick(monkeypatch, tmp_path):
 
 
 def test_the_source_is_disjoint_from_the_benchmarks_and_drawn_in_their_form():
-    from trainer.data.cmnist import mnist_digits
     digits, labels = backbones._source_digits()
     assert tuple(digits.shape) == (1797, 8, 8) and set(labels.tolist()) == set(range(10))  # UCI's, not MNIST's
-    mnist = {hashlib.sha256(d.tobytes()).hexdigest() for d in mnist_digits()[0]}
-    assert len(mnist) > 4900 and not set(backbones.PHOTOS) & set(TEXTURES)  # never grass or gravel
-    data = backbones.source("cmnist", 2, 7)
-    x, y = data["train"]
-    assert tuple(x.shape) == (4 * 1617, 2, 7, 7) and len(data["held_out"][1]) == 180
-    assert ((x.flatten(2).amax(2) > 0).sum(1) == 1).all()  # each digit in exactly one colour channel
-    photo = backbones._on_photos(digits[:3], 3, 16, torch.Generator().manual_seed(0))
+    assert not set(backbones.PHOTOS) & set(TEXTURES)  # never grass or gravel
+    gen = torch.Generator().manual_seed(0)
+    x = backbones._in_channels(digits[:40], 2, 7, gen)
+    assert tuple(x.shape) == (40, 2, 7, 7) and ((x.flatten(2).amax(2) > 0).sum(1) == 1).all()  # one colour each
+    assert set(x.flatten(2).amax(2).argmax(1).tolist()) == {0, 1}  # both colours, whatever the digit
+    photo = backbones._on_photos(digits[:3], 3, 16, gen)
     assert tuple(photo.shape) == (3, 3, 16, 16) and 0 <= float(photo.min()) and float(photo.max()) <= 1
 
 
@@ -94,3 +90,12 @@ def test_the_trainer_says_the_warning_before_its_first_epoch(capsys):
           "--epochs", "2", "--threads", "1"])
     err = capsys.readouterr().err
     assert err.startswith("warning: fim --scope full without gradient clipping at lr up to 0.05")
+
+
+def test_study_init_builds_the_backbone_before_it_writes_anything(quick, capsys):
+    from study.experiment import Experiment
+    exp = Experiment.of(name="p", datasets=["cmnist"], methods=["erm"], pretrained=True)
+    assert exp.recipe("cmnist").resolved().lr == 1e-3  # the fine-tuning recipe, searched around
+    exp.check_weights("cmnist")
+    assert len(list((quick / "cache" / "backbones").glob("*.pt"))) == 1
+    assert "pretrained cnn_narrow for cmnist" in capsys.readouterr().err
