@@ -2,6 +2,7 @@
 several seeds each, early stopping on val WGA.
 
     python bench/methods_cmnist.py [--dataset cmnist] [--only erm,groupdro,fim] [--seeds 5] [--epochs 20] [--jobs 2]
+                                   [--pretrained]
 
 Prints test Avg (train-weighted and plain) and Worst-group accuracy as mean ± std over seeds, and each method's
 paired worst-group difference to ERM and to GroupDRO (same seeds) with its 95% Student-t interval.
@@ -60,6 +61,8 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--dataset", default="cmnist", help="a generated dataset: cmnist or texdigits")
     p.add_argument("--only", help="comma-separated method names (default: every registered method)")
+    p.add_argument("--pretrained", action="store_true", help="fine-tune from the offline backbone "
+                   "(trainer/backbones.py) with the dataset's fine-tuning recipe")
     return p.parse_args()
 
 
@@ -82,7 +85,7 @@ def paired(df: pd.DataFrame, against: str, order: list[str]) -> list[str]:
 def main():
     args = parse_args(__doc__)
     specs = [r for r in RUNS if not args.only or r[1] in args.only.split(",")]
-    df = runs(specs, args.seeds, args.epochs, args.jobs, dataset=args.dataset)
+    df = runs(specs, args.seeds, args.epochs, args.jobs, dataset=args.dataset, pretrained=args.pretrained)
     order = [label for label, *_ in specs]
     table = pd.DataFrame({"test Avg (train-weighted)": pm(df, "avg", order),
                           "test Avg (plain)": pm(df, "avg_plain", order),
@@ -93,7 +96,8 @@ def main():
         ref = next((lab for lab, m, prm in specs if m == name and not prm), None)
         if ref:
             table[f"Worst − {label} (pp, 95% CI)"] = paired(df, ref, order)
-    print(f"\n{args.dataset}, {args.seeds} seeds, mean ± std (%), best epoch by val WGA\n")
+    print(f"\n{args.dataset}{' (pretrained)' if args.pretrained else ''}, {args.seeds} seeds, mean ± std (%), best "
+          "epoch by val WGA\n")
     print(table.to_markdown())
 
 

@@ -2,7 +2,7 @@
 source (trainer/backbones.py, `--pretrained`), compared through the study protocol.
 
     python bench/pretrained.py [--datasets cmnist,texdigits] [--trials 6] [--top-k 2] [--seeds 5] [--workers 2]
-                               [--dir DIR]
+                               [--dir DIR] [--tables-only]
 
 Per dataset, one SQLite storage in DIR (default: a new temporary folder) and three experiments, each the demo's
 protocol (a search of --trials trials per method, then the top-k configurations x --seeds training seeds, the same
@@ -61,6 +61,23 @@ def interval(a, b) -> str:
     return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] {decided(lo, hi)}"
 
 
+def summary(url: str, dataset: str) -> pd.DataFrame:
+    """Every experiment's rows of `dataset` in one table, paired against ERM and GroupDRO over the same seeds."""
+    rows = []
+    for name in EXPERIMENTS:
+        exp, results = collect(make_storage(url), name)
+        rows += [(f"{r.label} ({exp.params[r.method]['scope']})" if r.method == "fim" else r.label, r)
+                 for r in results]
+    erm, dro = (next(r for _, r in rows if r.method == m) for m in ("erm", "groupdro"))
+    return pd.DataFrame([{
+        "method": label + (" †" if no_baseline(r) else ""),
+        "test Avg": pm([t.test.avg_train_weighted for t in r.runs()]),
+        "test Worst": pm([t.test.wga for t in r.runs()]),
+        "seeds": len(r.runs()),
+        "Worst − ERM (pp, 95% CI)": interval(r, erm), "Worst − GroupDRO (pp, 95% CI)": interval(r, dro),
+        "mark": no_baseline(r) or ""} for label, r in rows])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="cmnist,texdigits")
@@ -69,31 +86,24 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--dir", default=None, help="where the storages go (default: a new temporary folder)")
+    p.add_argument("--tables-only", action="store_true", help="print the tables of the storages in --dir again")
     args = p.parse_args()
+    if args.tables_only and not args.dir:
+        p.error("--tables-only reads the storages of an earlier run: give its --dir")
     folder = Path(args.dir or tempfile.mkdtemp(prefix="pretrained-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     for dataset in args.datasets.split(","):
         db = folder / f"{dataset}.db"
         url = f"sqlite:///{db}"
         start = time.time()
-        rows = []
         for name, (methods, params) in EXPERIMENTS.items():
-            protocol(url, db, name, dataset, methods, params, args)
+            if not args.tables_only:
+                protocol(url, db, name, dataset, methods, params, args)
             exp, results = collect(make_storage(url), name)
             print(render_markdown(exp, results, "train_weighted"))
-            rows += [(f"{r.label} ({exp.params[r.method]['scope']})" if r.method == "fim" else r.label, r)
-                     for r in results]
-        erm, dro = (next(r for _, r in rows if r.method == m) for m in ("erm", "groupdro"))
-        table = pd.DataFrame([{
-            "method": label + (" †" if no_baseline(r) else ""),
-            "test Avg": pm([t.test.avg_train_weighted for t in r.runs()]),
-            "test Worst": pm([t.test.wga for t in r.runs()]),
-            "seeds": len(r.runs()),
-            "Worst − ERM (pp, 95% CI)": interval(r, erm), "Worst − GroupDRO (pp, 95% CI)": interval(r, dro),
-            "mark": no_baseline(r) or ""} for label, r in rows])
         print(f"\n{dataset}, pretrained backbone, the study protocol ({args.trials} trials, top {args.top_k} x "
               f"{args.seeds} seeds), {time.time() - start:.0f} s; storage {url}\n")
-        print(table.to_markdown(index=False))
+        print(summary(url, dataset).to_markdown(index=False))
 
 
 if __name__ == "__main__":

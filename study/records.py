@@ -143,6 +143,7 @@ class TrialRecord:
     resume_files: tuple[str, ...] = ()      # every state file it may have left (a worker killed mid-write)
     resumed_from: dict | None = None        # {"trial": N, "epoch": k}: it went on from trial N's state after epoch k
     resume_refused: str | None = None       # why it started from epoch 0 although a state was recorded
+    pretrained: bool | None = None          # its model started from pretrained weights (None: not recorded)
 
     number = property(lambda self: self.trial.number)
     state = property(lambda self: self.trial.state)
@@ -170,6 +171,7 @@ class Run:
     test: Metrics               # with both averages
 
     number = property(lambda self: self.record.number)
+    pretrained = property(lambda self: self.record.pretrained)
     epochs_run = property(lambda self: self.record.epochs_run)
     best_epoch = property(lambda self: self.record.best_epoch)
     first_own_epoch = property(lambda self: self.record.first_own_epoch)
@@ -214,7 +216,12 @@ def read(t: FrozenTrial) -> TrialRecord:
         diagnostics={k: v for k, v in attrs.items() if isinstance(v, list)},
         resume_state=StateRef.parse(attrs.get("resume_state")), resume_files=_files(attrs.get("resume_files")),
         resumed_from=attrs.get("resumed_from") if isinstance(attrs.get("resumed_from"), dict) else None,
-        resume_refused=_str(attrs.get("resume_refused")))
+        resume_refused=_str(attrs.get("resume_refused")), pretrained=_recipe_flag(attrs.get("recipe"), "pretrained"))
+
+
+def _recipe_flag(recipe: Any, key: str) -> bool | None:
+    value = recipe.get(key) if isinstance(recipe, dict) else None
+    return value if isinstance(value, bool) else None
 
 
 def read_all(trials: Iterable[FrozenTrial]) -> list[TrialRecord]:

@@ -22,8 +22,9 @@ COLUMNS = ["dataset", "method", "Avg", "Avg std", "Worst", "Worst std", "val", "
 
 def untrained(r: StudyResult) -> str | None:
     """Why a row's model is no trained baseline, or None: in every seed it predicts a single class (test worst-class
-    accuracy 0), or its selected epoch is the method's first own epoch (training never improved on it). Such a
-    row flatters every method compared with it. Not flagged: a model of the spurious attribute — val worst-group 0
+    accuracy 0), or its selected epoch is the method's first own epoch (training never improved on it; not said of
+    a pretrained model, which one epoch of fine-tuning leaves trained). Such a row flatters every method compared
+    with it. Not flagged: a model of the spurious attribute — val worst-group 0
     with a train-weighted val average of at least 90% (texdigits' ERM from its first epoch on): it is trained, and
     the comparisons against it are real."""
     runs = r.runs()
@@ -33,7 +34,7 @@ def untrained(r: StudyResult) -> str | None:
         return "predicts a single class"
     if all(t.val.wga == 0 and (t.val.avg_train_weighted or 0) >= 0.9 for t in runs):
         return None
-    if all(t.best_epoch == t.first_own_epoch for t in runs):
+    if all(t.best_epoch == t.first_own_epoch and not t.pretrained for t in runs):
         return "its best epoch is its first"
     return None
 

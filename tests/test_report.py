@@ -307,6 +307,20 @@ def test_an_untrained_baseline_is_flagged(storage):
         in p.stdout
 
 
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_a_first_epoch_model_is_untrained_only_from_scratch(storage, pretrained):
+    """One epoch of fine-tuning leaves a pretrained model trained (DFR's and ERM's best epoch is often the first
+    there); from random weights it is untrained."""
+    s, url = storage
+    init_experiment(s, Experiment.of(name="f", datasets=["synthetic"], methods=["erm"], trials=2, epochs=4),
+                    check_data=False)
+    optuna.load_study(study_name="f/synthetic/erm", storage=s).add_trial(_trial(
+        C, 0.4, test=(0.4, 0.7, 0.9), epochs=1, attrs={"first_own_epoch": 1, "recipe": {"pretrained": pretrained}}))
+    p = report(url, "--experiment", "f")
+    assert p.returncode == 0, p.stderr
+    assert [r[1] for r in markdown_rows(p.stdout) if len(r) == 10] == ["ERM" if pretrained else "ERM †"]
+
+
 def test_a_model_of_the_spurious_attribute_is_a_trained_baseline(storage):
     s, url = storage
     init_experiment(s, Experiment.of(name="shortcut", datasets=["synthetic"], methods=["erm"], trials=1, epochs=4),
