@@ -1,7 +1,7 @@
 """How the full-scope Fisher constraint fails on cmnist: a sweep of its multiplier cap against ERM, with what tells
 fitting from flattening (the features' norm, the most predicted class, the constrained samples' accuracy).
 
-    python bench/fim_collapse.py [--seeds 3] [--jobs 2] [--caps 1e-30,1e-4,1e-3,1e-2,1,10]
+    python bench/fim_collapse.py [--seeds 3] [--jobs 2] [--caps 1e-30,1e-4,1e-3,1e-2,1,10] [--epochs 20]
 
 cmnist's default recipe (2 x 7 x 7, `cnn_narrow`, 20 epochs, clipping 5), `fim --scope full` with every other
 parameter at its default; seeds 0 .. seeds-1. Per row: test worst-group and average (%, mean ± std), the seeds whose
@@ -27,12 +27,12 @@ COLLAPSED = 1e-3  # study.tables.COLLAPSED_NORM
 
 
 def run_one(job) -> dict:
-    label, method, params, seed = job
+    label, method, params, seed, epochs = job
     torch.set_num_threads(1)
     from trainer import TrainConfig, fit
     from trainer.metrics import bias_conflicting
     from trainer.models import build_model
-    cfg = TrainConfig(dataset="cmnist", method=method, seed=seed, method_params=params, threads=1)
+    cfg = TrainConfig(dataset="cmnist", method=method, seed=seed, method_params=params, threads=1, epochs=epochs)
     r = fit(cfg, log=None, keep_state=True)
     splits = cfg.resolved().load_splits()
     model = build_model(r.hparams["model"], splits.n_classes, in_channels=splits.in_channels)
@@ -56,10 +56,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--caps", default="1e-30,1e-4,1e-3,1e-2,1,10")
+    p.add_argument("--epochs", type=int, default=None, help="default: the dataset's (20)")
     args = p.parse_args()
     specs = [("ERM", "erm", {})] + [(f"full, λ_max {c}", "fim", {"scope": "full", "lambda_max": float(c)})
                                     for c in args.caps.split(",")]
-    jobs = [(label, m, prm, s) for label, m, prm in specs for s in range(args.seeds)]
+    jobs = [(label, m, prm, s, args.epochs) for label, m, prm in specs for s in range(args.seeds)]
     with ProcessPoolExecutor(args.jobs) as pool:
         df = pd.DataFrame(list(tqdm(pool.map(run_one, jobs), total=len(jobs), desc="runs")))
     g = df.groupby("label", sort=False)

@@ -2,6 +2,7 @@
 source (trainer/backbones.py, `--pretrained`), compared through the study protocol.
 
     python bench/pretrained.py [--datasets cmnist,texdigits] [--trials 6] [--top-k 2] [--seeds 5] [--workers 2]
+                               [--epochs N] [--methods erm,groupdro,jtt,dfr,fim] [--scopes logits,last_layer]
                                [--dir DIR] [--tables-only]
 
 Per dataset, one SQLite storage in DIR (default: a new temporary folder) and three experiments, each the demo's
@@ -32,15 +33,21 @@ from study.statistics import decided, paired_diffs, t_interval  # noqa: E402
 from study.storage import make_storage  # noqa: E402
 from study.tables import no_baseline  # noqa: E402
 
-EXPERIMENTS = {"pre": (["erm", "groupdro", "jtt", "dfr", "fim"], {"fim": {"scope": "full"}}),
-               "pre-logits": (["fim"], {"fim": {"scope": "logits"}}),
-               "pre-last_layer": (["fim"], {"fim": {"scope": "last_layer"}})}
+METHODS = "erm,groupdro,jtt,dfr,fim"  # `pre`'s; Ours there with the full scope
+SCOPES = "logits,last_layer"           # Ours' other scopes, one experiment each
+
+
+def experiments(methods: str, scopes: str) -> dict[str, tuple[list[str], dict]]:
+    """{name: (methods, fixed params)}: `pre`, then `pre-SCOPE` for each other scope of Ours."""
+    out = {"pre": (methods.split(","), {"fim": {"scope": "full"}} if "fim" in methods.split(",") else {})}
+    out.update({f"pre-{s}": (["fim"], {"fim": {"scope": s}}) for s in scopes.split(",") if s})
+    return out
 
 
 def protocol(url: str, db: Path, name: str, dataset: str, methods: list[str], params: dict, args) -> None:
     storage = make_storage(url)
     init_experiment(storage, Experiment.of(name=name, datasets=[dataset], methods=methods, params=params,
-                                           trials=args.trials, pretrained=True))
+                                           trials=args.trials, pretrained=True, epochs=args.epochs))
     _, studies, seed_studies = load_experiment(storage, name, seeds=True)
     run_workers(url, db, args.workers, studies, args.trials * len(studies), f"{dataset} {name}: search", name)
     enqueued = replicate(storage, name, args.seeds, args.top_k)
@@ -61,10 +68,10 @@ def interval(a, b) -> str:
     return f"{mean:+.1f} [{lo:+.1f}, {hi:+.1f}] {decided(lo, hi)}"
 
 
-def summary(url: str, dataset: str) -> pd.DataFrame:
-    """Every experiment's rows of `dataset` in one table, paired against ERM and GroupDRO over the same seeds."""
+def summary(url: str, names) -> pd.DataFrame:
+    """The experiments' rows in one table, paired against ERM and GroupDRO over the same seeds."""
     rows = []
-    for name in EXPERIMENTS:
+    for name in names:
         exp, results = collect(make_storage(url), name)
         rows += [(f"{r.label} ({exp.params[r.method]['scope']})" if r.method == "fim" else r.label, r)
                  for r in results]
@@ -85,8 +92,11 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=None, help="default: the fine-tuning recipe's (30)")
     p.add_argument("--dir", default=None, help="where the storages go (default: a new temporary folder)")
     p.add_argument("--tables-only", action="store_true", help="print the tables of the storages in --dir again")
+    p.add_argument("--methods", default=METHODS, help="`pre`'s methods (erm and groupdro among them)")
+    p.add_argument("--scopes", default=SCOPES, help="Ours' scopes besides full, one experiment each ('' for none)")
     args = p.parse_args()
     if args.tables_only and not args.dir:
         p.error("--tables-only reads the storages of an earlier run: give its --dir")
@@ -96,14 +106,15 @@ def main() -> None:
         db = folder / f"{dataset}.db"
         url = f"sqlite:///{db}"
         start = time.time()
-        for name, (methods, params) in EXPERIMENTS.items():
+        todo = experiments(args.methods, args.scopes)
+        for name, (methods, params) in todo.items():
             if not args.tables_only:
                 protocol(url, db, name, dataset, methods, params, args)
             exp, results = collect(make_storage(url), name)
             print(render_markdown(exp, results, "train_weighted"))
         print(f"\n{dataset}, pretrained backbone, the study protocol ({args.trials} trials, top {args.top_k} x "
               f"{args.seeds} seeds), {time.time() - start:.0f} s; storage {url}\n")
-        print(summary(url, dataset).to_markdown(index=False))
+        print(summary(url, todo).to_markdown(index=False))
 
 
 if __name__ == "__main__":

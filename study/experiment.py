@@ -199,7 +199,9 @@ class Experiment:
         return self.recipe(dataset).resolved().load_splits()
 
     def epochs_for(self, dataset: str) -> int:
-        return self.run.epochs or get_dataset(dataset)[1].epochs
+        """The trials' epoch budget: the experiment's, else its recipe's for this model (a pretrained small CNN's
+        fine-tuning recipe has its own)."""
+        return self.run.epochs or recipe(dataset, self.run.model, self.run.pretrained).epochs
 
     def patience_for(self, dataset: str) -> int:
         return self.run.patience if self.run.patience is not None else default_patience(self.epochs_for(dataset))

@@ -16,6 +16,7 @@ SMALLEST = {
     "decoded_memory.py": ["--sizes", "8", "16", "--image-size", "16"],
     "epoch_cost.py": ["--device", "cpu", "--pil-workers", "0", "--train", "32", "--val", "16"],
     "fim_ablation.py": ["--seeds", "2", "--epochs", "2", "--jobs", "1"],
+    "fim_collapse.py": ["--seeds", "1", "--jobs", "1", "--caps", "1e-30", "--epochs", "2"],
     "fim_full_probe.py": ["--epochs", "2"],
     "fim_scopes.py": ["--seeds", "2", "--epochs", "2", "--jobs", "1", "--sizes", "7", "--only",
                       "ERM;GroupDRO;Ours (logits)"],
@@ -23,6 +24,9 @@ SMALLEST = {
     "method_fingerprint.py": ["--epochs", "2", "--datasets", "cmnist", "--only", "erm,lff", "--save",
                               "{tmp}/runs.json"],
     "methods_cmnist.py": ["--seeds", "1", "--epochs", "2", "--jobs", "1", "--only", "erm,groupdro"],
+    "pretrained.py": ["--datasets", "cmnist", "--trials", "1", "--top-k", "1", "--seeds", "2", "--workers", "1",
+                      "--epochs", "2", "--methods", "erm,groupdro", "--scopes", "logits", "--dir",
+                      "{tmp}/pretrained"],
     "pruning.py": ["--method", "erm", "--trials", "2", "--epochs", "2"],
     # every method's row (a crash in one row is what this catches), on tiny batches
     "step_cost.py": ["--steps", "1", "--rounds", "1", "--batch", "8", "--image-size", "16", "--n-train", "64"],
@@ -31,9 +35,9 @@ SMALLEST = {
 }
 # two groups of about equal time, one process each; fim_full_probe patches the method class it probes: last
 GROUPS = {"training": ["fim_ablation.py", "fim_scopes.py", "methods_cmnist.py", "method_fingerprint.py", "pruning.py",
-                       "fim_full_probe.py"],
+                       "fim_collapse.py", "fim_full_probe.py"],
           "cost and figures": ["artifact_cost.py", "decoded_memory.py", "epoch_cost.py", "latent_aug_pairs.py",
-                               "step_cost.py", "texdigits_samples.py", "trial_cost.py"]}
+                               "step_cost.py", "texdigits_samples.py", "trial_cost.py", "pretrained.py"]}
 
 # Runs each script as its own command line would, one after another; what a script changes in the process (the
 # environment, torch's thread count) is put back before the next. One JSON line per script on the real stdout.

@@ -96,6 +96,7 @@ def test_study_init_builds_the_backbone_before_it_writes_anything(quick, capsys)
     from study.experiment import Experiment
     exp = Experiment.of(name="p", datasets=["cmnist"], methods=["erm"], pretrained=True)
     assert exp.recipe("cmnist").resolved().lr == 1e-3  # the fine-tuning recipe, searched around
+    assert exp.epochs_for("cmnist") == 30  # its budget: what the search space and the patience are sized for
     exp.check_weights("cmnist")
     assert len(list((quick / "cache" / "backbones").glob("*.pt"))) == 1
     assert "pretrained cnn_narrow for cmnist" in capsys.readouterr().err
