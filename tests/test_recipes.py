@@ -93,7 +93,7 @@ def test_recipes_follow_the_dataset_and_the_model():
 @pytest.mark.parametrize("kw, message", [
     (dict(dataset="cmnist", augment=True), "dataset 'cmnist' has no augmentation"),
     (dict(dataset="folder", model="cnn", freeze_bn=True), "freeze_bn needs a pretrained model"),
-    (dict(dataset="folder", model="cnn", pretrained=True), "model 'cnn' has no pretrained weights"),
+    (dict(dataset="folder", model="cnn", pretrained=True), "model 'cnn' has pretrained weights only for cmnist"),
 ])
 def test_impossible_recipes_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
