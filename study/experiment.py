@@ -163,10 +163,12 @@ class Experiment:
             try:
                 pretrained_weights_path(cfg.model, cfg.weights)
             except ValueError as e:
-                raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from ImageNet weights: {e}; or "
+                raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from pretrained weights: {e}; or "
                                  f"train from scratch: --model cnn") from None
             try:  # loaded into the model as every trial will: a file no worker can load is refused here
-                build_model(cfg.model, 2, pretrained=True, weights_path=cfg.weights)
+                from trainer.backbones import CHANNELS  # a small CNN's weights: its first layer has the data's
+                build_model(cfg.model, 2, pretrained=True, weights_path=cfg.weights,
+                            in_channels=CHANNELS.get(dataset, 3), source=(dataset, cfg.image_size))
             except ValueError as e:
                 raise ValueError(f"dataset {dataset}: {e}") from None
 

@@ -65,6 +65,12 @@ def test_a_cnn_starts_from_a_weights_file_or_is_refused_in_one_line(tmp_path):
         build_model("cnn_narrow", 2, weights_path=str(tmp_path / "wide.pt"), in_channels=2)
     with pytest.raises(ValueError, match=r"^--weights .*nothing.pt: file not found$"):
         build_model("cnn_narrow", 2, weights_path=str(tmp_path / "nothing.pt"), in_channels=2)
+    from study.experiment import Experiment  # init checks the file as every trial will load it: 2 channels here
+    Experiment.of(name="w", datasets=["cmnist"], methods=["erm"], weights=str(tmp_path / "mine.pt")).check_weights(
+        "cmnist")
+    with pytest.raises(ValueError, match=r"^dataset cmnist: weights for cnn_narrow do not match"):
+        Experiment.of(name="w", datasets=["cmnist"], methods=["erm"], weights=str(tmp_path / "wide.pt")).check_weights(
+            "cmnist")
 
 
 def test_the_full_scope_without_clipping_at_a_large_rate_is_said_before_the_run(tmp_path):
