@@ -163,7 +163,8 @@ class Experiment:
             try:
                 pretrained_weights_path(cfg.model, cfg.weights)
             except ValueError as e:
-                raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from pretrained weights: {e}; or "
+                raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from "
+                                 f"{'pretrained' if cfg.weights else 'ImageNet'} weights: {e}; or "
                                  f"train from scratch: --model cnn") from None
             try:  # loaded into the model as every trial will: a file no worker can load is refused here
                 from trainer.backbones import CHANNELS  # a small CNN's weights: its first layer has the data's
