@@ -31,6 +31,7 @@ from study.replicate import replicate  # noqa: E402
 from study.results import collect  # noqa: E402
 from study.statistics import decided, paired_diffs, t_interval  # noqa: E402
 from study.storage import make_storage  # noqa: E402
+from study.worker import run_worker  # noqa: E402
 from study.tables import no_baseline  # noqa: E402
 
 METHODS = "erm,groupdro,jtt,dfr,fim"  # `pre`'s; Ours there with the full scope
@@ -49,10 +50,15 @@ def protocol(url: str, db: Path, name: str, dataset: str, methods: list[str], pa
     init_experiment(storage, Experiment.of(name=name, datasets=[dataset], methods=methods, params=params,
                                            trials=args.trials, pretrained=True, epochs=args.epochs))
     _, studies, seed_studies = load_experiment(storage, name, seeds=True)
-    run_workers(url, db, args.workers, studies, args.trials * len(studies), f"{dataset} {name}: search", name)
+
+    def work(todo, total: int, phase: str) -> None:
+        if args.workers:
+            run_workers(url, db, args.workers, todo, total, f"{dataset} {name}: {phase}", name)
+        else:  # one worker in this process (no interpreter to start: the smallest runs)
+            run_worker(storage, name, device="cpu", log=lambda *a, **k: None)
+    work(studies, args.trials * len(studies), "search")
     enqueued = replicate(storage, name, args.seeds, args.top_k)
-    run_workers(url, db, args.workers, list(seed_studies.values()), sum(map(len, enqueued.values())),
-                f"{dataset} {name}: seeds", name)
+    work(list(seed_studies.values()), sum(map(len, enqueued.values())), "seeds")
 
 
 def pm(values) -> str:
@@ -91,7 +97,7 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=6)
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (0: one worker in this process)")
     p.add_argument("--epochs", type=int, default=None, help="default: the fine-tuning recipe's (30)")
     p.add_argument("--dir", default=None, help="where the storages go (default: a new temporary folder)")
     p.add_argument("--tables-only", action="store_true", help="print the tables of the storages in --dir again")

@@ -24,7 +24,7 @@ SMALLEST = {
     "method_fingerprint.py": ["--epochs", "2", "--datasets", "cmnist", "--only", "erm,lff", "--save",
                               "{tmp}/runs.json"],
     "methods_cmnist.py": ["--seeds", "1", "--epochs", "2", "--jobs", "1", "--only", "erm,groupdro"],
-    "pretrained.py": ["--datasets", "cmnist", "--trials", "1", "--top-k", "1", "--seeds", "2", "--workers", "1",
+    "pretrained.py": ["--datasets", "cmnist", "--trials", "1", "--top-k", "1", "--seeds", "2", "--workers", "0",
                       "--epochs", "2", "--methods", "erm,groupdro", "--scopes", "logits", "--dir",
                       "{tmp}/pretrained"],
     "pruning.py": ["--method", "erm", "--trials", "2", "--epochs", "2"],
