@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from methods_cmnist import pm  # noqa: E402
 
 COLLAPSED = 1e-3  # study.tables.COLLAPSED_NORM
 
@@ -33,8 +34,8 @@ def run_one(job) -> dict:
     from trainer.metrics import bias_conflicting
     from trainer.models import build_model
     cfg = TrainConfig(dataset="cmnist", method=method, seed=seed, method_params=params, threads=1, epochs=epochs)
-    r = fit(cfg, log=None, keep_state=True)
-    splits = cfg.resolved().load_splits()
+    splits = cfg.resolved().load_splits()  # once: the run's and the selected model's train accuracy
+    r = fit(cfg, splits=splits, log=None, keep_state=True)
     model = build_model(r.hparams["model"], splits.n_classes, in_channels=splits.in_channels)
     model.load_state_dict(r.state)
     with torch.no_grad():
@@ -42,7 +43,7 @@ def run_one(job) -> dict:
     conflicting = bias_conflicting(splits.train.y, splits.train.a)
     flat = [h["epoch"] for h in r.history if h["val_feature_norm"] < COLLAPSED]
     own = [h for h in r.history if h.get("constrained")]
-    return {"label": label, "seed": seed, "worst": r.test["wga"], "avg": r.test["avg_train_weighted"],
+    return {"method": label, "seed": seed, "worst": r.test["wga"], "avg": r.test["avg_train_weighted"],
             "collapsed": bool(flat), "first_flat": flat[0] if flat else np.nan,
             "top_share": r.history[-1]["val_top_class_share"],
             "active_acc": own[0]["active_accuracy"] if own else np.nan,
@@ -63,19 +64,20 @@ def main() -> None:
     jobs = [(label, m, prm, s, args.epochs) for label, m, prm in specs for s in range(args.seeds)]
     with ProcessPoolExecutor(args.jobs) as pool:
         df = pd.DataFrame(list(tqdm(pool.map(run_one, jobs), total=len(jobs), desc="runs")))
-    g = df.groupby("label", sort=False)
+    g = df.groupby("method", sort=False)
+    order = list(g.size().index)
 
-    def pm(col):
-        return [f"{100 * m:.1f} ± {100 * s:.1f}" for m, s in zip(g[col].mean(), g[col].std())]
+    def pct(col):
+        return pm(df, col, order)
 
     table = pd.DataFrame({
-        "test Worst": pm("worst"), "test Avg": pm("avg"),
+        "test Worst": pct("worst"), "test Avg": pct("avg"),
         "collapsed seeds": [f"{int(v.sum())}/{len(v)}" for _, v in g["collapsed"]],
         "first collapsed epoch": [", ".join(str(int(e)) for e in v.dropna()) or "—" for _, v in g["first_flat"]],
-        "top class share, last epoch": pm("top_share"),
-        "constrained acc, 1st epoch": pm("active_acc"), "λ mean, 1st epoch": [
+        "top class share, last epoch": pct("top_share"),
+        "constrained acc, 1st epoch": pct("active_acc"), "λ mean, 1st epoch": [
             "" if np.isnan(v) else f"{v:.3g}" for v in g["lambda_mean"].mean()],
-        "train acc aligned": pm("aligned"), "train acc conflicting": pm("conflicting")}, index=list(g.size().index))
+        "train acc aligned": pct("aligned"), "train acc conflicting": pct("conflicting")}, index=order)
     print(f"\ncmnist default recipe, seeds 0-{args.seeds - 1}, mean ± std (%); selected model by val WGA\n")
     print(table.to_markdown())
 

@@ -151,27 +151,26 @@ class Experiment:
         return dataclasses.replace(self.run, dataset=dataset, method=method,
                                    method_params=dict(self.params.get(method, {})))
 
-    def check_weights(self, dataset: str) -> None:
-        """The pretrained weights the dataset's recipe starts from are on this machine (init checks them as it
-        checks the data: not every trial failing on a worker later)."""
+    def check_weights(self, dataset: str, in_channels: int) -> None:
+        """The pretrained weights the dataset's recipe starts from are on this machine and load into its model, for
+        the data's `in_channels` (init checks them as it checks the data: not every trial failing on a worker
+        later). A small CNN's offline backbone is built here on first use (a minute at most), then cached."""
         cfg = self.recipe(dataset).resolved()
-        if cfg.pretrained and not cfg.weights and cfg.model in SCRATCH_MODELS:
-            from trainer.backbones import CHANNELS, pretrained_backbone  # built here once (a minute at most), cached
-            pretrained_backbone(dataset, cfg.model, CHANNELS[dataset], cfg.image_size or 0)
-        elif (cfg.pretrained or cfg.weights) and cfg.model is not None:
-            from trainer.models import build_model, pretrained_weights_path
+        if not (cfg.pretrained or cfg.weights) or cfg.model is None:
+            return
+        from trainer.models import build_model, pretrained_weights_path
+        if cfg.weights or cfg.model not in SCRATCH_MODELS:  # a file: --weights, or torchvision's cache
             try:
                 pretrained_weights_path(cfg.model, cfg.weights)
             except ValueError as e:
                 raise ValueError(f"dataset {dataset}: its recipe starts {cfg.model} from "
                                  f"{'pretrained' if cfg.weights else 'ImageNet'} weights: {e}; or "
                                  f"train from scratch: --model cnn") from None
-            try:  # loaded into the model as every trial will: a file no worker can load is refused here
-                from trainer.backbones import CHANNELS  # a small CNN's weights: its first layer has the data's
-                build_model(cfg.model, 2, pretrained=True, weights_path=cfg.weights,
-                            in_channels=CHANNELS.get(dataset, 3), source=(dataset, cfg.image_size))
-            except ValueError as e:
-                raise ValueError(f"dataset {dataset}: {e}") from None
+        try:  # loaded into the model as every trial will: a file no worker can load is refused here
+            build_model(cfg.model, 2, pretrained=True, weights_path=cfg.weights, in_channels=in_channels,
+                        source=(dataset, cfg.image_size))
+        except ValueError as e:
+            raise ValueError(f"dataset {dataset}: {e}") from None
 
     def warnings(self) -> list[str]:
         """Each (dataset, method)'s recipe warning (Method.recipe_warning) over the values its search may draw."""
@@ -417,8 +416,7 @@ def init_experiment(storage, exp: Experiment, check_data: bool = True) -> list[s
     def check(full: Experiment) -> None:
         for d in full.datasets if check_data else ():  # this machine's files: the data, then the weights
             if d not in checked:
-                full.load_splits(d)
-                full.check_weights(d)
+                full.check_weights(d, full.load_splits(d).in_channels)
                 checked.add(d)
     check(merged()[1])  # outside the lock: loading data can take minutes
     # Two inits extending one experiment at once would each write its own extension over the other's: read, merge

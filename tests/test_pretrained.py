@@ -67,10 +67,10 @@ def test_a_cnn_starts_from_a_weights_file_or_is_refused_in_one_line(tmp_path):
         build_model("cnn_narrow", 2, weights_path=str(tmp_path / "nothing.pt"), in_channels=2)
     from study.experiment import Experiment  # init checks the file as every trial will load it: 2 channels here
     Experiment.of(name="w", datasets=["cmnist"], methods=["erm"], weights=str(tmp_path / "mine.pt")).check_weights(
-        "cmnist")
+        "cmnist", 2)
     with pytest.raises(ValueError, match=r"^dataset cmnist: weights for cnn_narrow do not match"):
         Experiment.of(name="w", datasets=["cmnist"], methods=["erm"], weights=str(tmp_path / "wide.pt")).check_weights(
-            "cmnist")
+            "cmnist", 2)
 
 
 def test_the_full_scope_without_clipping_at_a_large_rate_is_said_before_the_run(tmp_path):
@@ -103,6 +103,6 @@ def test_study_init_builds_the_backbone_before_it_writes_anything(quick, capsys)
     exp = Experiment.of(name="p", datasets=["cmnist"], methods=["erm"], pretrained=True)
     assert exp.recipe("cmnist").resolved().lr == 1e-3  # the fine-tuning recipe, searched around
     assert exp.epochs_for("cmnist") == 30  # its budget: what the search space and the patience are sized for
-    exp.check_weights("cmnist")
+    exp.check_weights("cmnist", 2)
     assert len(list((quick / "cache" / "backbones").glob("*.pt"))) == 1
     assert "pretrained cnn_narrow for cmnist" in capsys.readouterr().err

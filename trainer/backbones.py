@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import sha256
 from .data.cache import cache_dir, load_verified, save_verified
 from .data.texdigits import _colours, render, shift_batch
 
@@ -80,7 +81,6 @@ def _on_photos(digits: torch.Tensor, channels: int, size: int, gen: torch.Genera
 
 
 DRAW = {"cmnist": _in_channels, "texdigits": _on_photos}  # the benchmarks with a source drawn in their form
-CHANNELS = {"cmnist": 2, "texdigits": 3}  # their images' channels
 
 
 def source(dataset: str, channels: int, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -133,7 +133,7 @@ def _check(stored) -> None:
 def digest(state: dict) -> str:
     buf = io.BytesIO()
     torch.save(state, buf)
-    return hashlib.sha256(buf.getvalue()).hexdigest()
+    return sha256(buf.getvalue())
 
 
 def pretrained_backbone(dataset: str, model: str, channels: int, size: int) -> dict:

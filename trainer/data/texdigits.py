@@ -86,7 +86,7 @@ def crop_box(band: tuple[float, float], shape: tuple[int, int], size: int, gen: 
 
 
 def render(digit: torch.Tensor, texture: torch.Tensor, band: tuple[float, float], colour: torch.Tensor, size: int,
-           gen: torch.Generator, tint: tuple[float, float, float] | torch.Tensor = TINTS[0],
+           gen: torch.Generator, tint: tuple[float, float, float] | torch.Tensor,
            contrast: float = TEXTURE_CONTRAST) -> torch.Tensor:
     """One 3 x size x size image in [0, 1]: a texture crop from `band`'s rows, tinted, with the coloured digit (any
     grey image in [0, 1], its alpha mask) on it."""
@@ -152,6 +152,7 @@ def shift_batch(x: torch.Tensor, fraction: float, generator: torch.Generator | N
     # one gather for the batch: no per-image loop, no read back to the host
     return padded[torch.arange(n, device=x.device)[:, None, None, None], torch.arange(c, device=x.device)[
         None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
+
 
 def _check(data, agreement: float, size: int) -> None:
     """Every split with its images, labels, attributes and digit indices, in the counts the settings make."""
